@@ -1,0 +1,119 @@
+from bulkhead.v1 import ruleset_pb2 as _ruleset_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_VISIBILITY: _ClassVar[Mode]
+    MODE_ENFORCE: _ClassVar[Mode]
+MODE_UNSPECIFIED: Mode
+MODE_VISIBILITY: Mode
+MODE_ENFORCE: Mode
+
+class Baseline(_message.Message):
+    __slots__ = ("failsafe_inbound", "failsafe_outbound", "controller")
+    FAILSAFE_INBOUND_FIELD_NUMBER: _ClassVar[int]
+    FAILSAFE_OUTBOUND_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    failsafe_inbound: _containers.RepeatedScalarFieldContainer[str]
+    failsafe_outbound: _containers.RepeatedScalarFieldContainer[str]
+    controller: str
+    def __init__(self, failsafe_inbound: _Optional[_Iterable[str]] = ..., failsafe_outbound: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("agent_id", "hostname", "labels", "addresses", "applied_revision", "applied_hash", "mode", "baseline", "agent_version")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_HASH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    hostname: str
+    labels: _containers.ScalarMap[str, str]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    applied_revision: int
+    applied_hash: str
+    mode: Mode
+    baseline: Baseline
+    agent_version: str
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., addresses: _Optional[_Iterable[str]] = ..., applied_revision: _Optional[int] = ..., applied_hash: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., agent_version: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sent_unix_ms",)
+    SENT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    sent_unix_ms: int
+    def __init__(self, sent_unix_ms: _Optional[int] = ...) -> None: ...
+
+class AddressUpdate(_message.Message):
+    __slots__ = ("addresses",)
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("revision", "hash", "ok", "error")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    hash: str
+    ok: bool
+    error: str
+    def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "addresses", "ack")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    addresses: AddressUpdate
+    ack: Ack
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., addresses: _Optional[_Union[AddressUpdate, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class PolicySnapshot(_message.Message):
+    __slots__ = ("revision", "hash", "ruleset")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    RULESET_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    hash: str
+    ruleset: _ruleset_pb2.Ruleset
+    def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ..., ruleset: _Optional[_Union[_ruleset_pb2.Ruleset, _Mapping]] = ...) -> None: ...
+
+class InSync(_message.Message):
+    __slots__ = ("revision", "hash")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    hash: str
+    def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class ControllerMessage(_message.Message):
+    __slots__ = ("snapshot", "in_sync")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    IN_SYNC_FIELD_NUMBER: _ClassVar[int]
+    snapshot: PolicySnapshot
+    in_sync: InSync
+    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ...) -> None: ...
