@@ -1,0 +1,462 @@
+"""The `bulkhead` CLI end to end over real gRPC, against a fake AdminService.
+
+The fake stands in for the controller core: it records each request and answers with a
+canned response or aborts with a status code.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from google.protobuf.message import Message
+
+from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, ruleset_pb2
+from controller.cli.main import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+# Typed names for the untyped generated module.
+_register: Callable[[Any, grpc.Server], None] = admin_pb2_grpc.add_AdminServiceServicer_to_server
+
+POLICY = {
+    "apiVersion": "bulkhead/v1",
+    "kind": "Policy",
+    "metadata": {"name": "web-db"},
+    "spec": {"rules": [{"from": {"app": "web"}, "to": {"app": "db"}, "ports": ["tcp/5432"]}]},
+}
+IPLIST = {
+    "apiVersion": "bulkhead/v1",
+    "kind": "IPList",
+    "metadata": {"name": "office", "labels": {"zone": "office"}},
+    "spec": {"cidrs": ["203.0.113.0/24", "2001:db8::/48"]},
+}
+
+
+class FakeAdmin:
+    """AdminService servicer: records requests, answers from `responses` or `failures`."""
+
+    def __init__(self) -> None:
+        self.address = ""
+        self.requests: list[tuple[str, Message]] = []
+        self.responses: dict[str, Message] = {}
+        self.failures: dict[str, tuple[grpc.StatusCode, str]] = {}
+        self.release = threading.Event()
+
+    def _answer(self, method: str, request: Message, context: grpc.ServicerContext) -> Message:
+        self.requests.append((method, request))
+        if method in self.failures:
+            code, details = self.failures[method]
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Hold the call until the client gives up; bounded so a failing test ends.
+                self.release.wait(timeout=10)
+            context.abort(code, details)
+        return self.responses[method]
+
+    def Apply(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._answer("Apply", request, context)
+
+    def ListAgents(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._answer("ListAgents", request, context)
+
+    def DescribeAgent(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._answer("DescribeAgent", request, context)
+
+    def ListResources(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._answer("ListResources", request, context)
+
+    def DeleteResource(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._answer("DeleteResource", request, context)
+
+    def LabelAgent(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._answer("LabelAgent", request, context)
+
+    def only_request(self, method: str) -> Any:
+        assert [name for name, _ in self.requests] == [method]
+        return self.requests[0][1]
+
+
+@pytest.fixture
+def admin() -> Iterator[FakeAdmin]:
+    fake = FakeAdmin()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    _register(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    fake.address = f"127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        fake.release.set()
+        server.stop(grace=None)
+
+
+@pytest.fixture
+def closed_address() -> Iterator[str]:
+    """A bound port nobody listens on: connections are refused, and no one can take it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def run(address: str, *args: str, stdin: str | None = None) -> Result:
+    runner = CliRunner(env={"COLUMNS": "200"})
+    return runner.invoke(cli, ["--controller", address, *args], input=stdin)
+
+
+def error_lines(result: Result) -> list[str]:
+    assert "Traceback" not in result.stderr
+    return result.stderr.splitlines()
+
+
+def test_apply_sends_every_document_of_every_file_in_one_call(
+    admin: FakeAdmin, tmp_path: Path
+) -> None:
+    first = tmp_path / "policies.yaml"
+    first.write_text("---\n" + yaml.safe_dump(POLICY) + "---\n---\n")
+    second = tmp_path / "office.yaml"
+    second.write_text(yaml.safe_dump(IPLIST))
+    admin.responses["Apply"] = admin_pb2.ApplyResponse(
+        changes=[
+            admin_pb2.ResourceChange(kind="Policy", name="web-db", action="created"),
+            admin_pb2.ResourceChange(kind="IPList", name="office", action="unchanged"),
+        ],
+        revision=7,
+    )
+
+    result = run(admin.address, "apply", "-f", str(first), "-f", str(second))
+
+    assert result.exit_code == 0, result.stderr
+    request = admin.only_request("Apply")
+    assert [json.loads(document) for document in request.documents] == [POLICY, IPLIST]
+    assert not request.dry_run
+    assert result.stdout.splitlines() == [
+        "policy/web-db created",
+        "iplist/office unchanged",
+        "revision 7",
+    ]
+
+
+def test_apply_reads_stdin_and_passes_dry_run(admin: FakeAdmin) -> None:
+    admin.responses["Apply"] = admin_pb2.ApplyResponse(
+        changes=[admin_pb2.ResourceChange(kind="IPList", name="office", action="configured")],
+        revision=3,
+    )
+
+    result = run(admin.address, "apply", "-f", "-", "--dry-run", stdin=yaml.safe_dump(IPLIST))
+
+    assert result.exit_code == 0, result.stderr
+    request = admin.only_request("Apply")
+    assert request.dry_run
+    assert [json.loads(document) for document in request.documents] == [IPLIST]
+    assert "iplist/office configured (dry run)" in result.stdout
+    assert "nothing was stored" in result.stdout
+
+
+def test_apply_yaml_syntax_error_names_file_and_line_without_calling(
+    admin: FakeAdmin, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: Policy\nmetadata:\n  name: [web\nspec: {}\n")
+
+    result = run(admin.address, "apply", "-f", str(bad))
+
+    assert result.exit_code == 2
+    [line] = error_lines(result)
+    assert line.startswith(f"error: {bad}:4:")
+    assert admin.requests == []
+
+
+def test_apply_non_mapping_document_is_named_by_number(admin: FakeAdmin, tmp_path: Path) -> None:
+    bad = tmp_path / "list.yaml"
+    bad.write_text("kind: Policy\nmetadata: {name: a}\n---\n\n- just\n- a list\n")
+
+    result = run(admin.address, "apply", "-f", str(bad))
+
+    assert result.exit_code == 2
+    assert error_lines(result) == [
+        f"error: {bad}:5: document 2: expected a mapping (a resource), got a list"
+    ]
+    assert admin.requests == []
+
+
+def test_apply_invalid_argument_prints_each_controller_error(
+    admin: FakeAdmin, tmp_path: Path
+) -> None:
+    source = tmp_path / "policy.yaml"
+    source.write_text(yaml.safe_dump(POLICY))
+    admin.failures["Apply"] = (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "Policy/web-db: spec.rules[0].ports[0]: 'tcp/99999' is not a port\n"
+        "Policy/web-db: spec.rules[0].from: unknown iplist 'nope'",
+    )
+
+    result = run(admin.address, "apply", "-f", str(source))
+
+    assert result.exit_code == 1
+    assert error_lines(result) == [
+        "error: Policy/web-db: spec.rules[0].ports[0]: 'tcp/99999' is not a port",
+        "error: Policy/web-db: spec.rules[0].from: unknown iplist 'nope'",
+    ]
+    assert result.stdout == ""
+
+
+def test_unreachable_controller_is_one_line(closed_address: str) -> None:
+    result = run(closed_address, "get", "agents")
+
+    assert result.exit_code == 1
+    assert error_lines(result) == [
+        f"error: cannot reach the controller at {closed_address} (connection refused): "
+        "is bulkhead-controller running? Set --controller or BULKHEAD_CONTROLLER."
+    ]
+
+
+def test_unreachable_controller_from_the_entry_point_has_no_traceback(
+    closed_address: str,
+) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-c", "from controller.cli.main import main; main()", "get", "agents"],
+        env={"BULKHEAD_CONTROLLER": closed_address, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    assert len(completed.stderr.splitlines()) == 1
+    assert completed.stderr.startswith(f"error: cannot reach the controller at {closed_address}")
+
+
+def test_deadline_is_reported_as_unreachable_with_the_timeout(admin: FakeAdmin) -> None:
+    admin.failures["ListAgents"] = (grpc.StatusCode.DEADLINE_EXCEEDED, "")
+
+    result = CliRunner().invoke(
+        cli, ["--controller", admin.address, "--timeout", "0.2", "get", "agents"]
+    )
+    admin.release.set()
+
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert line.startswith(f"error: cannot reach the controller at {admin.address} (no answer")
+    assert "0.2s" in line
+
+
+def _agents() -> admin_pb2.ListAgentsResponse:
+    return admin_pb2.ListAgentsResponse(
+        agents=[
+            admin_pb2.AgentSummary(
+                agent_id="web-1",
+                hostname="web-1.lab",
+                labels={"app": "web", "env": "prod"},
+                addresses=["198.18.0.2", "2001:db8::2"],
+                mode=agent_pb2.MODE_ENFORCE,
+                connected=True,
+                applied_revision=3,
+                desired_revision=5,
+            ),
+            admin_pb2.AgentSummary(
+                agent_id="db-1",
+                hostname="db-1.lab",
+                labels={"app": "db"},
+                mode=agent_pb2.MODE_VISIBILITY,
+                applied_revision=5,
+                desired_revision=5,
+            ),
+        ]
+    )
+
+
+def test_get_agents_table(admin: FakeAdmin) -> None:
+    admin.responses["ListAgents"] = _agents()
+
+    result = run(admin.address, "get", "agents")
+
+    assert result.exit_code == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
+    assert rows["ID"][:3] == ["ID", "HOSTNAME", "LABELS"]
+    assert rows["web-1"] == [
+        "web-1", "web-1.lab", "app=web,env=prod", "198.18.0.2,", "2001:db8::2",
+        "enforce", "yes", "3/5", "*",
+    ]  # fmt: skip
+    assert rows["db-1"] == ["db-1", "db-1.lab", "app=db", "-", "visibility", "no", "5/5"]
+    assert "* the agent does not enforce the desired revision yet" in result.stdout
+
+
+def test_get_agents_json_is_the_protobuf_message(admin: FakeAdmin) -> None:
+    admin.responses["ListAgents"] = _agents()
+
+    result = run(admin.address, "get", "agents", "-o", "json")
+
+    assert result.exit_code == 0, result.stderr
+    agents = json.loads(result.stdout)["agents"]
+    assert agents[0]["agent_id"] == "web-1"
+    assert agents[0]["labels"] == {"app": "web", "env": "prod"}
+    assert agents[0]["mode"] == "MODE_ENFORCE"
+    assert agents[0]["desired_revision"] == 5
+    assert agents[1]["connected"] is False
+
+
+def test_get_policies_yaml_can_be_applied_again(admin: FakeAdmin) -> None:
+    admin.responses["ListResources"] = admin_pb2.ListResourcesResponse(
+        resources=[
+            admin_pb2.Resource(kind="Policy", name="web-db", document=json.dumps(POLICY)),
+        ]
+    )
+
+    result = run(admin.address, "get", "policies", "-o", "yaml")
+
+    assert result.exit_code == 0, result.stderr
+    assert admin.only_request("ListResources").kind == "Policy"
+    assert list(yaml.safe_load_all(result.stdout)) == [POLICY]
+
+
+def test_get_iplists_table(admin: FakeAdmin) -> None:
+    admin.responses["ListResources"] = admin_pb2.ListResourcesResponse(
+        resources=[
+            admin_pb2.Resource(
+                kind="IPList", name="office", document=json.dumps(IPLIST), revision=4
+            ),
+        ]
+    )
+
+    result = run(admin.address, "get", "iplists")
+
+    assert result.exit_code == 0, result.stderr
+    assert admin.only_request("ListResources").kind == "IPList"
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert ["office", "zone=office", "203.0.113.0/24,", "2001:db8::/48", "4"] in lines
+
+
+def _agent_detail() -> admin_pb2.AgentDetail:
+    clients = [f"198.18.1.{host}" for host in range(1, 11)]
+    return admin_pb2.AgentDetail(
+        summary=_agents().agents[0],
+        baseline=agent_pb2.Baseline(failsafe_inbound=["tcp/22"], controller="198.18.0.1:50151"),
+        ruleset=ruleset_pb2.Ruleset(
+            sets=[
+                ruleset_pb2.AddressSet(name="db_peers", hosts=["198.18.0.3"]),
+                ruleset_pb2.AddressSet(
+                    name="web_clients", hosts=clients, networks=["203.0.113.0/24"]
+                ),
+            ],
+            rules=[
+                ruleset_pb2.Rule(
+                    direction=ruleset_pb2.DIRECTION_EGRESS,
+                    protocol=ruleset_pb2.PROTOCOL_TCP,
+                    ports=[ruleset_pb2.PortRange(first=5432, last=5432)],
+                    peer_set="db_peers",
+                    action=ruleset_pb2.ACTION_ALLOW,
+                    policy="web-db",
+                ),
+                ruleset_pb2.Rule(
+                    direction=ruleset_pb2.DIRECTION_INGRESS,
+                    protocol=ruleset_pb2.PROTOCOL_TCP,
+                    ports=[ruleset_pb2.PortRange(first=8000, last=8100)],
+                    peer_set="web_clients",
+                    action=ruleset_pb2.ACTION_ALLOW,
+                    policy="clients-web",
+                ),
+            ],
+        ),
+        last_error="",
+    )
+
+
+def test_describe_agent_renders_rules_baseline_and_sets(admin: FakeAdmin) -> None:
+    admin.responses["DescribeAgent"] = _agent_detail()
+
+    result = run(admin.address, "describe", "agent", "web-1")
+
+    assert result.exit_code == 0, result.stderr
+    assert admin.only_request("DescribeAgent").agent_id == "web-1"
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert "out tcp 5432 db_peers: 198.18.0.3 allow web-db" in lines
+    assert (
+        "in tcp 8000-8100 web_clients: 198.18.1.1, 198.18.1.2, 198.18.1.3, 198.18.1.4 "
+        "(+7 more) allow clients-web"
+    ) in lines
+    assert "failsafe inbound: tcp/22" in lines
+    assert "controller: 198.18.0.1:50151" in lines
+    assert "in sync: no: the agent has not applied the desired revision yet" in lines
+    assert any(line.startswith("web_clients 10 1 ") for line in lines)
+
+
+def test_describe_agent_json_keeps_every_address(admin: FakeAdmin) -> None:
+    admin.responses["DescribeAgent"] = _agent_detail()
+
+    result = run(admin.address, "describe", "agent", "web-1", "-o", "json")
+
+    assert result.exit_code == 0, result.stderr
+    sets = json.loads(result.stdout)["ruleset"]["sets"]
+    assert len(sets[1]["hosts"]) == 10
+
+
+def test_describe_unknown_agent_prints_the_controller_message(admin: FakeAdmin) -> None:
+    admin.failures["DescribeAgent"] = (grpc.StatusCode.NOT_FOUND, "agent 'nope' is not known")
+
+    result = run(admin.address, "describe", "agent", "nope")
+
+    assert result.exit_code == 1
+    assert error_lines(result) == ["error: agent 'nope' is not known"]
+
+
+def test_label_agent_sends_sets_and_removals(admin: FakeAdmin) -> None:
+    admin.responses["LabelAgent"] = admin_pb2.LabelAgentResponse(
+        labels={"app": "web", "env": "staging"}
+    )
+
+    result = run(admin.address, "label", "agent", "web-1", "env=staging", "tier-")
+
+    assert result.exit_code == 0, result.stderr
+    request = admin.only_request("LabelAgent")
+    assert request.agent_id == "web-1"
+    assert dict(request.set) == {"env": "staging"}
+    assert list(request.remove) == ["tier"]
+    assert result.stdout == "agent/web-1 labelled: app=web,env=staging\n"
+
+
+def test_label_agent_malformed_argument_makes_no_call(admin: FakeAdmin) -> None:
+    result = run(admin.address, "label", "agent", "web-1", "k=v=")
+
+    assert result.exit_code == 2
+    assert error_lines(result) == ["error: label argument 'k=v=': a value cannot contain '='"]
+    assert admin.requests == []
+
+
+@pytest.mark.parametrize(("word", "kind"), [("policy", "Policy"), ("iplist", "IPList")])
+def test_delete_resource(admin: FakeAdmin, word: str, kind: str) -> None:
+    admin.responses["DeleteResource"] = admin_pb2.DeleteResourceResponse(revision=9)
+
+    result = run(admin.address, "delete", word, "office")
+
+    assert result.exit_code == 0, result.stderr
+    request = admin.only_request("DeleteResource")
+    assert (request.kind, request.name) == (kind, "office")
+    assert result.stdout.splitlines() == [f"{word}/office deleted", "revision 9"]
+
+
+def test_other_status_codes_name_the_code(admin: FakeAdmin) -> None:
+    admin.failures["DeleteResource"] = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "iplist 'office' is used by\npolicy 'office-ssh'",
+    )
+
+    result = run(admin.address, "delete", "iplist", "office")
+
+    assert result.exit_code == 1
+    assert error_lines(result) == [
+        f"error: the controller at {admin.address} answered FAILED_PRECONDITION: "
+        "iplist 'office' is used by; policy 'office-ssh'"
+    ]
