@@ -1,0 +1,334 @@
+"""The controller's core: resources, agents, compilation and push decisions.
+
+It knows nothing of gRPC (the servicers in controller.server translate), so it
+can be driven directly by tests and offline tools.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+from controller.errors import Conflict, InvalidArgument, NotFound
+from controller.policy.compiler import Workload, compile_rulesets, referenced_iplists, ruleset_hash
+from controller.policy.resources import (
+    IPList,
+    Policy,
+    Resource,
+    ValidationFailed,
+    parse_documents,
+    resource_to_json,
+)
+from controller.sessions import AgentSession
+from controller.store.sqlite_store import AgentRecord, SqliteStore, now_ms
+
+log = logging.getLogger(__name__)
+
+KINDS = ("Policy", "IPList")
+_AGENT_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ResourceChange:
+    kind: str
+    name: str
+    action: str  # created | configured | unchanged | deleted
+
+
+class Controller:
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self._sessions: dict[str, AgentSession] = {}
+        self._policies: dict[str, Policy] = {}
+        self._iplists: dict[str, IPList] = {}
+        self._load_resources()
+        # Addresses or labels may have changed while we were down; bring desired state current.
+        self._recompile()
+
+    def _load_resources(self) -> None:
+        stored = self._store.list_resources()
+        try:
+            parsed = parse_documents([r.document for r in stored])
+        except ValidationFailed as exc:
+            raise RuntimeError(f"stored resources no longer validate: {exc}") from exc
+        for resource in parsed:
+            self._cache(resource)
+
+    def _cache(self, resource: Resource) -> None:
+        if isinstance(resource, Policy):
+            self._policies[resource.metadata.name] = resource
+        else:
+            self._iplists[resource.metadata.name] = resource
+
+    # -- operator API -------------------------------------------------------------
+
+    def apply(
+        self, documents: Sequence[str], *, dry_run: bool = False
+    ) -> tuple[list[ResourceChange], int]:
+        """Validate and store every document or none; recompile affected agents."""
+        try:
+            resources = parse_documents(documents)
+        except ValidationFailed as exc:
+            raise InvalidArgument(str(exc).splitlines()) from exc
+        self._check_references(resources)
+        changes: list[ResourceChange] = []
+        pending: list[tuple[Resource, str, str]] = []
+        for resource in resources:
+            text = resource_to_json(resource)
+            existing = self._store.get_resource(resource.kind, resource.metadata.name)
+            if existing is None:
+                action = "created"
+            elif existing.document == text:
+                action = "unchanged"
+            else:
+                action = "configured"
+            changes.append(ResourceChange(resource.kind, resource.metadata.name, action))
+            if action != "unchanged":
+                pending.append((resource, text, action))
+        if dry_run or not pending:
+            return changes, self._store.current_revision()
+        with self._store.transaction():
+            revision = self._store.next_revision()
+            for resource, text, action in pending:
+                self._store.put_resource(resource.kind, resource.metadata.name, text, revision)
+                self._store.record_revision(
+                    revision, resource.kind, resource.metadata.name, action, text
+                )
+        for resource, _, _ in pending:
+            self._cache(resource)
+        log.info("applied %d resource(s) at revision %d", len(pending), revision)
+        self._recompile()
+        return changes, revision
+
+    def _check_references(self, resources: Sequence[Resource]) -> None:
+        known = set(self._iplists) | {r.metadata.name for r in resources if isinstance(r, IPList)}
+        problems = []
+        for index, resource in enumerate(resources, start=1):
+            if isinstance(resource, Policy):
+                for missing in sorted(referenced_iplists(resource) - known):
+                    problems.append(
+                        f"document {index} (Policy {resource.metadata.name}): "
+                        f"iplist '{missing}' does not exist; apply it first or in the same file"
+                    )
+        if problems:
+            raise InvalidArgument(problems)
+
+    def delete(self, kind: str, name: str) -> int:
+        if kind not in KINDS:
+            raise InvalidArgument([f"kind: '{kind}' is not one of {', '.join(KINDS)}"])
+        if self._store.get_resource(kind, name) is None:
+            raise NotFound(f"{kind.lower()} '{name}' does not exist")
+        if kind == "IPList":
+            users = sorted(
+                p for p, pol in self._policies.items() if name in referenced_iplists(pol)
+            )
+            if users:
+                raise Conflict(
+                    f"iplist '{name}' is used by policy {', '.join(users)}; "
+                    "change or delete those first"
+                )
+        with self._store.transaction():
+            revision = self._store.next_revision()
+            self._store.delete_resource(kind, name)
+            self._store.record_revision(revision, kind, name, "deleted", None)
+        (self._policies if kind == "Policy" else self._iplists).pop(name, None)
+        self._recompile()
+        return revision
+
+    def list_resources(self, kind: str) -> list[tuple[str, str, int]]:
+        if kind not in KINDS:
+            raise InvalidArgument([f"kind: '{kind}' is not one of {', '.join(KINDS)}"])
+        return [(r.name, r.document, r.revision) for r in self._store.list_resources(kind)]
+
+    def label(
+        self, agent_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
+    ) -> dict[str, str]:
+        agent = self._require_agent(agent_id)
+        problems = [
+            f"labels: '{k}' is not a valid label key"
+            for k in [*set_labels, *remove]
+            if not _LABEL_KEY.match(k)
+        ]
+        problems += [
+            f"labels.{k}: '{v}' is not a valid label value"
+            for k, v in set_labels.items()
+            if not _LABEL_VALUE.match(v)
+        ]
+        if problems:
+            raise InvalidArgument(problems)
+        for key in remove:
+            agent.label_overrides[key] = None
+        agent.label_overrides.update(set_labels)
+        with self._store.transaction():
+            self._store.put_agent(agent)
+        self._recompile()
+        return agent.labels
+
+    def agents(self) -> list[AgentRecord]:
+        return self._store.list_agents()
+
+    def agent(self, agent_id: str) -> AgentRecord:
+        return self._require_agent(agent_id)
+
+    def is_connected(self, agent_id: str) -> bool:
+        return agent_id in self._sessions
+
+    def _require_agent(self, agent_id: str) -> AgentRecord:
+        agent = self._store.get_agent(agent_id)
+        if agent is None:
+            raise NotFound(f"agent '{agent_id}' is not known to this controller")
+        return agent
+
+    # -- agent streams ---------------------------------------------------------------
+
+    def connect(self, hello: agent_pb2.Hello) -> AgentSession:
+        """Register an agent stream; the session's first message brings it in sync."""
+        _validate_hello(hello)
+        agent = self._store.get_agent(hello.agent_id) or AgentRecord(
+            agent_id=hello.agent_id, first_seen_ms=now_ms()
+        )
+        agent.hostname = hello.hostname
+        agent.reported_labels = dict(hello.labels)
+        agent.addresses = sorted(set(hello.addresses))
+        agent.mode = hello.mode
+        agent.baseline = hello.baseline.SerializeToString(deterministic=True)
+        agent.applied_revision = hello.applied_revision
+        agent.applied_hash = hello.applied_hash
+        agent.last_seen_ms = now_ms()
+        with self._store.transaction():
+            self._store.put_agent(agent)
+        previous = self._sessions.get(agent.agent_id)
+        if previous is not None:
+            log.warning("agent %s opened a new stream; closing the old one", agent.agent_id)
+            previous.close()
+        session = AgentSession(agent.agent_id)
+        self._sessions[agent.agent_id] = session
+        log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
+        pushed = self._recompile()
+        if agent.agent_id not in pushed:
+            self._sync(session, self._require_agent(agent.agent_id))
+        return session
+
+    def disconnect(self, session: AgentSession) -> None:
+        session.close()
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+            agent = self._store.get_agent(session.agent_id)
+            if agent is not None:
+                agent.last_seen_ms = now_ms()
+                with self._store.transaction():
+                    self._store.put_agent(agent)
+            log.info("agent %s disconnected", session.agent_id)
+            self._recompile()
+
+    def heartbeat(self, agent_id: str) -> None:
+        agent = self._store.get_agent(agent_id)
+        if agent is not None:
+            agent.last_seen_ms = now_ms()
+            with self._store.transaction():
+                self._store.put_agent(agent)
+
+    def addresses_changed(self, agent_id: str, addresses: Sequence[str]) -> None:
+        problems = _address_problems(addresses, "addresses")
+        if problems:
+            raise InvalidArgument(problems)
+        agent = self._require_agent(agent_id)
+        agent.addresses = sorted(set(addresses))
+        with self._store.transaction():
+            self._store.put_agent(agent)
+        log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
+        self._recompile()
+
+    def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
+        agent = self._require_agent(agent_id)
+        if ack.ok:
+            agent.applied_revision = ack.revision
+            agent.applied_hash = ack.hash
+            agent.last_error = ""
+        else:
+            agent.last_error = ack.error or "apply failed (no reason given)"
+            log.error(
+                "agent %s failed to apply revision %d: %s", agent_id, ack.revision, agent.last_error
+            )
+        agent.last_seen_ms = now_ms()
+        with self._store.transaction():
+            self._store.put_agent(agent)
+
+    # -- compilation -------------------------------------------------------------------
+
+    def _recompile(self) -> set[str]:
+        """Recompile every agent; push to those whose ruleset hash changed. Returns them."""
+        agents = self._store.list_agents()
+        workloads = [Workload(a.agent_id, a.labels, tuple(a.addresses)) for a in agents]
+        rulesets = compile_rulesets(
+            workloads, list(self._iplists.values()), list(self._policies.values())
+        )
+        changed: list[AgentRecord] = []
+        with self._store.transaction():
+            for agent in agents:
+                ruleset = rulesets.get(agent.agent_id, ruleset_pb2.Ruleset())
+                digest = ruleset_hash(ruleset)
+                if digest == agent.desired_hash:
+                    continue
+                agent.desired_revision = self._store.next_revision()
+                agent.desired_hash = digest
+                agent.desired_ruleset = ruleset.SerializeToString(deterministic=True)
+                self._store.put_agent(agent)
+                changed.append(agent)
+        for agent in changed:
+            session = self._sessions.get(agent.agent_id)
+            if session is not None:
+                self._sync(session, agent)
+        return {a.agent_id for a in changed}
+
+    def _sync(self, session: AgentSession, agent: AgentRecord) -> None:
+        if agent.applied_hash == agent.desired_hash:
+            session.offer(
+                agent_pb2.ControllerMessage(
+                    in_sync=agent_pb2.InSync(
+                        revision=agent.desired_revision, hash=agent.desired_hash
+                    )
+                )
+            )
+            return
+        ruleset = ruleset_pb2.Ruleset.FromString(agent.desired_ruleset)
+        session.offer(
+            agent_pb2.ControllerMessage(
+                snapshot=agent_pb2.PolicySnapshot(
+                    revision=agent.desired_revision, hash=agent.desired_hash, ruleset=ruleset
+                )
+            )
+        )
+
+
+def _address_problems(addresses: Sequence[str], field: str) -> list[str]:
+    problems = []
+    for index, text in enumerate(addresses):
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            problems.append(f"{field}[{index}]: '{text}' is not an IP address")
+    return problems
+
+
+def _validate_hello(hello: agent_pb2.Hello) -> None:
+    problems = []
+    if not _AGENT_ID.match(hello.agent_id):
+        problems.append(
+            f"hello.agent_id: '{hello.agent_id}' must be 1-63 lowercase letters, digits, '.', '_' "
+            "or '-', starting and ending with a letter or digit"
+        )
+    for key, value in hello.labels.items():
+        if not _LABEL_KEY.match(key):
+            problems.append(f"hello.labels: '{key}' is not a valid label key")
+        elif not _LABEL_VALUE.match(value):
+            problems.append(f"hello.labels.{key}: '{value}' is not a valid label value")
+    problems += _address_problems(hello.addresses, "hello.addresses")
+    if problems:
+        raise InvalidArgument(problems)

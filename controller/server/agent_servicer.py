@@ -1,0 +1,75 @@
+"""AgentService: one long-lived stream per agent (see proto/bulkhead/v1/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from bulkhead.v1 import agent_pb2, agent_pb2_grpc
+from controller.core import Controller
+from controller.errors import ControllerError
+from controller.server.errors import status_for
+from controller.sessions import AgentSession
+
+log = logging.getLogger(__name__)
+
+# An agent that opens a stream must say hello promptly; a silent peer is dropped.
+HELLO_TIMEOUT_S = 10.0
+
+
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, core: Controller) -> None:
+        self._core = core
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControllerMessage],
+    ) -> AsyncIterator[agent_pb2.ControllerMessage]:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected hello first")
+        if first.WhichOneof("body") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"first message must be hello, got {first.WhichOneof('body') or 'nothing'}",
+            )
+        try:
+            session = self._core.connect(first.hello)
+        except ControllerError as exc:
+            await context.abort(status_for(exc), str(exc))
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            while (message := await session.next_message()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            self._core.disconnect(session)
+
+    async def _read(
+        self, session: AgentSession, requests: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> None:
+        """Dispatch what the agent sends until its side of the stream ends."""
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("body")
+                if kind == "heartbeat":
+                    self._core.heartbeat(session.agent_id)
+                elif kind == "addresses":
+                    self._core.addresses_changed(
+                        session.agent_id, list(message.addresses.addresses)
+                    )
+                elif kind == "ack":
+                    self._core.acknowledged(session.agent_id, message.ack)
+                else:
+                    log.warning("agent %s sent unexpected %s; ignored", session.agent_id, kind)
+        except ControllerError as exc:
+            log.warning("agent %s: %s; closing its stream", session.agent_id, exc)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            session.close()

@@ -1,0 +1,273 @@
+"""Durable controller state in SQLite (WAL): agents, resources, revisions.
+
+One process owns the database; every write is one transaction, so a crash
+leaves either the old or the new state, never half a policy batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id         TEXT PRIMARY KEY,
+    hostname         TEXT NOT NULL DEFAULT '',
+    reported_labels  TEXT NOT NULL DEFAULT '{}',
+    label_overrides  TEXT NOT NULL DEFAULT '{}',
+    addresses        TEXT NOT NULL DEFAULT '[]',
+    mode             INTEGER NOT NULL DEFAULT 0,
+    baseline         BLOB NOT NULL DEFAULT x'',
+    applied_revision INTEGER NOT NULL DEFAULT 0,
+    applied_hash     TEXT NOT NULL DEFAULT '',
+    desired_revision INTEGER NOT NULL DEFAULT 0,
+    desired_hash     TEXT NOT NULL DEFAULT '',
+    desired_ruleset  BLOB NOT NULL DEFAULT x'',
+    last_error       TEXT NOT NULL DEFAULT '',
+    first_seen_ms    INTEGER NOT NULL,
+    last_seen_ms     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS resources (
+    kind     TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    document TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    revision INTEGER PRIMARY KEY,
+    at_ms    INTEGER NOT NULL,
+    kind     TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    document TEXT
+);
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class AgentRecord:
+    agent_id: str
+    hostname: str = ""
+    reported_labels: dict[str, str] = field(default_factory=dict)
+    # Operator edits win over what the agent reports; None marks a removed key.
+    label_overrides: dict[str, str | None] = field(default_factory=dict)
+    addresses: list[str] = field(default_factory=list)
+    mode: int = 0
+    baseline: bytes = b""
+    applied_revision: int = 0
+    applied_hash: str = ""
+    desired_revision: int = 0
+    desired_hash: str = ""
+    desired_ruleset: bytes = b""
+    last_error: str = ""
+    first_seen_ms: int = 0
+    last_seen_ms: int = 0
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Effective labels: reported labels with operator overrides applied."""
+        merged = dict(self.reported_labels)
+        for key, value in self.label_overrides.items():
+            if value is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = value
+        return merged
+
+
+@dataclass(frozen=True)
+class StoredResource:
+    kind: str
+    name: str
+    document: str
+    revision: int
+
+
+class StoreCorrupt(Exception):
+    """The database exists but is not a Bulkhead store we can read."""
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._check_version()
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"{path}: not a usable Bulkhead store ({exc})") from exc
+
+    def _check_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self._db.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row["value"]) != SCHEMA_VERSION:
+            raise StoreCorrupt(
+                f"schema version {row['value']} (this controller reads {SCHEMA_VERSION})"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- revisions ---------------------------------------------------------------
+
+    def current_revision(self) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+        return int(row["value"]) if row else 0
+
+    def next_revision(self) -> int:
+        """Allocate the next revision number; call inside a transaction."""
+        revision = self.current_revision() + 1
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES ('revision', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (str(revision),),
+        )
+        return revision
+
+    def record_revision(
+        self, revision: int, kind: str, name: str, action: str, document: str | None
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO revisions(revision, at_ms, kind, name, action, document) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (revision, now_ms(), kind, name, action, document),
+        )
+
+    def revision_history(self, limit: int = 100) -> list[tuple[int, str, str, str]]:
+        rows = self._db.execute(
+            "SELECT revision, kind, name, action FROM revisions ORDER BY revision DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(r["revision"], r["kind"], r["name"], r["action"]) for r in rows]
+
+    # -- resources ----------------------------------------------------------------
+
+    def get_resource(self, kind: str, name: str) -> StoredResource | None:
+        row = self._db.execute(
+            "SELECT kind, name, document, revision FROM resources WHERE kind=? AND name=?",
+            (kind, name),
+        ).fetchone()
+        return StoredResource(**dict(row)) if row else None
+
+    def list_resources(self, kind: str | None = None) -> list[StoredResource]:
+        if kind is None:
+            rows = self._db.execute(
+                "SELECT kind, name, document, revision FROM resources ORDER BY kind, name"
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT kind, name, document, revision FROM resources WHERE kind=? ORDER BY name",
+                (kind,),
+            ).fetchall()
+        return [StoredResource(**dict(r)) for r in rows]
+
+    def put_resource(self, kind: str, name: str, document: str, revision: int) -> None:
+        self._db.execute(
+            "INSERT INTO resources(kind, name, document, revision) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(kind, name) DO UPDATE SET document=excluded.document, "
+            "revision=excluded.revision",
+            (kind, name, document, revision),
+        )
+
+    def delete_resource(self, kind: str, name: str) -> bool:
+        cur = self._db.execute("DELETE FROM resources WHERE kind=? AND name=?", (kind, name))
+        return cur.rowcount > 0
+
+    # -- agents -------------------------------------------------------------------
+
+    def get_agent(self, agent_id: str) -> AgentRecord | None:
+        row = self._db.execute("SELECT * FROM agents WHERE agent_id=?", (agent_id,)).fetchone()
+        return _agent_from_row(row) if row else None
+
+    def list_agents(self) -> list[AgentRecord]:
+        rows = self._db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
+        return [_agent_from_row(r) for r in rows]
+
+    def put_agent(self, agent: AgentRecord) -> None:
+        self._db.execute(
+            "INSERT INTO agents(agent_id, hostname, reported_labels, label_overrides, addresses, "
+            "mode, baseline, applied_revision, applied_hash, desired_revision, desired_hash, "
+            "desired_ruleset, last_error, first_seen_ms, last_seen_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(agent_id) DO UPDATE SET hostname=excluded.hostname, "
+            "reported_labels=excluded.reported_labels, label_overrides=excluded.label_overrides, "
+            "addresses=excluded.addresses, mode=excluded.mode, baseline=excluded.baseline, "
+            "applied_revision=excluded.applied_revision, applied_hash=excluded.applied_hash, "
+            "desired_revision=excluded.desired_revision, desired_hash=excluded.desired_hash, "
+            "desired_ruleset=excluded.desired_ruleset, last_error=excluded.last_error, "
+            "last_seen_ms=excluded.last_seen_ms",
+            (
+                agent.agent_id,
+                agent.hostname,
+                _dump(agent.reported_labels),
+                _dump(agent.label_overrides),
+                _dump(agent.addresses),
+                agent.mode,
+                agent.baseline,
+                agent.applied_revision,
+                agent.applied_hash,
+                agent.desired_revision,
+                agent.desired_hash,
+                agent.desired_ruleset,
+                agent.last_error,
+                agent.first_seen_ms or now_ms(),
+                agent.last_seen_ms or now_ms(),
+            ),
+        )
+
+
+def _dump(value: Mapping[str, object] | Sequence[object]) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
+    return AgentRecord(
+        agent_id=row["agent_id"],
+        hostname=row["hostname"],
+        reported_labels=json.loads(row["reported_labels"]),
+        label_overrides=json.loads(row["label_overrides"]),
+        addresses=json.loads(row["addresses"]),
+        mode=row["mode"],
+        baseline=bytes(row["baseline"]),
+        applied_revision=row["applied_revision"],
+        applied_hash=row["applied_hash"],
+        desired_revision=row["desired_revision"],
+        desired_hash=row["desired_hash"],
+        desired_ruleset=bytes(row["desired_ruleset"]),
+        last_error=row["last_error"],
+        first_seen_ms=row["first_seen_ms"],
+        last_seen_ms=row["last_seen_ms"],
+    )
