@@ -14,15 +14,19 @@ from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from controller.errors import Conflict, InvalidArgument, NotFound
-from controller.policy.compiler import Workload, compile_rulesets, referenced_iplists, ruleset_hash
-from controller.policy.resources import (
+from controller.policy import (
     IPList,
     Policy,
     Resource,
     ValidationFailed,
+    Workload,
+    compile_rulesets,
     parse_documents,
+    referenced_iplists,
     resource_to_json,
+    ruleset_hash,
 )
+from controller.policy.names import label_key_problem, label_value_problem
 from controller.sessions import AgentSession
 from controller.store.sqlite_store import AgentRecord, SqliteStore, now_ms
 
@@ -30,8 +34,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("Policy", "IPList")
 _AGENT_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -150,15 +152,8 @@ class Controller:
         self, agent_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
     ) -> dict[str, str]:
         agent = self._require_agent(agent_id)
-        problems = [
-            f"labels: '{k}' is not a valid label key"
-            for k in [*set_labels, *remove]
-            if not _LABEL_KEY.match(k)
-        ]
-        problems += [
-            f"labels.{k}: '{v}' is not a valid label value"
-            for k, v in set_labels.items()
-            if not _LABEL_VALUE.match(v)
+        problems = _label_problems(set_labels, "labels") + [
+            f"labels: {problem}" for k in remove if (problem := label_key_problem(k))
         ]
         if problems:
             raise InvalidArgument(problems)
@@ -317,6 +312,16 @@ def _address_problems(addresses: Sequence[str], field: str) -> list[str]:
     return problems
 
 
+def _label_problems(labels: Mapping[str, str], field: str) -> list[str]:
+    problems = []
+    for key, value in labels.items():
+        if problem := label_key_problem(key):
+            problems.append(f"{field}: {problem}")
+        elif problem := label_value_problem(value):
+            problems.append(f"{field}.{key}: {problem}")
+    return problems
+
+
 def _validate_hello(hello: agent_pb2.Hello) -> None:
     problems = []
     if not _AGENT_ID.match(hello.agent_id):
@@ -324,11 +329,7 @@ def _validate_hello(hello: agent_pb2.Hello) -> None:
             f"hello.agent_id: '{hello.agent_id}' must be 1-63 lowercase letters, digits, '.', '_' "
             "or '-', starting and ending with a letter or digit"
         )
-    for key, value in hello.labels.items():
-        if not _LABEL_KEY.match(key):
-            problems.append(f"hello.labels: '{key}' is not a valid label key")
-        elif not _LABEL_VALUE.match(value):
-            problems.append(f"hello.labels.{key}: '{value}' is not a valid label value")
+    problems += _label_problems(hello.labels, "hello.labels")
     problems += _address_problems(hello.addresses, "hello.addresses")
     if problems:
         raise InvalidArgument(problems)

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS resources (
     PRIMARY KEY (kind, name)
 );
 CREATE TABLE IF NOT EXISTS revisions (
-    revision INTEGER PRIMARY KEY,
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    revision INTEGER NOT NULL,
     at_ms    INTEGER NOT NULL,
     kind     TEXT NOT NULL,
     name     TEXT NOT NULL,
@@ -168,7 +169,7 @@ class SqliteStore:
 
     def revision_history(self, limit: int = 100) -> list[tuple[int, str, str, str]]:
         rows = self._db.execute(
-            "SELECT revision, kind, name, action FROM revisions ORDER BY revision DESC LIMIT ?",
+            "SELECT revision, kind, name, action FROM revisions ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
         return [(r["revision"], r["kind"], r["name"], r["action"]) for r in rows]

@@ -1,0 +1,52 @@
+"""The controller's policy model: resources, label selectors and the ruleset compiler.
+
+Pure logic: no gRPC, no storage. The modules:
+
+    resources  Policy and IPList documents, parse_documents (all or nothing), resource_to_json
+    selector   label selector expressions (parse_selector, Selector)
+    compiler   compile_rulesets: workloads + IP lists + policies -> one Ruleset per agent
+    peers, ports, addresses, names   the validated field types the resources are made of
+    errors     the exception tree
+"""
+
+from controller.policy.compiler import (
+    Workload,
+    compile_rulesets,
+    referenced_iplists,
+    ruleset_hash,
+)
+from controller.policy.errors import (
+    FieldError,
+    FieldProblem,
+    PolicyError,
+    SelectorError,
+    ValidationFailed,
+)
+from controller.policy.resources import (
+    IPList,
+    Policy,
+    Resource,
+    parse_documents,
+    resource_to_json,
+)
+from controller.policy.selector import Selector, parse_selector, selector_from_labels
+
+__all__ = [
+    "FieldError",
+    "FieldProblem",
+    "IPList",
+    "Policy",
+    "PolicyError",
+    "Resource",
+    "Selector",
+    "SelectorError",
+    "ValidationFailed",
+    "Workload",
+    "compile_rulesets",
+    "parse_documents",
+    "parse_selector",
+    "referenced_iplists",
+    "resource_to_json",
+    "ruleset_hash",
+    "selector_from_labels",
+]

@@ -1,0 +1,189 @@
+"""Controller core against a real SQLite store: apply, push decisions, labels, restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+from controller.core import Controller
+from controller.errors import Conflict, InvalidArgument, NotFound
+from controller.sessions import AgentSession
+from controller.store.sqlite_store import SqliteStore
+
+WEB_DB = {
+    "apiVersion": "bulkhead/v1",
+    "kind": "Policy",
+    "metadata": {"name": "web-db"},
+    "spec": {"rules": [{"from": {"app": "web"}, "to": {"app": "db"}, "ports": ["tcp/5432"]}]},
+}
+
+
+def hello(agent_id: str, app: str, address: str, **kw: object) -> agent_pb2.Hello:
+    return agent_pb2.Hello(
+        agent_id=agent_id,
+        hostname=agent_id,
+        labels={"app": app},
+        addresses=[address],
+        mode=agent_pb2.MODE_ENFORCE,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def take(session: AgentSession) -> agent_pb2.ControllerMessage | None:
+    """The pending message of a session without waiting (None if nothing is pending)."""
+    message = session._pending
+    session._pending = None
+    return message
+
+
+@pytest.fixture
+def core(tmp_path: Path) -> Controller:
+    return Controller(SqliteStore(tmp_path / "c.db"))
+
+
+def connect_three(core: Controller) -> dict[str, AgentSession]:
+    sessions = {
+        "web": core.connect(hello("web", "web", "198.18.0.10")),
+        "db": core.connect(hello("db", "db", "198.18.0.11")),
+        "other": core.connect(hello("other", "other", "198.18.0.12")),
+    }
+    for name, session in sessions.items():
+        message = take(session)
+        assert message is not None
+        assert message.WhichOneof("body") == "snapshot", name
+        core.acknowledged(
+            name,
+            agent_pb2.Ack(revision=message.snapshot.revision, hash=message.snapshot.hash, ok=True),
+        )
+    return sessions
+
+
+def test_policy_pushes_only_to_agents_whose_ruleset_changed(core: Controller) -> None:
+    sessions = connect_three(core)
+    changes, revision = core.apply([json.dumps(WEB_DB)])
+    assert [(c.kind, c.name, c.action) for c in changes] == [("Policy", "web-db", "created")]
+    assert revision > 0
+    web, db, other = (take(sessions[n]) for n in ("web", "db", "other"))
+    assert other is None
+    assert web is not None
+    assert db is not None
+    web_rules = web.snapshot.ruleset.rules
+    assert [r.direction for r in web_rules] == [ruleset_pb2.DIRECTION_EGRESS]
+    db_sets = {s.name: list(s.hosts) for s in db.snapshot.ruleset.sets}
+    assert db_sets[db.snapshot.ruleset.rules[0].peer_set] == ["198.18.0.10"]
+    assert web.snapshot.revision > revision - 1
+
+
+def test_reapplying_same_document_is_unchanged_and_pushes_nothing(core: Controller) -> None:
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)])
+    for session in sessions.values():
+        take(session)
+    changes, _ = core.apply([json.dumps(WEB_DB)])
+    assert changes[0].action == "unchanged"
+    assert all(take(s) is None for s in sessions.values())
+
+
+def test_invalid_batch_stores_nothing(core: Controller) -> None:
+    bad = json.loads(json.dumps(WEB_DB))
+    bad["metadata"]["name"] = "second"
+    bad["spec"]["rules"][0]["ports"] = ["tcp/99999"]
+    with pytest.raises(InvalidArgument) as raised:
+        core.apply([json.dumps(WEB_DB), json.dumps(bad)])
+    assert any("ports[0]" in p for p in raised.value.problems)
+    assert core.list_resources("Policy") == []
+
+
+def test_unknown_iplist_reference_is_rejected(core: Controller) -> None:
+    doc = json.loads(json.dumps(WEB_DB))
+    doc["spec"]["rules"][0]["to"] = {"iplist": "office"}
+    with pytest.raises(InvalidArgument, match="iplist 'office' does not exist"):
+        core.apply([json.dumps(doc)])
+
+
+def test_iplist_in_use_cannot_be_deleted(core: Controller) -> None:
+    iplist = {
+        "apiVersion": "bulkhead/v1",
+        "kind": "IPList",
+        "metadata": {"name": "office"},
+        "spec": {"cidrs": ["198.19.0.0/24"]},
+    }
+    doc = json.loads(json.dumps(WEB_DB))
+    doc["spec"]["rules"][0]["to"] = {"iplist": "office"}
+    core.apply([json.dumps(iplist), json.dumps(doc)])
+    with pytest.raises(Conflict, match="used by policy web-db"):
+        core.delete("IPList", "office")
+    core.delete("Policy", "web-db")
+    core.delete("IPList", "office")
+    with pytest.raises(NotFound):
+        core.delete("IPList", "office")
+
+
+def test_relabel_moves_agent_into_policy(core: Controller) -> None:
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)])
+    for session in sessions.values():
+        take(session)
+    assert core.label("other", {"app": "web"}, []) == {"app": "web"}
+    other, db = take(sessions["other"]), take(sessions["db"])
+    assert other is not None
+    assert other.snapshot.ruleset.rules[0].direction == ruleset_pb2.DIRECTION_EGRESS
+    assert db is not None
+    assert sorted(db.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
+
+
+def test_bad_label_changes_nothing(core: Controller) -> None:
+    connect_three(core)
+    with pytest.raises(InvalidArgument, match=r"labels\.app: .no spaces allowed.: label values are"):
+        core.label("web", {"app": "no spaces allowed"}, [])
+    assert core.agent("web").labels == {"app": "web"}
+
+
+def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> None:
+    core = Controller(SqliteStore(tmp_path / "c.db"))
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)])
+    applied = {}
+    for name, session in sessions.items():
+        message = take(session)
+        if message is not None:
+            snap = message.snapshot
+            core.acknowledged(name, agent_pb2.Ack(revision=snap.revision, hash=snap.hash, ok=True))
+    for agent in core.agents():
+        applied[agent.agent_id] = (agent.desired_revision, agent.desired_hash)
+    revision_before = max(r for r, _ in applied.values())
+
+    restarted = Controller(SqliteStore(tmp_path / "c.db"))
+    assert [name for name, _, _ in restarted.list_resources("Policy")] == ["web-db"]
+    rev, digest = applied["db"]
+    session = restarted.connect(
+        hello("db", "db", "198.18.0.11", applied_revision=rev, applied_hash=digest)
+    )
+    message = take(session)
+    assert message is not None
+    assert message.WhichOneof("body") == "in_sync"
+    assert message.in_sync.revision == rev
+    _, revision_after = restarted.apply([json.dumps({**WEB_DB, "metadata": {"name": "x"}})])
+    assert revision_after > revision_before, "revisions must keep growing across restarts"
+
+
+def test_invalid_hello_names_the_fields(core: Controller) -> None:
+    bad = agent_pb2.Hello(agent_id="Bad Id", addresses=["300.1.1.1"], labels={"k": "v v"})
+    with pytest.raises(InvalidArgument) as raised:
+        core.connect(bad)
+    text = str(raised.value)
+    assert "hello.agent_id" in text
+    assert "hello.addresses[0]" in text
+    assert "hello.labels.k" in text
+
+
+def test_new_stream_for_same_agent_closes_the_old(core: Controller) -> None:
+    first = core.connect(hello("web", "web", "198.18.0.10"))
+    second = core.connect(hello("web", "web", "198.18.0.10"))
+    assert first.closed
+    assert not second.closed
+    core.disconnect(first)  # a late disconnect of the old stream must not drop the new one
+    assert core.is_connected("web")
