@@ -137,7 +137,7 @@ def test_relabel_moves_agent_into_policy(core: Controller) -> None:
 
 def test_bad_label_changes_nothing(core: Controller) -> None:
     connect_three(core)
-    with pytest.raises(InvalidArgument, match=r"labels\.app: .no spaces allowed.: label values are"):
+    with pytest.raises(InvalidArgument, match=r"labels\.app: .no spaces allowed.: label values"):
         core.label("web", {"app": "no spaces allowed"}, [])
     assert core.agent("web").labels == {"app": "web"}
 
