@@ -1,0 +1,36 @@
+"""The interface every dataplane backend implements, and the dataplane's errors.
+
+Exception tree::
+
+    DataplaneError          anything the dataplane could not do
+    ├── RulesetError        the ruleset or baseline is invalid; nothing was changed
+    └── NftError            libnftables refused a command (in libnftables.py)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from agent.dataplane.baseline import Baseline
+from bulkhead.v1 import ruleset_pb2
+
+
+class DataplaneError(Exception):
+    """The dataplane could not carry out a request."""
+
+
+class RulesetError(DataplaneError, ValueError):
+    """A ruleset or baseline is invalid; the message names the field and the problem."""
+
+
+class Backend(Protocol):
+    """Renders a compiled ruleset into the kernel; apply is the only writer."""
+
+    def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
+        """Replace everything the agent owns with this ruleset, atomically."""
+
+    def remove(self) -> None:
+        """Delete everything the agent owns; no error if nothing is there."""
+
+    def is_present(self) -> bool:
+        """Whether the agent's rules are currently loaded."""

@@ -1,0 +1,298 @@
+"""The nftables backend: renders a compiled ruleset into the one table `inet bulkhead`.
+
+Every apply is one libnftables batch that adds, deletes and re-creates the table, so
+the kernel swaps the whole policy in one transaction whether or not the table existed,
+and never touches another table. Peer addresses live only in named sets (four per
+address set: hosts and networks per family), so a rule renders to the same nft rules
+however many peers it has.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from agent.dataplane.baseline import Baseline, Endpoint, Mode, PortSpec
+from agent.dataplane.libnftables import JsonDocument, NftRunner
+from agent.dataplane.model import (
+    AddressGroup,
+    CompiledRuleset,
+    Direction,
+    PolicyRule,
+    Protocol,
+    load_ruleset,
+)
+from bulkhead.v1 import ruleset_pb2
+
+FAMILY = "inet"
+TABLE = "bulkhead"
+COMMENT_MAX_BYTES = 128
+POLICY_CHAINS = {Direction.INGRESS: "policy_in", Direction.EGRESS: "policy_out"}
+
+ICMP_TYPES = ("destination-unreachable", "time-exceeded", "parameter-problem")
+# Errors, path MTU, neighbour discovery and multicast listeners: IPv6 dies without them.
+ICMPV6_TYPES = (
+    "destination-unreachable",
+    "packet-too-big",
+    "time-exceeded",
+    "parameter-problem",
+    "nd-router-solicit",
+    "nd-router-advert",
+    "nd-neighbor-solicit",
+    "nd-neighbor-advert",
+    "mld-listener-query",
+    "mld-listener-report",
+    "mld-listener-done",
+    "mld2-listener-report",
+)
+
+Expr = dict[str, Any]
+_TABLE = {"family": FAMILY, "name": TABLE}
+_IN_TABLE = {"family": FAMILY, "table": TABLE}
+# (set suffix, nft type, address match protocol, interval set?)
+_SET_KINDS = (
+    ("v4", "ipv4_addr", "ip", False),
+    ("v4net", "ipv4_addr", "ip", True),
+    ("v6", "ipv6_addr", "ip6", False),
+    ("v6net", "ipv6_addr", "ip6", True),
+)
+
+
+def render(ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> JsonDocument:
+    """The complete libnftables JSON document that replaces our table with this policy."""
+    compiled = load_ruleset(ruleset)
+    commands: list[JsonDocument] = [
+        {"metainfo": {"json_schema_version": 1}},
+        # add + delete + add: one transaction that works whether or not the table exists.
+        {"add": {"table": dict(_TABLE)}},
+        {"delete": {"table": dict(_TABLE)}},
+        {"add": {"table": dict(_TABLE)}},
+    ]
+    commands.extend(_set_commands(compiled))
+    commands.extend(_chain_commands(baseline.mode))
+    commands.extend(_baseline_input(baseline))
+    commands.extend(_baseline_output(baseline))
+    commands.extend(_policy_rules(compiled, baseline.mode))
+    return {"nftables": commands}
+
+
+def removal_document() -> JsonDocument:
+    """Delete our table, and only ours, in one batch that succeeds if it is absent."""
+    return {
+        "nftables": [
+            {"metainfo": {"json_schema_version": 1}},
+            {"add": {"table": dict(_TABLE)}},
+            {"delete": {"table": dict(_TABLE)}},
+        ]
+    }
+
+
+class NftablesBackend:
+    """The Backend for nftables; `apply` is the only writer of the table."""
+
+    def __init__(self, runner: NftRunner) -> None:
+        self._runner = runner
+
+    def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
+        self._runner.json_cmd(render(ruleset, baseline))
+
+    def remove(self) -> None:
+        self._runner.json_cmd(removal_document())
+
+    def is_present(self) -> bool:
+        listing = self._runner.json_cmd({"nftables": [{"list": {"tables": None}}]})
+        return any(
+            item.get("table", {}).get("family") == FAMILY
+            and item.get("table", {}).get("name") == TABLE
+            for item in listing.get("nftables", [])
+        )
+
+
+def set_name(group: str, suffix: str) -> str:
+    """The nft set holding one family/kind of an address set, e.g. web_v4net."""
+    return f"{group}_{suffix}"
+
+
+def _set_commands(compiled: CompiledRuleset) -> Iterable[JsonDocument]:
+    for group in compiled.groups:
+        for suffix, nft_type, _, interval in _SET_KINDS:
+            definition: JsonDocument = {
+                **_IN_TABLE,
+                "name": set_name(group.name, suffix),
+                "type": nft_type,
+            }
+            if interval:
+                definition["flags"] = ["interval"]
+            elements = _elements(group, suffix)
+            if elements:
+                definition["elem"] = elements
+            yield {"add": {"set": definition}}
+
+
+def _elements(group: AddressGroup, suffix: str) -> list[Any]:
+    if suffix == "v4":
+        return [str(host) for host in group.v4_hosts]
+    if suffix == "v6":
+        return [str(host) for host in group.v6_hosts]
+    networks = group.v4_networks if suffix == "v4net" else group.v6_networks
+    return [
+        {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}} for net in networks
+    ]
+
+
+def _chain_commands(mode: Mode) -> Iterable[JsonDocument]:
+    policy = "drop" if mode is Mode.ENFORCE else "accept"
+    for hook in ("input", "output"):
+        yield {
+            "add": {
+                "chain": {
+                    **_IN_TABLE,
+                    "name": hook,
+                    "type": "filter",
+                    "hook": hook,
+                    "prio": 0,
+                    "policy": policy,
+                }
+            }
+        }
+    for chain in POLICY_CHAINS.values():
+        yield {"add": {"chain": {**_IN_TABLE, "name": chain}}}
+
+
+def _rule(chain: str, expr: list[Expr], comment: str | None = None) -> JsonDocument:
+    rule: JsonDocument = {**_IN_TABLE, "chain": chain, "expr": expr}
+    if comment:
+        # nft refuses longer comments; cut on a character boundary.
+        rule["comment"] = comment.encode()[:COMMENT_MAX_BYTES].decode(errors="ignore")
+    return {"add": {"rule": rule}}
+
+
+def _match(left: Expr, right: Any, op: str = "==") -> Expr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> Expr:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _verdict(verdict: str) -> Expr:
+    return {verdict: None}
+
+
+def _ports(ranges: Iterable[tuple[int, int]]) -> Any:
+    values: list[Any] = [
+        first if first == last else {"range": [first, last]} for first, last in ranges
+    ]
+    return values[0] if len(values) == 1 else {"set": values}
+
+
+def _common_head(chain: str, loopback_key: str, mode: Mode) -> list[JsonDocument]:
+    rules = [
+        _rule(chain, [_match({"meta": {"key": loopback_key}}, "lo"), _verdict("accept")]),
+        _rule(
+            chain,
+            [
+                _match({"ct": {"key": "state"}}, ["established", "related"], op="in"),
+                _verdict("accept"),
+            ],
+        ),
+        _rule(
+            chain,
+            [_match(_payload("icmp", "type"), {"set": list(ICMP_TYPES)}), _verdict("accept")],
+        ),
+        _rule(
+            chain,
+            [_match(_payload("icmpv6", "type"), {"set": list(ICMPV6_TYPES)}), _verdict("accept")],
+        ),
+    ]
+    if mode is Mode.ENFORCE:
+        rules.append(
+            _rule(
+                chain,
+                [_match({"ct": {"key": "state"}}, "invalid", op="in"), _verdict("drop")],
+            )
+        )
+    return rules
+
+
+def _failsafe(chain: str, specs: Iterable[PortSpec]) -> list[JsonDocument]:
+    return [
+        _rule(
+            chain,
+            [
+                _match(_payload(spec.protocol, "dport"), _ports([(spec.first, spec.last)])),
+                _verdict("accept"),
+            ],
+            comment=f"failsafe {spec}",
+        )
+        for spec in specs
+    ]
+
+
+def _controller(endpoint: Endpoint) -> JsonDocument:
+    address = ipaddress.ip_address(endpoint.address)
+    family = "ip" if address.version == 4 else "ip6"
+    return _rule(
+        "output",
+        [
+            _match(_payload(family, "daddr"), str(address)),
+            _match(_payload("tcp", "dport"), endpoint.port),
+            _verdict("accept"),
+        ],
+        comment="controller",
+    )
+
+
+def _tail(chain: str, direction: Direction, mode: Mode) -> list[JsonDocument]:
+    if mode is Mode.ENFORCE:
+        default = _rule(chain, [{"counter": None}, _verdict("drop")], comment="default-deny")
+    else:
+        default = _rule(chain, [{"counter": None}], comment="would-deny")
+    return [_rule(chain, [{"jump": {"target": POLICY_CHAINS[direction]}}]), default]
+
+
+def _baseline_input(baseline: Baseline) -> list[JsonDocument]:
+    return [
+        *_common_head("input", "iif", baseline.mode),
+        *_failsafe("input", baseline.failsafe_inbound),
+        *_tail("input", Direction.INGRESS, baseline.mode),
+    ]
+
+
+def _baseline_output(baseline: Baseline) -> list[JsonDocument]:
+    return [
+        *_common_head("output", "oif", baseline.mode),
+        *_failsafe("output", baseline.failsafe_outbound),
+        *(_controller(endpoint) for endpoint in baseline.controllers),
+        *_tail("output", Direction.EGRESS, baseline.mode),
+    ]
+
+
+def _policy_rules(compiled: CompiledRuleset, mode: Mode) -> Iterable[JsonDocument]:
+    for rule in compiled.rules:
+        for suffix, _, family, _ in _SET_KINDS:
+            yield _policy_rule(rule, suffix, family, mode)
+
+
+def _policy_rule(rule: PolicyRule, suffix: str, family: str, mode: Mode) -> JsonDocument:
+    field = "saddr" if rule.direction is Direction.INGRESS else "daddr"
+    expr = [_match(_payload(family, field), "@" + set_name(rule.peer_set, suffix))]
+    if rule.protocol is Protocol.ICMP:
+        expr.append(_match({"meta": {"key": "l4proto"}}, "icmp" if family == "ip" else "ipv6-icmp"))
+    elif rule.protocol in (Protocol.TCP, Protocol.UDP):
+        if rule.ports:
+            expr.append(_match(_payload(rule.protocol.value, "dport"), _ports(rule.ports)))
+        else:
+            expr.append(_match({"meta": {"key": "l4proto"}}, rule.protocol.value))
+    expr.append({"counter": None})
+    if rule.allow:
+        expr.append(_verdict("accept"))
+        return _rule(POLICY_CHAINS[rule.direction], expr, comment=rule.label)
+    if mode is Mode.ENFORCE:
+        expr.append(_verdict("drop"))
+        return _rule(POLICY_CHAINS[rule.direction], expr, comment=rule.label)
+    # Visibility never drops: a deny rule counts and stops evaluation, so the packet is
+    # counted once, by the rule that would have dropped it, and by no later rule.
+    expr.append(_verdict("accept"))
+    return _rule(POLICY_CHAINS[rule.direction], expr, comment=f"would-deny {rule.label}")

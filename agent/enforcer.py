@@ -1,0 +1,98 @@
+"""Applies policy snapshots to the dataplane, persists them, cuts flows they no longer allow."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent.dataplane.backend import Backend, DataplaneError
+from agent.dataplane.baseline import Baseline, Mode
+from agent.dataplane.conntrack import cut_disallowed
+from agent.state import (
+    AppliedSnapshot,
+    StateCorrupt,
+    load_snapshot,
+    ruleset_hash,
+    save_snapshot,
+)
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+
+log = logging.getLogger(__name__)
+
+FlowCutter = Callable[[ruleset_pb2.Ruleset, Baseline, Sequence[str]], int]
+
+
+class Enforcer:
+    def __init__(
+        self,
+        backend: Backend,
+        baseline: Baseline,
+        state_dir: Path,
+        *,
+        cut_flows: FlowCutter = cut_disallowed,
+    ) -> None:
+        self._backend = backend
+        self._baseline = baseline
+        self._state_dir = state_dir
+        self._cut_flows = cut_flows
+        self.current: AppliedSnapshot | None = None
+
+    @property
+    def applied_revision(self) -> int:
+        return self.current.revision if self.current else 0
+
+    @property
+    def applied_hash(self) -> str:
+        return self.current.hash if self.current else ""
+
+    def restore(self) -> None:
+        """Enforce the persisted snapshot, before any contact with the controller.
+
+        With no snapshot the host gets the baseline alone (default-deny). With a corrupt
+        one, rules already in the kernel are kept rather than opening the host.
+        """
+        try:
+            saved = load_snapshot(self._state_dir)
+        except StateCorrupt as exc:
+            if self._backend.is_present():
+                log.error("%s; keeping the rules in the kernel until the controller resyncs", exc)
+                return
+            log.error("%s; no rules in the kernel, enforcing the baseline alone", exc)
+            saved = None
+        if saved is None:
+            self._backend.apply(ruleset_pb2.Ruleset(), self._baseline)
+            log.info("no saved policy: enforcing the baseline (%s mode)", self._baseline.mode.value)
+            return
+        self._backend.apply(saved.ruleset, self._baseline)
+        self.current = saved
+        log.info("re-applied saved policy revision %d", saved.revision)
+
+    def apply(
+        self, snapshot: agent_pb2.PolicySnapshot, local_addresses: Sequence[str]
+    ) -> agent_pb2.Ack:
+        """Apply one snapshot atomically; the Ack says what happened."""
+        digest = ruleset_hash(snapshot.ruleset)
+        if digest != snapshot.hash:
+            return self._failed(snapshot, f"snapshot hash mismatch (got {digest[:12]})")
+        if digest == self.applied_hash and self._backend.is_present():
+            self.current = AppliedSnapshot(snapshot.revision, digest, snapshot.ruleset)
+            save_snapshot(self._state_dir, self.current)
+            return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
+        try:
+            self._backend.apply(snapshot.ruleset, self._baseline)
+        except DataplaneError as exc:
+            return self._failed(snapshot, str(exc))
+        self.current = AppliedSnapshot(snapshot.revision, digest, snapshot.ruleset)
+        # Persisted only after the kernel accepted it: the file never runs ahead of reality.
+        save_snapshot(self._state_dir, self.current)
+        if self._baseline.mode is Mode.ENFORCE:
+            cut = self._cut_flows(snapshot.ruleset, self._baseline, local_addresses)
+            if cut:
+                log.info("cut %d connection(s) no longer allowed", cut)
+        log.info("applied revision %d (%s)", snapshot.revision, digest[:12])
+        return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
+
+    def _failed(self, snapshot: agent_pb2.PolicySnapshot, reason: str) -> agent_pb2.Ack:
+        log.error("revision %d not applied: %s", snapshot.revision, reason)
+        return agent_pb2.Ack(revision=snapshot.revision, hash=snapshot.hash, ok=False, error=reason)

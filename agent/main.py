@@ -1,0 +1,174 @@
+"""bulkhead-agent: enforces the controller's policy on this host."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from agent.addresses import discover_addresses
+from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, split_host_port
+from agent.dataplane.backend import DataplaneError
+from agent.dataplane.baseline import Baseline, Endpoint, Mode
+from agent.dataplane.libnftables import LibNftables
+from agent.dataplane.nftables import NftablesBackend, render
+from agent.enforcer import Enforcer
+from agent.link import ControllerLink
+from agent.state import StateCorrupt, load_snapshot
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+
+log = logging.getLogger("bulkhead.agent")
+
+AGENT_VERSION = "0.1.0"
+# Set by the lab and the tests: refuse to program the machine's own network namespace.
+REQUIRE_NETNS_ENV = "BULKHEAD_REQUIRE_NETNS"
+
+
+class AgentStartError(Exception):
+    pass
+
+
+def _in_root_netns() -> bool:
+    return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+
+
+def build_baseline(config: AgentConfig) -> Baseline:
+    host, port = split_host_port(config.controller)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AgentStartError(f"controller: cannot resolve '{host}' ({exc.strerror})") from exc
+    endpoints = sorted({Endpoint(str(info[4][0]), port) for info in infos}, key=lambda e: e.address)
+    return Baseline(
+        mode=config.mode,
+        failsafe_inbound=config.failsafe.inbound_specs(),
+        failsafe_outbound=config.failsafe.outbound_specs(),
+        controllers=tuple(endpoints),
+    )
+
+
+def _baseline_message(config: AgentConfig) -> agent_pb2.Baseline:
+    return agent_pb2.Baseline(
+        failsafe_inbound=config.failsafe.inbound,
+        failsafe_outbound=config.failsafe.outbound,
+        controller=config.controller,
+    )
+
+
+async def run_agent(config: AgentConfig) -> None:
+    if os.environ.get(REQUIRE_NETNS_ENV) == "1" and _in_root_netns():
+        raise AgentStartError(
+            f"{REQUIRE_NETNS_ENV}=1 but this is the machine's own network namespace; refusing"
+        )
+    baseline = build_baseline(config)
+    enforcer = Enforcer(NftablesBackend(LibNftables()), baseline, config.state_dir)
+    try:
+        enforcer.restore()
+    except DataplaneError as exc:
+        raise AgentStartError(f"cannot program nftables: {exc}") from exc
+    mode = agent_pb2.MODE_ENFORCE if config.mode is Mode.ENFORCE else agent_pb2.MODE_VISIBILITY
+
+    def make_hello() -> agent_pb2.Hello:
+        return agent_pb2.Hello(
+            agent_id=config.agent_id,
+            hostname=config.hostname,
+            labels=config.labels,
+            applied_revision=enforcer.applied_revision,
+            applied_hash=enforcer.applied_hash,
+            mode=mode,
+            baseline=_baseline_message(config),
+            agent_version=AGENT_VERSION,
+        )
+
+    link = ControllerLink(
+        config.controller,
+        enforcer,
+        make_hello,
+        discover_addresses,
+        heartbeat_interval=config.heartbeat_interval,
+        address_poll_interval=config.address_poll_interval,
+    )
+    task = asyncio.create_task(link.run_forever())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Rules stay in the kernel: stopping the agent must never open the host.
+    log.info("stopping; the last policy stays enforced")
+    task.cancel()
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_CONFIG,
+    show_default=True,
+)
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_context
+def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
+    """Run the Bulkhead agent (or one of the commands below)."""
+    ctx.obj = config_path
+    if ctx.invoked_subcommand is not None:
+        return
+    _setup_logging(log_level)
+    try:
+        config = load_config(config_path)
+        asyncio.run(run_agent(config))
+    except (ConfigError, AgentStartError) as exc:
+        _fail(str(exc))
+
+
+@main.command("render")
+@click.option(
+    "--snapshot",
+    "snapshot_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="State dir holding snapshot.json (default: the config's state_dir).",
+)
+@click.pass_obj
+def render_cmd(config_path: Path, snapshot_dir: Path | None) -> None:
+    """Print the nftables JSON the agent would load, without touching the kernel."""
+    try:
+        config = load_config(config_path)
+        saved = load_snapshot(snapshot_dir or config.state_dir)
+        baseline = build_baseline(config)
+    except (ConfigError, StateCorrupt, AgentStartError) as exc:
+        _fail(str(exc))
+        return
+    ruleset = saved.ruleset if saved else ruleset_pb2.Ruleset()
+    click.echo(json.dumps(render(ruleset, baseline), indent=2))
+
+
+@main.command("uninstall-rules")
+@click.pass_obj
+def uninstall_rules(config_path: Path) -> None:
+    """Remove the bulkhead table (and nothing else) from this host's nftables."""
+    if os.environ.get(REQUIRE_NETNS_ENV) == "1" and _in_root_netns():
+        _fail(f"{REQUIRE_NETNS_ENV}=1 but this is the machine's own network namespace; refusing")
+    try:
+        NftablesBackend(LibNftables()).remove()
+    except DataplaneError as exc:
+        _fail(str(exc))
+    click.echo("removed table inet bulkhead")

@@ -1,0 +1,78 @@
+"""The last applied snapshot, persisted atomically and checked on load.
+
+At start the agent re-applies it before talking to the controller, so a
+restarted agent enforces what it enforced before, with no open moment.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bulkhead.v1 import ruleset_pb2
+
+SNAPSHOT_FILE = "snapshot.json"
+
+
+class StateCorrupt(Exception):
+    """The state file exists but cannot be trusted."""
+
+
+def ruleset_hash(ruleset: ruleset_pb2.Ruleset) -> str:
+    """The contract's content hash: sha256 of the deterministic serialisation."""
+    return hashlib.sha256(ruleset.SerializeToString(deterministic=True)).hexdigest()
+
+
+@dataclass(frozen=True)
+class AppliedSnapshot:
+    revision: int
+    hash: str
+    ruleset: ruleset_pb2.Ruleset
+
+
+def save_snapshot(state_dir: Path, snapshot: AppliedSnapshot) -> None:
+    """Write, fsync and rename, so a crash leaves the old file or the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    payload = {
+        "revision": snapshot.revision,
+        "hash": snapshot.hash,
+        "ruleset": base64.b64encode(
+            snapshot.ruleset.SerializeToString(deterministic=True)
+        ).decode(),
+    }
+    target = state_dir / SNAPSHOT_FILE
+    tmp = target.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, target)
+    dir_fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_snapshot(state_dir: Path) -> AppliedSnapshot | None:
+    """The persisted snapshot, None if there is none; StateCorrupt if it fails its checks."""
+    path = state_dir / SNAPSHOT_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        payload = json.loads(text)
+        ruleset = ruleset_pb2.Ruleset.FromString(base64.b64decode(payload["ruleset"]))
+        revision = int(payload["revision"])
+        expected = str(payload["hash"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StateCorrupt(f"{path}: unreadable ({exc})") from exc
+    if ruleset_hash(ruleset) != expected:
+        raise StateCorrupt(f"{path}: content does not match its hash (truncated or edited?)")
+    return AppliedSnapshot(revision=revision, hash=expected, ruleset=ruleset)

@@ -1,0 +1,203 @@
+"""Agent config, persisted state and the enforcer, with a recording in-memory backend."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigError, load_config, split_host_port
+from agent.dataplane.backend import DataplaneError
+from agent.dataplane.baseline import Baseline, Mode
+from agent.enforcer import Enforcer
+from agent.link import Backoff
+from agent.state import (
+    SNAPSHOT_FILE,
+    AppliedSnapshot,
+    StateCorrupt,
+    load_snapshot,
+    ruleset_hash,
+    save_snapshot,
+)
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+
+ENFORCE = Baseline(Mode.ENFORCE, (), (), ())
+
+
+class RecordingBackend:
+    """Stands in for the kernel: remembers what is loaded; can be told to refuse."""
+
+    def __init__(self) -> None:
+        self.loaded: ruleset_pb2.Ruleset | None = None
+        self.applies = 0
+        self.refuse: str | None = None
+
+    def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
+        if self.refuse:
+            raise DataplaneError(self.refuse)
+        self.applies += 1
+        self.loaded = ruleset
+
+    def remove(self) -> None:
+        self.loaded = None
+
+    def is_present(self) -> bool:
+        return self.loaded is not None
+
+
+def sample_ruleset() -> ruleset_pb2.Ruleset:
+    return ruleset_pb2.Ruleset(
+        sets=[ruleset_pb2.AddressSet(name="p_web", hosts=["198.18.0.10"])],
+        rules=[
+            ruleset_pb2.Rule(
+                direction=ruleset_pb2.DIRECTION_INGRESS,
+                protocol=ruleset_pb2.PROTOCOL_TCP,
+                ports=[ruleset_pb2.PortRange(first=5432, last=5432)],
+                peer_set="p_web",
+                action=ruleset_pb2.ACTION_ALLOW,
+                policy="web-db",
+                id="abc",
+            )
+        ],
+    )
+
+
+def snapshot(revision: int = 7) -> agent_pb2.PolicySnapshot:
+    ruleset = sample_ruleset()
+    return agent_pb2.PolicySnapshot(revision=revision, hash=ruleset_hash(ruleset), ruleset=ruleset)
+
+
+class Cuts:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(
+        self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline, addrs: Sequence[str]
+    ) -> int:
+        self.calls += 1
+        return 0
+
+
+# -- config --------------------------------------------------------------------------
+
+
+def test_config_defaults_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "a.yaml"
+    good.write_text("agent_id: web\ncontroller: 198.18.0.1:50151\nlabels: {app: web}\n")
+    config = load_config(good)
+    assert config.mode is Mode.ENFORCE
+    assert config.failsafe.inbound == ["tcp/22"]
+    bad = tmp_path / "b.yaml"
+    bad.write_text(
+        "agent_id: Web One\ncontroller: nohost\nmode: loud\nfailsafe: {inbound: [tcp/0]}\nx: 1\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(bad)
+    text = str(raised.value)
+    for field in ("agent_id:", "controller:", "mode:", "failsafe.inbound:", "x: unknown setting"):
+        assert field in text
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("[2001:db8::1]:50151") == ("2001:db8::1", 50151)
+    assert split_host_port("ctl.example:7") == ("ctl.example", 7)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        split_host_port("198.18.0.1")
+
+
+# -- state ---------------------------------------------------------------------------
+
+
+def test_snapshot_round_trip_and_corruption(tmp_path: Path) -> None:
+    ruleset = sample_ruleset()
+    save_snapshot(tmp_path, AppliedSnapshot(3, ruleset_hash(ruleset), ruleset))
+    loaded = load_snapshot(tmp_path)
+    assert loaded is not None
+    assert loaded.ruleset == ruleset
+    assert (tmp_path / SNAPSHOT_FILE).stat().st_mode & 0o777 == 0o600
+    text = (tmp_path / SNAPSHOT_FILE).read_text()
+    (tmp_path / SNAPSHOT_FILE).write_text(text[: len(text) // 2])
+    with pytest.raises(StateCorrupt, match="unreadable"):
+        load_snapshot(tmp_path)
+    (tmp_path / SNAPSHOT_FILE).write_text(
+        text.replace('"revision": 3', '"revision": 4').replace(ruleset_hash(ruleset), "0" * 64)
+    )
+    with pytest.raises(StateCorrupt, match="does not match its hash"):
+        load_snapshot(tmp_path)
+
+
+# -- enforcer ------------------------------------------------------------------------
+
+
+def test_restore_without_state_enforces_the_baseline(tmp_path: Path) -> None:
+    backend = RecordingBackend()
+    Enforcer(backend, ENFORCE, tmp_path).restore()
+    assert backend.loaded == ruleset_pb2.Ruleset()
+
+
+def test_restore_reapplies_saved_snapshot(tmp_path: Path) -> None:
+    first = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=Cuts())
+    first.apply(snapshot(), [])
+    backend = RecordingBackend()
+    restarted = Enforcer(backend, ENFORCE, tmp_path)
+    restarted.restore()
+    assert backend.loaded == sample_ruleset()
+    assert restarted.applied_revision == 7
+
+
+def test_corrupt_state_keeps_rules_in_kernel(tmp_path: Path) -> None:
+    (tmp_path / SNAPSHOT_FILE).write_text("{garbage")
+    backend = RecordingBackend()
+    backend.loaded = sample_ruleset()  # what the previous agent left in the kernel
+    Enforcer(backend, ENFORCE, tmp_path).restore()
+    assert backend.applies == 0
+    assert backend.loaded == sample_ruleset()
+
+
+def test_apply_acks_persists_and_cuts(tmp_path: Path) -> None:
+    backend, cuts = RecordingBackend(), Cuts()
+    enforcer = Enforcer(backend, ENFORCE, tmp_path, cut_flows=cuts)
+    ack = enforcer.apply(snapshot(), ["198.18.0.11"])
+    assert ack.ok
+    assert ack.revision == 7
+    assert cuts.calls == 1
+    assert load_snapshot(tmp_path) is not None
+    again = enforcer.apply(snapshot(8), [])  # same content: acknowledged, not re-applied
+    assert again.ok
+    assert backend.applies == 1
+
+
+def test_visibility_mode_cuts_nothing(tmp_path: Path) -> None:
+    cuts = Cuts()
+    enforcer = Enforcer(
+        RecordingBackend(), Baseline(Mode.VISIBILITY, (), (), ()), tmp_path, cut_flows=cuts
+    )
+    assert enforcer.apply(snapshot(), []).ok
+    assert cuts.calls == 0
+
+
+def test_refused_or_tampered_snapshot_is_nacked_and_not_persisted(tmp_path: Path) -> None:
+    backend = RecordingBackend()
+    backend.refuse = "Could not process rule: No such file or directory"
+    enforcer = Enforcer(backend, ENFORCE, tmp_path, cut_flows=Cuts())
+    ack = enforcer.apply(snapshot(), [])
+    assert not ack.ok
+    assert "No such file" in ack.error
+    assert load_snapshot(tmp_path) is None
+    backend.refuse = None
+    forged = snapshot()
+    forged.hash = "0" * 64
+    ack = enforcer.apply(forged, [])
+    assert not ack.ok
+    assert "hash mismatch" in ack.error
+    assert backend.applies == 0
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    backoff = Backoff(initial=0.5, maximum=4.0)
+    delays = [backoff.next_delay() for _ in range(20)]
+    assert all(0.25 <= d <= 4.0 for d in delays)
+    assert len({round(d, 6) for d in delays}) > 10, "delays must not be in lockstep"
