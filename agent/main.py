@@ -35,8 +35,31 @@ class AgentStartError(Exception):
     pass
 
 
-def _in_root_netns() -> bool:
-    return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+def _in_named_netns() -> bool:
+    """Whether this process runs in a namespace made with `ip netns add`.
+
+    Compared against /run/netns rather than /proc/1/ns/net, which sandboxes may hide.
+    """
+    own = os.stat("/proc/self/ns/net")
+    netns_dir = Path("/run/netns")
+    if not netns_dir.is_dir():
+        return False
+    for entry in netns_dir.iterdir():
+        try:
+            other = entry.stat()
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (own.st_dev, own.st_ino):
+            return True
+    return False
+
+
+def _refuse_outside_netns() -> None:
+    if os.environ.get(REQUIRE_NETNS_ENV) == "1" and not _in_named_netns():
+        raise AgentStartError(
+            f"{REQUIRE_NETNS_ENV}=1 but this process is not in a named network namespace; "
+            "refusing to program the machine's own firewall"
+        )
 
 
 def build_baseline(config: AgentConfig) -> Baseline:
@@ -63,10 +86,7 @@ def _baseline_message(config: AgentConfig) -> agent_pb2.Baseline:
 
 
 async def run_agent(config: AgentConfig) -> None:
-    if os.environ.get(REQUIRE_NETNS_ENV) == "1" and _in_root_netns():
-        raise AgentStartError(
-            f"{REQUIRE_NETNS_ENV}=1 but this is the machine's own network namespace; refusing"
-        )
+    _refuse_outside_netns()
     baseline = build_baseline(config)
     enforcer = Enforcer(NftablesBackend(LibNftables()), baseline, config.state_dir)
     try:
@@ -165,10 +185,9 @@ def render_cmd(config_path: Path, snapshot_dir: Path | None) -> None:
 @click.pass_obj
 def uninstall_rules(config_path: Path) -> None:
     """Remove the bulkhead table (and nothing else) from this host's nftables."""
-    if os.environ.get(REQUIRE_NETNS_ENV) == "1" and _in_root_netns():
-        _fail(f"{REQUIRE_NETNS_ENV}=1 but this is the machine's own network namespace; refusing")
     try:
+        _refuse_outside_netns()
         NftablesBackend(LibNftables()).remove()
-    except DataplaneError as exc:
+    except (AgentStartError, DataplaneError) as exc:
         _fail(str(exc))
     click.echo("removed table inet bulkhead")
