@@ -6,6 +6,7 @@ Every command prints one clear line on error and exits non-zero; no tracebacks.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import click
 from rich.console import Console
 
+from lab import control
 from lab.demo import DEFAULT_POLICY, run_demo
 from lab.errors import LabError
 from lab.iproute import ip_binary
@@ -162,3 +164,23 @@ def demo_command(keep: bool, policy: Path) -> None:
     if not run_demo(lab_dir(), policy=policy, keep=keep, console=_out):
         raise LabError("some probes did not match the policy (see the table)")
     _say("every probe matched the policy")
+
+
+@main.command("stop")
+@click.argument("target", metavar="controller|HOST")
+@click.option("--kill", is_flag=True, help="SIGKILL instead of SIGTERM (a crash).")
+def stop_command(target: str, kill: bool) -> None:
+    """Stop the controller or a host's agent; the host's rules stay enforced."""
+    require_root()
+    pid = control.stop(lab_dir(), target, sig=signal.SIGKILL if kill else signal.SIGTERM)
+    _say(f"stopped {target} (pid {pid})")
+
+
+@main.command("start")
+@click.argument("target", metavar="controller|HOST")
+@click.option("--no-wait", is_flag=True, help="Return at once, not when it is in service.")
+def start_command(target: str, no_wait: bool) -> None:
+    """Start the controller or a host's agent again after `stop`."""
+    require_root()
+    pid = control.start(lab_dir(), target, wait=not no_wait)
+    _say(f"started {target} (pid {pid})")

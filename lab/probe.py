@@ -49,7 +49,7 @@ def _join_netns(netns: str) -> None:
         os.close(fd)
 
 
-def _in_netns(netns: str | None, work: Callable[[], _T]) -> _T:
+def in_netns(netns: str | None, work: Callable[[], _T]) -> _T:
     """Run WORK in NETNS (None: here). Sockets it creates stay in that namespace."""
     if netns is None:
         return work()
@@ -89,7 +89,7 @@ def probe_tcp_address(
         sock.settimeout(timeout)
         return sock
 
-    sock = _in_netns(netns, connect)
+    sock = in_netns(netns, connect)
     deadline = time.monotonic() + timeout
     with sock:
         try:
@@ -119,7 +119,7 @@ def probe_udp_address(
         sock.settimeout(timeout)
         return sock
 
-    with _in_netns(netns, open_socket) as sock:
+    with in_netns(netns, open_socket) as sock:
         try:
             sock.connect((address, port))
             sock.send(b"probe\n")

@@ -108,10 +108,10 @@ def terminate(pids: Iterable[int]) -> list[int]:
     targets = {pid: ticks for pid in set(pids) if (ticks := start_ticks(pid)) is not None}
     for pid in targets:
         _signal(pid, signal.SIGTERM)
-    left = _wait_gone(targets, _TERM_GRACE)
+    left = wait_gone(targets, _TERM_GRACE)
     for pid in left:
         _signal(pid, signal.SIGKILL)
-    left = _wait_gone(left, _KILL_GRACE)
+    left = wait_gone(left, _KILL_GRACE)
     if left:
         raise DaemonError(f"processes {sorted(left)} survived SIGKILL (stuck in the kernel?)")
     return sorted(targets)
@@ -122,7 +122,7 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)
 
 
-def _wait_gone(targets: Mapping[int, int], grace: float) -> dict[int, int]:
+def wait_gone(targets: Mapping[int, int], grace: float) -> dict[int, int]:
     deadline = time.monotonic() + grace
     left = dict(targets)
     while left:
