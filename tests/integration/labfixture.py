@@ -89,14 +89,19 @@ class Lab:
         assert server.stdout.readline().strip() == "ready"
         return server
 
-    def connect(self, source: str, target: str, port: int) -> socket.socket:
-        """A TCP socket opened from inside SOURCE's namespace to TARGET:PORT."""
+    def connect(
+        self, source: str, target: str, port: int, *, bind: str | None = None, timeout: float = 2
+    ) -> socket.socket:
+        """A TCP socket opened from inside SOURCE's namespace (from address BIND if given)
+        to TARGET:PORT."""
 
         def make() -> socket.socket:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 
         sock: socket.socket = in_netns(self.state.host(source).netns, make)
-        sock.settimeout(2)
+        sock.settimeout(timeout)
+        if bind is not None:
+            sock.bind((bind, 0))
         sock.connect((self.state.host(target).ipv4, port))
         return sock
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -117,6 +118,28 @@ def test_delete_blocks_again_and_cuts_established_connection(clean: Lab) -> None
     assert not lab.probe("web", "db", 5432)
 
 
+def test_new_address_on_a_workload_reaches_its_peers_sets(clean: Lab) -> None:
+    lab = clean
+    apply_web_db(lab)
+    netns = lab.state.host("web").netns
+    extra = "198.18.0.50"
+    ip = ["ip", "netns", "exec", netns, "ip", "addr"]
+    subprocess.run([*ip, "add", f"{extra}/24", "dev", "eth0"], check=True)
+    try:
+        deadline = time.monotonic() + 6.0  # the agent polls its addresses every 2 s
+        connected = False
+        while not connected and time.monotonic() < deadline:
+            try:
+                with lab.connect("web", "db", 5432, bind=extra, timeout=0.3):
+                    connected = True
+            except OSError:
+                time.sleep(0.1)
+        assert connected, "db never learnt web's new address"
+        assert extra in lab.ok("describe", "agent", "db", "-o", "json")
+    finally:
+        subprocess.run([*ip, "del", f"{extra}/24", "dev", "eth0"], check=False)
+
+
 def test_sigkilled_agent_leaves_rules_enforcing(clean: Lab) -> None:
     lab = clean
     apply_web_db(lab)
@@ -206,8 +229,6 @@ def test_describe_agent_shows_rules_and_baseline(clean: Lab) -> None:
 
 
 def test_agent_never_touches_foreign_tables(clean: Lab) -> None:
-    import subprocess
-
     lab = clean
     netns = lab.state.host("other").netns
     nft = ["ip", "netns", "exec", netns, "nft"]

@@ -187,3 +187,24 @@ def test_new_stream_for_same_agent_closes_the_old(core: Controller) -> None:
     assert not second.closed
     core.disconnect(first)  # a late disconnect of the old stream must not drop the new one
     assert core.is_connected("web")
+
+
+def test_address_change_updates_peer_sets_not_rules(core: Controller) -> None:
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)])
+    before = take(sessions["db"])
+    take(sessions["web"])
+    assert before is not None
+    core.addresses_changed("web", ["198.18.0.10", "198.18.0.50", "2001:db8::10"])
+    after = take(sessions["db"])
+    assert after is not None, "db must be told about web's new address"
+    assert list(after.snapshot.ruleset.rules) == list(before.snapshot.ruleset.rules)
+    assert list(after.snapshot.ruleset.sets[0].hosts) == [
+        "198.18.0.10",
+        "198.18.0.50",
+        "2001:db8::10",
+    ]
+    assert after.snapshot.revision > before.snapshot.revision
+    assert take(sessions["other"]) is None
+    with pytest.raises(InvalidArgument, match=r"addresses\[0\]"):
+        core.addresses_changed("web", ["not-an-ip"])
