@@ -52,6 +52,8 @@ Report = Callable[[str], None]
 CONTROLLER_ADDRESS = f"{OPS_V4}:{CONTROLLER_PORT}"
 MODES = ("enforce", "visibility")
 DATAPLANES = ("nftables", "iptables")
+# Dataplanes the agent of this version can run; the lab names the others but refuses them.
+AVAILABLE_DATAPLANES = ("nftables",)
 MAX_LISTEN_PORTS = 32
 
 
@@ -98,6 +100,11 @@ def up(
         raise SpecError(f"--mode: '{mode}' is not one of {', '.join(MODES)}")
     if dataplane not in DATAPLANES:
         raise SpecError(f"--dataplane: '{dataplane}' is not one of {', '.join(DATAPLANES)}")
+    if dataplane not in AVAILABLE_DATAPLANES:
+        raise SpecError(
+            f"--dataplane: the {dataplane} dataplane is not in this version of the agent; "
+            f"use {' or '.join(AVAILABLE_DATAPLANES)}"
+        )
     check_hosts(hosts)
     _check_lab_dir_free(directory)
     preflight(hosts)
