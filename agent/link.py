@@ -73,6 +73,9 @@ class ControllerLink:
                 log.warning(
                     "controller %s: %s %s", self._target, exc.code().name, exc.details() or ""
                 )
+            except Exception:
+                # Whatever went wrong, the rules in the kernel stay; keep trying to resync.
+                log.exception("controller link failed; the last policy stays enforced")
             delay = backoff.next_delay()
             log.info("reconnecting in %.1fs", delay)
             await asyncio.sleep(delay)

@@ -7,24 +7,19 @@ restarted agent enforces what it enforced before, with no open moment.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1.contract import ruleset_hash
 
 SNAPSHOT_FILE = "snapshot.json"
 
 
 class StateCorrupt(Exception):
     """The state file exists but cannot be trusted."""
-
-
-def ruleset_hash(ruleset: ruleset_pb2.Ruleset) -> str:
-    """The contract's content hash: sha256 of the deterministic serialisation."""
-    return hashlib.sha256(ruleset.SerializeToString(deterministic=True)).hexdigest()
 
 
 @dataclass(frozen=True)

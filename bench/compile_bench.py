@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from controller.policy.compiler import Workload, compile_rulesets, ruleset_hash
+from bulkhead.v1.contract import ruleset_hash
+from controller.policy.compiler import Workload, compile_rulesets
 from controller.policy.resources import IPList, Policy, Resource, parse_documents
 
 ENVS = ("prod", "staging", "dev")

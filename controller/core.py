@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
+from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id, ruleset_hash
 from controller.errors import Conflict, InvalidArgument, NotFound
 from controller.policy import (
     IPList,
@@ -24,7 +24,6 @@ from controller.policy import (
     parse_documents,
     referenced_iplists,
     resource_to_json,
-    ruleset_hash,
 )
 from controller.policy.names import label_key_problem, label_value_problem
 from controller.sessions import AgentSession
@@ -33,7 +32,6 @@ from controller.store.sqlite_store import AgentRecord, SqliteStore, now_ms
 log = logging.getLogger(__name__)
 
 KINDS = ("Policy", "IPList")
-_AGENT_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -185,9 +183,15 @@ class Controller:
     def connect(self, hello: agent_pb2.Hello) -> AgentSession:
         """Register an agent stream; the session's first message brings it in sync."""
         _validate_hello(hello)
-        agent = self._store.get_agent(hello.agent_id) or AgentRecord(
-            agent_id=hello.agent_id, first_seen_ms=now_ms()
-        )
+        known = self._store.get_agent(hello.agent_id)
+        agent = known or AgentRecord(agent_id=hello.agent_id, first_seen_ms=now_ms())
+        before = (agent.labels, agent.addresses)
+        if known is not None and known.hostname != hello.hostname:
+            log.warning(
+                "agent %s now reports hostname %r (was %r): two hosts sharing one agent id "
+                "would take turns replacing each other's addresses",
+                agent.agent_id, hello.hostname, known.hostname,
+            )  # fmt: skip
         agent.hostname = hello.hostname
         agent.reported_labels = dict(hello.labels)
         agent.addresses = sorted(set(hello.addresses))
@@ -205,7 +209,17 @@ class Controller:
         session = AgentSession(agent.agent_id)
         self._sessions[agent.agent_id] = session
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
-        pushed = self._recompile()
+        # Only labels and addresses feed the compiler; an unchanged agent costs no recompile.
+        changed = (
+            known is None
+            or not agent.desired_hash
+            or before
+            != (
+                agent.labels,
+                agent.addresses,
+            )
+        )
+        pushed = self._recompile() if changed else set()
         if agent.agent_id not in pushed:
             self._sync(session, self._require_agent(agent.agent_id))
         return session
@@ -219,8 +233,9 @@ class Controller:
                 agent.last_seen_ms = now_ms()
                 with self._store.transaction():
                     self._store.put_agent(agent)
+            # Connection state is not compiled: an agent's peers keep its addresses while it
+            # is away, so a restart or a network blip causes no churn.
             log.info("agent %s disconnected", session.agent_id)
-            self._recompile()
 
     def heartbeat(self, agent_id: str) -> None:
         agent = self._store.get_agent(agent_id)
@@ -246,6 +261,11 @@ class Controller:
             agent.applied_revision = ack.revision
             agent.applied_hash = ack.hash
             agent.last_error = ""
+            session = self._sessions.get(agent_id)
+            if ack.hash != agent.desired_hash and session is not None:
+                # The ack is for a snapshot that was overtaken in flight (perhaps by an
+                # InSync sent while the stored applied hash was still the older one).
+                self._sync(session, agent)
         else:
             agent.last_error = ack.error or "apply failed (no reason given)"
             log.error(
@@ -303,12 +323,20 @@ class Controller:
 
 
 def _address_problems(addresses: Sequence[str], field: str) -> list[str]:
+    """Addresses an agent may claim: they go verbatim into every peer's address sets."""
     problems = []
     for index, text in enumerate(addresses):
         try:
-            ipaddress.ip_address(text)
+            address = ipaddress.ip_address(text)
         except ValueError:
-            problems.append(f"{field}[{index}]: '{text}' is not an IP address")
+            problems.append(f"{field}[{index}]: {text!r} is not an IP address")
+            continue
+        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+            problems.append(f"{field}[{index}]: {text!r} carries a scope; send the bare address")
+        elif address.is_unspecified or address.is_multicast or address.is_loopback:
+            problems.append(f"{field}[{index}]: {text!r} is not a unicast host address")
+        elif address.is_link_local:
+            problems.append(f"{field}[{index}]: {text!r} is link-local; peers cannot use it")
     return problems
 
 
@@ -324,11 +352,8 @@ def _label_problems(labels: Mapping[str, str], field: str) -> list[str]:
 
 def _validate_hello(hello: agent_pb2.Hello) -> None:
     problems = []
-    if not _AGENT_ID.match(hello.agent_id):
-        problems.append(
-            f"hello.agent_id: '{hello.agent_id}' must be 1-63 lowercase letters, digits, '.', '_' "
-            "or '-', starting and ending with a letter or digit"
-        )
+    if not is_valid_agent_id(hello.agent_id):
+        problems.append(f"hello.agent_id: {hello.agent_id!r} must be {AGENT_ID_RULE}")
     problems += _label_problems(hello.labels, "hello.labels")
     problems += _address_problems(hello.addresses, "hello.addresses")
     if problems:

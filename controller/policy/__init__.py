@@ -13,7 +13,6 @@ from controller.policy.compiler import (
     Workload,
     compile_rulesets,
     referenced_iplists,
-    ruleset_hash,
 )
 from controller.policy.errors import (
     FieldError,
@@ -47,6 +46,5 @@ __all__ = [
     "parse_selector",
     "referenced_iplists",
     "resource_to_json",
-    "ruleset_hash",
     "selector_from_labels",
 ]

@@ -64,11 +64,6 @@ def referenced_iplists(policy: Policy) -> set[str]:
     }
 
 
-def ruleset_hash(ruleset: ruleset_pb2.Ruleset) -> str:
-    """sha256 (hex) of the deterministic serialisation, as carried in PolicySnapshot.hash."""
-    return hashlib.sha256(ruleset.SerializeToString(deterministic=True)).hexdigest()
-
-
 def _short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:_HASH_CHARS]
 

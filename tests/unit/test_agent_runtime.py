@@ -17,10 +17,10 @@ from agent.state import (
     AppliedSnapshot,
     StateCorrupt,
     load_snapshot,
-    ruleset_hash,
     save_snapshot,
 )
 from bulkhead.v1 import agent_pb2, ruleset_pb2
+from bulkhead.v1.contract import ruleset_hash
 
 ENFORCE = Baseline(Mode.ENFORCE, (), (), ())
 

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1.contract import ruleset_hash
 from controller.policy.compiler import (
     Workload,
     compile_rulesets,
     referenced_iplists,
-    ruleset_hash,
 )
 from controller.policy.resources import IPList, Policy, parse_documents
 

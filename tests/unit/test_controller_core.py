@@ -208,3 +208,30 @@ def test_address_change_updates_peer_sets_not_rules(core: Controller) -> None:
     assert take(sessions["other"]) is None
     with pytest.raises(InvalidArgument, match=r"addresses\[0\]"):
         core.addresses_changed("web", ["not-an-ip"])
+
+
+def test_ack_of_an_overtaken_snapshot_triggers_a_resync(core: Controller) -> None:
+    # web enforces H0; H1 (policy) is in flight; the policy is deleted (desired H0 again)
+    # before web acks H1. The controller must not leave web on H1.
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)])
+    in_flight = take(sessions["web"])
+    assert in_flight is not None
+    core.delete("Policy", "web-db")
+    offered = take(sessions["web"])
+    assert offered is not None
+    assert offered.WhichOneof("body") == "in_sync"
+    snap = in_flight.snapshot
+    core.acknowledged("web", agent_pb2.Ack(revision=snap.revision, hash=snap.hash, ok=True))
+    resync = take(sessions["web"])
+    assert resync is not None, "web would keep the deleted policy's rules"
+    assert resync.WhichOneof("body") == "snapshot"
+    assert resync.snapshot.hash == core.agent("web").desired_hash
+
+
+def test_unusable_addresses_are_refused(core: Controller) -> None:
+    for bad in ("2001:db8::1%eth0", "0.0.0.0", "::", "224.0.0.1", "127.0.0.1", "fe80::1"):
+        with pytest.raises(InvalidArgument, match=r"hello\.addresses\[0\]"):
+            core.connect(hello("web", "web", bad))
+    with pytest.raises(InvalidArgument, match="hello.agent_id"):
+        core.connect(hello("web1\n", "web", "198.18.0.10"))
