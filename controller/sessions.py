@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from bulkhead.v1 import agent_pb2
+from controller.errors import ControllerError
 
 
 class AgentSession:
@@ -18,6 +19,8 @@ class AgentSession:
         self._pending: agent_pb2.ControllerMessage | None = None
         self._wakeup = asyncio.Event()
         self.closed = False
+        # Why the agent's side of the stream was rejected, reported when it ends.
+        self.failure: ControllerError | None = None
 
     def offer(self, message: agent_pb2.ControllerMessage) -> None:
         """Queue a message, replacing any not yet sent (latest snapshot wins)."""

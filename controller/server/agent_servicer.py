@@ -49,6 +49,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         finally:
             reader.cancel()
             self._core.disconnect(session)
+        if session.failure is not None:
+            await context.abort(status_for(session.failure), str(session.failure))
 
     async def _read(
         self, session: AgentSession, requests: AsyncIterator[agent_pb2.AgentMessage]
@@ -69,7 +71,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     log.warning("agent %s sent unexpected %s; ignored", session.agent_id, kind)
         except ControllerError as exc:
             log.warning("agent %s: %s; closing its stream", session.agent_id, exc)
+            session.failure = exc
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
+        except Exception:
+            log.exception("agent %s: unexpected error; closing its stream", session.agent_id)
+            session.failure = ControllerError("internal error in the controller; see its log")
         finally:
             session.close()

@@ -25,7 +25,15 @@ log = logging.getLogger("bulkhead.controller")
 DEFAULT_LISTEN = "127.0.0.1:50151"
 DEFAULT_STATE_DIR = "/var/lib/bulkhead/controller"
 # Off so a second controller cannot bind the same port and silently take half the agents.
-SERVER_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 20_000)]
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # Agents ping to notice a vanished controller; accept their pings on idle streams.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 # The generated registration functions are untyped; these aliases give them types.

@@ -233,5 +233,5 @@ def test_unusable_addresses_are_refused(core: Controller) -> None:
     for bad in ("2001:db8::1%eth0", "0.0.0.0", "::", "224.0.0.1", "127.0.0.1", "fe80::1"):
         with pytest.raises(InvalidArgument, match=r"hello\.addresses\[0\]"):
             core.connect(hello("web", "web", bad))
-    with pytest.raises(InvalidArgument, match="hello.agent_id"):
+    with pytest.raises(InvalidArgument, match=r"hello\.agent_id"):
         core.connect(hello("web1\n", "web", "198.18.0.10"))

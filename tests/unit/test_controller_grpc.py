@@ -142,3 +142,30 @@ def test_second_controller_cannot_share_the_port(tmp_path: Path) -> None:
             await first.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_bad_address_update_ends_the_stream_with_the_reason(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        server, target = await start(tmp_path)
+        try:
+            async with grpc.aio.insecure_channel(target) as channel:
+                hello = agent_pb2.AgentMessage(
+                    hello=agent_pb2.Hello(agent_id="db", addresses=["198.18.0.11"])
+                )
+                bad = agent_pb2.AgentMessage(
+                    addresses=agent_pb2.AddressUpdate(addresses=["not-an-address"])
+                )
+                call = agent_pb2_grpc.AgentServiceStub(channel).Connect(messages(hello, bad))
+
+                async def read_until_error() -> None:
+                    while True:
+                        await asyncio.wait_for(call.read(), 5)
+
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await read_until_error()
+                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "addresses[0]" in (raised.value.details() or "")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(scenario())
