@@ -18,7 +18,8 @@ def discover_addresses() -> list[str]:
     found: set[str] = set()
     with IPRoute() as ipr:
         for message in ipr.get_addr():
-            text = message.get_attr("IFA_ADDRESS")
+            # On point-to-point links IFA_ADDRESS is the far end; IFA_LOCAL is ours.
+            text = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
             if text and _reportable(text):
                 found.add(str(ipaddress.ip_address(text)))
     return sorted(found, key=lambda a: (ipaddress.ip_address(a).version, a))

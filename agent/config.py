@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from pathlib import Path
 from typing import Literal
@@ -12,10 +11,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.dataplane.baseline import Mode, PortSpec, parse_port_spec
+from bulkhead.v1.contract import (
+    AGENT_ID_RULE,
+    LABEL_KEY_RULE,
+    LABEL_VALUE_RULE,
+    is_valid_agent_id,
+    is_valid_label_key,
+    is_valid_label_value,
+)
 
 DEFAULT_CONFIG = Path("/etc/bulkhead/agent.yaml")
 DEFAULT_STATE_DIR = Path("/var/lib/bulkhead/agent")
-_AGENT_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 
 class ConfigError(Exception):
@@ -54,17 +60,25 @@ class AgentConfig(BaseModel):
     failsafe: FailsafeConfig = Field(default_factory=FailsafeConfig)
     state_dir: Path = DEFAULT_STATE_DIR
     dataplane: Literal["nftables"] = "nftables"
-    heartbeat_interval: float = Field(default=5.0, gt=0)
-    address_poll_interval: float = Field(default=2.0, gt=0)
+    heartbeat_interval: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    address_poll_interval: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
 
     @field_validator("agent_id")
     @classmethod
     def _agent_id(cls, value: str) -> str:
-        if not _AGENT_ID.match(value):
-            raise ValueError(
-                "must be 1-63 lowercase letters, digits, '.', '_' or '-', "
-                "starting and ending with a letter or digit"
-            )
+        if not is_valid_agent_id(value):
+            raise ValueError(f"must be {AGENT_ID_RULE}")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        # The controller would refuse every hello carrying these: say so here, once.
+        for key, label in value.items():
+            if not is_valid_label_key(key):
+                raise ValueError(f"{key!r}: label keys are {LABEL_KEY_RULE}")
+            if not is_valid_label_value(label):
+                raise ValueError(f"{key}: {label!r}: label values are {LABEL_VALUE_RULE}")
         return value
 
     @field_validator("controller")
@@ -75,14 +89,30 @@ class AgentConfig(BaseModel):
 
 
 def split_host_port(text: str) -> tuple[str, int]:
-    """'198.18.0.1:50151', '[2001:db8::1]:50151' or 'ctl.example:50151' -> (host, port)."""
+    """'198.18.0.1:50151' or '[2001:db8::1]:50151' -> (address, port).
+
+    Only IP literals: under default-deny the DNS lookups a name needs would be blocked
+    (and a name that resolves elsewhere later would not match the baseline's rule).
+    """
     host, sep, port_text = text.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"'{text}' is not HOST:PORT (IPv6 as [ADDR]:PORT)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    return host, int(port_text)
+        raise ValueError(f"{text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        if bracketed:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(
+                host[1:-1]
+            )
+        elif ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, [ADDRESS]:PORT")
+        else:
+            address = ipaddress.IPv4Address(host)
+    except ipaddress.AddressValueError as exc:
+        raise ValueError(
+            f"{host!r} is not an IP address; the agent dials its controller by address, "
+            "since default-deny would block the DNS lookups a name needs"
+        ) from exc
+    return str(address), int(port_text)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -90,6 +120,8 @@ def load_config(path: Path) -> AgentConfig:
         raw = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent.dataplane.backend import Backend, DataplaneError
+from agent.dataplane.backend import Backend, DataplaneError, RulesetError
 from agent.dataplane.baseline import Baseline, Mode
 from agent.dataplane.conntrack import cut_disallowed
 from agent.state import (
@@ -60,13 +60,21 @@ class Enforcer:
                 return
             log.error("%s; no rules in the kernel, enforcing the baseline alone", exc)
             saved = None
-        if saved is None:
-            self._backend.apply(ruleset_pb2.Ruleset(), self._baseline)
-            log.info("no saved policy: enforcing the baseline (%s mode)", self._baseline.mode.value)
-            return
-        self._backend.apply(saved.ruleset, self._baseline)
-        self.current = saved
-        log.info("re-applied saved policy revision %d", saved.revision)
+        if saved is not None:
+            try:
+                self._backend.apply(saved.ruleset, self._baseline)
+            except RulesetError as exc:
+                # E.g. stricter checks after an upgrade: the controller will resend it.
+                if self._backend.is_present():
+                    log.error("saved policy refused (%s); keeping the rules in the kernel", exc)
+                    return
+                log.error("saved policy refused (%s); enforcing the baseline alone", exc)
+            else:
+                self.current = saved
+                log.info("re-applied saved policy revision %d", saved.revision)
+                return
+        self._backend.apply(ruleset_pb2.Ruleset(), self._baseline)
+        log.info("no saved policy: enforcing the baseline (%s mode)", self._baseline.mode.value)
 
     def apply(
         self, snapshot: agent_pb2.PolicySnapshot, local_addresses: Sequence[str]
@@ -76,8 +84,6 @@ class Enforcer:
         if digest != snapshot.hash:
             return self._failed(snapshot, f"snapshot hash mismatch (got {digest[:12]})")
         if digest == self.applied_hash and self._backend.is_present():
-            self.current = AppliedSnapshot(snapshot.revision, digest, snapshot.ruleset)
-            save_snapshot(self._state_dir, self.current)
             return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
         try:
             self._backend.apply(snapshot.ruleset, self._baseline)
@@ -85,11 +91,19 @@ class Enforcer:
             return self._failed(snapshot, str(exc))
         self.current = AppliedSnapshot(snapshot.revision, digest, snapshot.ruleset)
         # Persisted only after the kernel accepted it: the file never runs ahead of reality.
-        save_snapshot(self._state_dir, self.current)
+        try:
+            save_snapshot(self._state_dir, self.current)
+        except OSError as exc:
+            return self._failed(snapshot, f"applied but not saved to {self._state_dir}: {exc}")
         if self._baseline.mode is Mode.ENFORCE:
-            cut = self._cut_flows(snapshot.ruleset, self._baseline, local_addresses)
-            if cut:
-                log.info("cut %d connection(s) no longer allowed", cut)
+            try:
+                cut = self._cut_flows(snapshot.ruleset, self._baseline, local_addresses)
+            except Exception:
+                # The new rules are in force for new connections either way.
+                log.exception("could not cut connections the new policy no longer allows")
+            else:
+                if cut:
+                    log.info("cut %d connection(s) no longer allowed", cut)
         log.info("applied revision %d (%s)", snapshot.revision, digest[:12])
         return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
 

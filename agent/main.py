@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -63,17 +62,12 @@ def _refuse_outside_netns() -> None:
 
 
 def build_baseline(config: AgentConfig) -> Baseline:
-    host, port = split_host_port(config.controller)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise AgentStartError(f"controller: cannot resolve '{host}' ({exc.strerror})") from exc
-    endpoints = sorted({Endpoint(str(info[4][0]), port) for info in infos}, key=lambda e: e.address)
+    address, port = split_host_port(config.controller)
     return Baseline(
         mode=config.mode,
         failsafe_inbound=config.failsafe.inbound_specs(),
         failsafe_outbound=config.failsafe.outbound_specs(),
-        controllers=tuple(endpoints),
+        controllers=(Endpoint(address, port),),
     )
 
 
@@ -120,8 +114,11 @@ async def run_agent(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
     # Rules stay in the kernel: stopping the agent must never open the host.
+    if task.done():
+        raise AgentStartError(f"the controller link stopped: {task.exception()!r}")
     log.info("stopping; the last policy stays enforced")
     task.cancel()
 
@@ -145,7 +142,12 @@ def _fail(message: str) -> None:
     default=DEFAULT_CONFIG,
     show_default=True,
 )
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
 @click.pass_context
 def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
     """Run the Bulkhead agent (or one of the commands below)."""
@@ -173,12 +175,12 @@ def render_cmd(config_path: Path, snapshot_dir: Path | None) -> None:
     try:
         config = load_config(config_path)
         saved = load_snapshot(snapshot_dir or config.state_dir)
-        baseline = build_baseline(config)
-    except (ConfigError, StateCorrupt, AgentStartError) as exc:
+        ruleset = saved.ruleset if saved else ruleset_pb2.Ruleset()
+        document = render(ruleset, build_baseline(config))
+    except (ConfigError, StateCorrupt, DataplaneError) as exc:
         _fail(str(exc))
         return
-    ruleset = saved.ruleset if saved else ruleset_pb2.Ruleset()
-    click.echo(json.dumps(render(ruleset, baseline), indent=2))
+    click.echo(json.dumps(document, indent=2))
 
 
 @main.command("uninstall-rules")

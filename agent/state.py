@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from bulkhead.v1 import ruleset_pb2
 from bulkhead.v1.contract import ruleset_hash
 
@@ -58,16 +60,18 @@ def load_snapshot(state_dir: Path) -> AppliedSnapshot | None:
     """The persisted snapshot, None if there is none; StateCorrupt if it fails its checks."""
     path = state_dir / SNAPSHOT_FILE
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        payload = json.loads(text)
-        ruleset = ruleset_pb2.Ruleset.FromString(base64.b64decode(payload["ruleset"]))
+        payload = json.loads(path.read_bytes())
+        ruleset = ruleset_pb2.Ruleset.FromString(
+            base64.b64decode(payload["ruleset"], validate=True)
+        )
         revision = int(payload["revision"])
         expected = str(payload["hash"])
-    except (ValueError, KeyError, TypeError) as exc:
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, DecodeError) as exc:
         raise StateCorrupt(f"{path}: unreadable ({exc})") from exc
+    if not 0 <= revision < 2**64:
+        raise StateCorrupt(f"{path}: revision {revision} is out of range")
     if ruleset_hash(ruleset) != expected:
         raise StateCorrupt(f"{path}: content does not match its hash (truncated or edited?)")
     return AppliedSnapshot(revision=revision, hash=expected, ruleset=ruleset)

@@ -7,11 +7,9 @@ import json
 import re
 from collections.abc import Mapping
 
+from bulkhead.v1.contract import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, MAX_LABEL_KEY_LENGTH
 from controller.policy.errors import FieldProblem
 
-LABEL_KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-/]*"
-LABEL_VALUE_PATTERN = r"[A-Za-z0-9._-]{0,63}"
-MAX_LABEL_KEY_LENGTH = 63
 MAX_NAME_LENGTH = 63
 # In a peer mapping these keys select how the peer is given; they are never label keys.
 RESERVED_PEER_KEYS = frozenset({"selector", "iplist", "cidr"})

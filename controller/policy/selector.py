@@ -23,8 +23,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from bulkhead.v1.contract import LABEL_KEY_PATTERN, MAX_LABEL_KEY_LENGTH
 from controller.policy.errors import SelectorError
-from controller.policy.names import LABEL_KEY_PATTERN, MAX_LABEL_KEY_LENGTH, label_value_problem
+from controller.policy.names import label_value_problem
 
 
 class Selector(ABC):

@@ -51,8 +51,11 @@ class StartupError(Exception):
 
 def _lock_state_dir(state_dir: Path) -> int:
     """Hold an exclusive lock so two controllers never share one database."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(state_dir / "controller.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(state_dir / "controller.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StartupError(f"state dir {state_dir}: {exc.strerror}") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
@@ -67,7 +70,10 @@ async def serve(listen: str, state_dir: Path) -> None:
         store = SqliteStore(state_dir / "controller.db")
     except StoreCorrupt as exc:
         raise StartupError(str(exc)) from exc
-    core = Controller(store)
+    try:
+        core = Controller(store)
+    except RuntimeError as exc:  # stored resources that no longer validate
+        raise StartupError(str(exc)) from exc
     server = grpc.aio.server(options=SERVER_OPTIONS)
     _add_agent_service(AgentServicer(core), server)
     _add_admin_service(AdminServicer(core), server)
@@ -98,7 +104,12 @@ async def serve(listen: str, state_dir: Path) -> None:
     show_default=True,
     help="Where the SQLite store lives.",
 )
-@click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+)
 def main(listen: str, state_dir: Path, log_level: str) -> None:
     """Run the Bulkhead controller."""
     logging.basicConfig(

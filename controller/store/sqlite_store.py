@@ -106,9 +106,9 @@ class StoreCorrupt(Exception):
 
 class SqliteStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
         try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -123,7 +123,7 @@ class SqliteStore:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row["value"]) != SCHEMA_VERSION:
+        elif row["value"] != str(SCHEMA_VERSION):
             raise StoreCorrupt(
                 f"schema version {row['value']} (this controller reads {SCHEMA_VERSION})"
             )
@@ -166,13 +166,6 @@ class SqliteStore:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (revision, now_ms(), kind, name, action, document),
         )
-
-    def revision_history(self, limit: int = 100) -> list[tuple[int, str, str, str]]:
-        rows = self._db.execute(
-            "SELECT revision, kind, name, action FROM revisions ORDER BY id DESC LIMIT ?",
-            (limit,),
-        ).fetchall()
-        return [(r["revision"], r["kind"], r["name"], r["action"]) for r in rows]
 
     # -- resources ----------------------------------------------------------------
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from agent.config import ConfigError, load_config, split_host_port
-from agent.dataplane.backend import DataplaneError
+from agent.dataplane.backend import DataplaneError, RulesetError
 from agent.dataplane.baseline import Baseline, Mode
 from agent.enforcer import Enforcer
-from agent.link import Backoff
+from agent.link import Backoff, ControllerLink, ResyncNeeded
 from agent.state import (
     SNAPSHOT_FILE,
     AppliedSnapshot,
@@ -101,11 +102,28 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
 
 
-def test_split_host_port() -> None:
+def test_controller_address_must_be_an_ip_literal() -> None:
     assert split_host_port("[2001:db8::1]:50151") == ("2001:db8::1", 50151)
-    assert split_host_port("ctl.example:7") == ("ctl.example", 7)
-    with pytest.raises(ValueError, match="HOST:PORT"):
+    assert split_host_port("198.18.0.1:7") == ("198.18.0.1", 7)
+    with pytest.raises(ValueError, match="ADDRESS:PORT"):
         split_host_port("198.18.0.1")
+    with pytest.raises(ValueError, match="DNS lookups"):
+        split_host_port("ctl.example:7")
+    with pytest.raises(ValueError, match="in brackets"):
+        split_host_port("2001:db8::1:50151")
+
+
+def test_config_refuses_labels_the_controller_would_refuse(tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text("agent_id: web\ncontroller: 198.18.0.1:1\nlabels: {'bad key!': x}\n")
+    with pytest.raises(ConfigError, match=r"labels: .*label keys are"):
+        load_config(path)
+    path.write_bytes(b"agent_id: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    path.write_text("agent_id: web\ncontroller: 198.18.0.1:1\nheartbeat_interval: .inf\n")
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        load_config(path)
 
 
 # -- state ---------------------------------------------------------------------------
@@ -201,3 +219,47 @@ def test_backoff_is_jittered_and_capped() -> None:
     delays = [backoff.next_delay() for _ in range(20)]
     assert all(0.25 <= d <= 4.0 for d in delays)
     assert len({round(d, 6) for d in delays}) > 10, "delays must not be in lockstep"
+
+
+def test_failed_cut_still_acks_and_failed_save_does_not(tmp_path: Path) -> None:
+    def broken_cut(ruleset: ruleset_pb2.Ruleset, baseline: Baseline, addrs: Sequence[str]) -> int:
+        raise DataplaneError("conntrack netlink: permission denied")
+
+    enforcer = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=broken_cut)
+    assert enforcer.apply(snapshot(), []).ok, "the rules are in force; a failed cut is logged"
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    unsaved = Enforcer(RecordingBackend(), ENFORCE, blocked, cut_flows=Cuts())
+    ack = unsaved.apply(snapshot(), [])
+    assert not ack.ok
+    assert "not saved" in ack.error
+
+
+def test_saved_snapshot_refused_by_backend_keeps_kernel_rules(tmp_path: Path) -> None:
+    Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=Cuts()).apply(snapshot(), [])
+
+    class Strict(RecordingBackend):
+        def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
+            if ruleset.rules:
+                raise RulesetError("rules[0].ports[0]: newly refused")
+            super().apply(ruleset, baseline)
+
+    kept = Strict()
+    kept.loaded = sample_ruleset()
+    Enforcer(kept, ENFORCE, tmp_path).restore()
+    assert kept.loaded == sample_ruleset(), "the table in the kernel must stay"
+    empty = Strict()
+    Enforcer(empty, ENFORCE, tmp_path).restore()
+    assert empty.loaded == ruleset_pb2.Ruleset(), "with nothing loaded, the baseline is applied"
+
+
+def test_in_sync_for_a_ruleset_we_do_not_enforce_forces_a_resync(tmp_path: Path) -> None:
+    enforcer = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=Cuts())
+    link = ControllerLink(
+        "198.18.0.1:1", enforcer, agent_pb2.Hello, list,
+        heartbeat_interval=5, address_poll_interval=2,
+    )  # fmt: skip
+    message = agent_pb2.ControllerMessage(in_sync=agent_pb2.InSync(revision=3, hash="ab" * 32))
+    outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+    with pytest.raises(ResyncNeeded):
+        asyncio.run(link._handle(message, outbox))
