@@ -63,23 +63,11 @@ class FakeAdmin:
             context.abort(code, details)
         return self.responses[method]
 
-    def Apply(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("Apply", request, context)
-
-    def ListAgents(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("ListAgents", request, context)
-
-    def DescribeAgent(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("DescribeAgent", request, context)
-
-    def ListResources(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("ListResources", request, context)
-
-    def DeleteResource(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("DeleteResource", request, context)
-
-    def LabelAgent(self, request: Message, context: grpc.ServicerContext) -> Message:
-        return self._answer("LabelAgent", request, context)
+    def __getattr__(self, method: str) -> Callable[[Message, grpc.ServicerContext], Message]:
+        # Every AdminService method (Apply, ListAgents, ...) records and answers the same way.
+        if not method[:1].isupper():
+            raise AttributeError(method)
+        return lambda request, context: self._answer(method, request, context)
 
     def only_request(self, method: str) -> Any:
         assert [name for name, _ in self.requests] == [method]

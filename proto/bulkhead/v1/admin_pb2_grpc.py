@@ -64,6 +64,31 @@ class AdminServiceStub:
                 request_serializer=bulkhead_dot_v1_dot_admin__pb2.LabelAgentRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_v1_dot_admin__pb2.LabelAgentResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/bulkhead.v1.AdminService/CreateToken',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/bulkhead.v1.AdminService/ListTokens',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/bulkhead.v1.AdminService/RevokeToken',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.RevokeAgent = channel.unary_unary(
+                '/bulkhead.v1.AdminService/RevokeAgent',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentResponse.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/bulkhead.v1.AdminService/ListAudit',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -106,6 +131,37 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAgent(self, request, context):
+        """Cuts the agent's stream at once and refuses its certificates from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +194,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.LabelAgent,
                     request_deserializer=bulkhead_dot_v1_dot_admin__pb2.LabelAgentRequest.FromString,
                     response_serializer=bulkhead_dot_v1_dot_admin__pb2.LabelAgentResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'RevokeAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAgent,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentResponse.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +383,141 @@ class AdminService:
             '/bulkhead.v1.AdminService/LabelAgent',
             bulkhead_dot_v1_dot_admin__pb2.LabelAgentRequest.SerializeToString,
             bulkhead_dot_v1_dot_admin__pb2.LabelAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/CreateToken',
+            bulkhead_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/ListTokens',
+            bulkhead_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/RevokeToken',
+            bulkhead_dot_v1_dot_admin__pb2.RevokeTokenRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/RevokeAgent',
+            bulkhead_dot_v1_dot_admin__pb2.RevokeAgentRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.RevokeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/ListAudit',
+            bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class AgentServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Over mutual TLS: the agent's identity is its client certificate, never a message field.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -42,7 +43,8 @@ class AgentServiceStub:
 
 
 class AgentServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Over mutual TLS: the agent's identity is its client certificate, never a message field.
+    """
 
     def Connect(self, request_iterator, context):
         """Long-lived stream opened by the agent. The first message must be Hello.
@@ -68,7 +70,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
-    """Missing associated documentation comment in .proto file."""
+    """Over mutual TLS: the agent's identity is its client certificate, never a message field.
+    """
 
     @staticmethod
     def Connect(request_iterator,
@@ -87,6 +90,128 @@ class AgentService:
             '/bulkhead.v1.AgentService/Connect',
             bulkhead_dot_v1_dot_agent__pb2.AgentMessage.SerializeToString,
             bulkhead_dot_v1_dot_agent__pb2.ControllerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class EnrollmentServiceStub:
+    """Over server-authenticated TLS, for hosts that have no certificate yet.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetCA = channel.unary_unary(
+                '/bulkhead.v1.EnrollmentService/GetCA',
+                request_serializer=bulkhead_dot_v1_dot_agent__pb2.GetCARequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_agent__pb2.GetCAResponse.FromString,
+                _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/bulkhead.v1.EnrollmentService/Enroll',
+                request_serializer=bulkhead_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServiceServicer:
+    """Over server-authenticated TLS, for hosts that have no certificate yet.
+    """
+
+    def GetCA(self, request, context):
+        """The controller's CA certificate. Public; the agent checks it against the fingerprint
+        pinned in its token, and that the controller's TLS certificate was issued by it,
+        before it sends the token anywhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Enroll(self, request, context):
+        """Trade a one-time token and a CSR for a short-lived client certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetCA': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCA,
+                    request_deserializer=bulkhead_dot_v1_dot_agent__pb2.GetCARequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_agent__pb2.GetCAResponse.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=bulkhead_dot_v1_dot_agent__pb2.EnrollRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_agent__pb2.EnrollResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'bulkhead.v1.EnrollmentService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('bulkhead.v1.EnrollmentService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EnrollmentService:
+    """Over server-authenticated TLS, for hosts that have no certificate yet.
+    """
+
+    @staticmethod
+    def GetCA(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.EnrollmentService/GetCA',
+            bulkhead_dot_v1_dot_agent__pb2.GetCARequest.SerializeToString,
+            bulkhead_dot_v1_dot_agent__pb2.GetCAResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.EnrollmentService/Enroll',
+            bulkhead_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
+            bulkhead_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
