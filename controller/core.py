@@ -7,13 +7,15 @@ can be driven directly by tests and offline tools.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id, ruleset_hash
-from controller.errors import Conflict, InvalidArgument, NotFound
+from controller.enrollment import Enrollment
+from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
 from controller.policy import (
     IPList,
     Policy,
@@ -27,7 +29,7 @@ from controller.policy import (
 )
 from controller.policy.names import label_key_problem, label_value_problem
 from controller.sessions import AgentSession
-from controller.store.sqlite_store import AgentRecord, SqliteStore, now_ms
+from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,9 @@ class ResourceChange:
 
 
 class Controller:
-    def __init__(self, store: SqliteStore) -> None:
+    def __init__(self, store: SqliteStore, enrollment: Enrollment) -> None:
         self._store = store
+        self.enrollment = enrollment
         self._sessions: dict[str, AgentSession] = {}
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
@@ -69,7 +72,7 @@ class Controller:
     # -- operator API -------------------------------------------------------------
 
     def apply(
-        self, documents: Sequence[str], *, dry_run: bool = False
+        self, documents: Sequence[str], *, actor: str, dry_run: bool = False
     ) -> tuple[list[ResourceChange], int]:
         """Validate and store every document or none; recompile affected agents."""
         try:
@@ -100,6 +103,11 @@ class Controller:
                 self._store.record_revision(
                     revision, resource.kind, resource.metadata.name, action, text
                 )
+                self._store.add_audit(
+                    actor, f"{resource.kind.lower()}.{action}",
+                    f"{resource.kind.lower()}/{resource.metadata.name}",
+                    {"revision": revision, "document": json.loads(text)},
+                )  # fmt: skip
         for resource, _, _ in pending:
             self._cache(resource)
         log.info("applied %d resource(s) at revision %d", len(pending), revision)
@@ -119,7 +127,7 @@ class Controller:
         if problems:
             raise InvalidArgument(problems)
 
-    def delete(self, kind: str, name: str) -> int:
+    def delete(self, kind: str, name: str, *, actor: str) -> int:
         if kind not in KINDS:
             raise InvalidArgument([f"kind: '{kind}' is not one of {', '.join(KINDS)}"])
         if self._store.get_resource(kind, name) is None:
@@ -137,6 +145,9 @@ class Controller:
             revision = self._store.next_revision()
             self._store.delete_resource(kind, name)
             self._store.record_revision(revision, kind, name, "deleted", None)
+            self._store.add_audit(
+                actor, f"{kind.lower()}.deleted", f"{kind.lower()}/{name}", {"revision": revision}
+            )
         (self._policies if kind == "Policy" else self._iplists).pop(name, None)
         self._recompile()
         return revision
@@ -147,7 +158,7 @@ class Controller:
         return [(r.name, r.document, r.revision) for r in self._store.list_resources(kind)]
 
     def label(
-        self, agent_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
+        self, agent_id: str, set_labels: Mapping[str, str], remove: Sequence[str], *, actor: str
     ) -> dict[str, str]:
         agent = self._require_agent(agent_id)
         problems = _label_problems(set_labels, "labels") + [
@@ -157,11 +168,24 @@ class Controller:
             raise InvalidArgument(problems)
         for key in remove:
             agent.label_overrides[key] = None
+        before = agent.labels
         agent.label_overrides.update(set_labels)
         with self._store.transaction():
             self._store.put_agent(agent)
+            self._store.add_audit(
+                actor, "agent.labelled", f"agent/{agent_id}",
+                {"set": dict(set_labels), "removed": list(remove), "before": before,
+                 "after": agent.labels},
+            )  # fmt: skip
         self._recompile()
         return agent.labels
+
+    def audit(self, since_ms: int, limit: int) -> list[AuditRecord]:
+        return self._store.list_audit(since_ms, min(limit, 10_000))
+
+    def is_revoked(self, agent_id: str) -> bool:
+        """Certificates were issued to the agent and none of them is live any more."""
+        return self.enrollment.is_agent_revoked(agent_id)
 
     def agents(self) -> list[AgentRecord]:
         return self._store.list_agents()
@@ -180,11 +204,18 @@ class Controller:
 
     # -- agent streams ---------------------------------------------------------------
 
-    def connect(self, hello: agent_pb2.Hello) -> AgentSession:
-        """Register an agent stream; the session's first message brings it in sync."""
+    def connect(self, agent_id: str, hello: agent_pb2.Hello) -> AgentSession:
+        """Register the stream of AGENT_ID (from its verified certificate, never from the
+        hello); the session's first message brings it in sync."""
+        if hello.agent_id and hello.agent_id != agent_id:
+            log.warning(
+                "agent %s sent a hello claiming to be %r; it is treated as %s",
+                agent_id, hello.agent_id, agent_id,
+            )  # fmt: skip
+        hello.agent_id = agent_id
         _validate_hello(hello)
-        known = self._store.get_agent(hello.agent_id)
-        agent = known or AgentRecord(agent_id=hello.agent_id, first_seen_ms=now_ms())
+        known = self._store.get_agent(agent_id)
+        agent = known or AgentRecord(agent_id=agent_id, first_seen_ms=now_ms())
         before = (agent.labels, agent.addresses)
         if known is not None and known.hostname != hello.hostname:
             log.warning(
@@ -236,6 +267,16 @@ class Controller:
             # Connection state is not compiled: an agent's peers keep its addresses while it
             # is away, so a restart or a network blip causes no churn.
             log.info("agent %s disconnected", session.agent_id)
+
+    def revoke_agent(self, agent_id: str, *, actor: str) -> int:
+        """Revoke every certificate of the agent and cut its stream now."""
+        count = self.enrollment.revoke_agent(agent_id, actor=actor)
+        session = self._sessions.get(agent_id)
+        if session is not None:
+            session.failure = Unauthenticated(f"agent '{agent_id}': certificate revoked")
+            session.close()
+        log.warning("agent %s revoked by %s (%d certificate(s))", agent_id, actor, count)
+        return count
 
     def heartbeat(self, agent_id: str) -> None:
         agent = self._store.get_agent(agent_id)

@@ -27,3 +27,11 @@ class NotFound(ControllerError):
 
 class Conflict(ControllerError):
     pass
+
+
+class Unauthenticated(ControllerError):
+    pass
+
+
+class PermissionDenied(ControllerError):
+    pass

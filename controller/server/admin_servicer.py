@@ -1,32 +1,45 @@
-"""AdminService: converts protobuf to core calls and back; no logic of its own."""
+"""AdminService: authorises the operator, converts protobuf to core calls and back."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import grpc
 
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, ruleset_pb2
 from controller.core import Controller
 from controller.errors import ControllerError
+from controller.server.auth import operator_caller
 from controller.server.errors import status_for
-from controller.store.sqlite_store import AgentRecord
+from controller.store.sqlite_store import AgentRecord, AuditRecord, TokenRecord
 
 # Requests and responses vary per method; the context is only used to abort.
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, core: Controller) -> None:
         self._core = core
 
-    async def Apply(
-        self, request: admin_pb2.ApplyRequest, context: Context
-    ) -> admin_pb2.ApplyResponse:
+    async def _run(self, context: Context, action: Callable[[str], T], *, write: bool) -> T:
+        """Authorise the caller, run ACTION with its audit name, map errors to statuses."""
         try:
-            changes, revision = self._core.apply(list(request.documents), dry_run=request.dry_run)
+            actor = operator_caller(context, self._core.enrollment, write=write)
+            return action(actor)
         except ControllerError as exc:
             await context.abort(status_for(exc), str(exc))
+            raise  # unreachable: abort raises
+
+    async def Apply(self, request: admin_pb2.ApplyRequest, context: Context) -> Any:
+        changes, revision = await self._run(
+            context,
+            lambda actor: self._core.apply(
+                list(request.documents), dry_run=request.dry_run, actor=actor
+            ),
+            write=not request.dry_run,
+        )
         return admin_pb2.ApplyResponse(
             changes=[
                 admin_pb2.ResourceChange(kind=c.kind, name=c.name, action=c.action) for c in changes
@@ -34,18 +47,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             revision=revision,
         )
 
-    async def ListAgents(
-        self, request: admin_pb2.ListAgentsRequest, context: Context
-    ) -> admin_pb2.ListAgentsResponse:
-        return admin_pb2.ListAgentsResponse(agents=[self._summary(a) for a in self._core.agents()])
+    async def ListAgents(self, request: admin_pb2.ListAgentsRequest, context: Context) -> Any:
+        agents = await self._run(context, lambda _: self._core.agents(), write=False)
+        return admin_pb2.ListAgentsResponse(agents=[self._summary(a) for a in agents])
 
-    async def DescribeAgent(
-        self, request: admin_pb2.DescribeAgentRequest, context: Context
-    ) -> admin_pb2.AgentDetail:
-        try:
-            agent = self._core.agent(request.agent_id)
-        except ControllerError as exc:
-            await context.abort(status_for(exc), str(exc))
+    async def DescribeAgent(self, request: admin_pb2.DescribeAgentRequest, context: Context) -> Any:
+        agent = await self._run(context, lambda _: self._core.agent(request.agent_id), write=False)
         return admin_pb2.AgentDetail(
             summary=self._summary(agent),
             ruleset=ruleset_pb2.Ruleset.FromString(agent.desired_ruleset),
@@ -53,13 +60,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             last_error=agent.last_error,
         )
 
-    async def ListResources(
-        self, request: admin_pb2.ListResourcesRequest, context: Context
-    ) -> admin_pb2.ListResourcesResponse:
-        try:
-            rows = self._core.list_resources(request.kind)
-        except ControllerError as exc:
-            await context.abort(status_for(exc), str(exc))
+    async def ListResources(self, request: admin_pb2.ListResourcesRequest, context: Context) -> Any:
+        rows = await self._run(
+            context, lambda _: self._core.list_resources(request.kind), write=False
+        )
         return admin_pb2.ListResourcesResponse(
             resources=[
                 admin_pb2.Resource(kind=request.kind, name=name, document=doc, revision=rev)
@@ -69,23 +73,64 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def DeleteResource(
         self, request: admin_pb2.DeleteResourceRequest, context: Context
-    ) -> admin_pb2.DeleteResourceResponse:
-        try:
-            revision = self._core.delete(request.kind, request.name)
-        except ControllerError as exc:
-            await context.abort(status_for(exc), str(exc))
+    ) -> Any:
+        revision = await self._run(
+            context,
+            lambda actor: self._core.delete(request.kind, request.name, actor=actor),
+            write=True,
+        )
         return admin_pb2.DeleteResourceResponse(revision=revision)
 
-    async def LabelAgent(
-        self, request: admin_pb2.LabelAgentRequest, context: Context
-    ) -> admin_pb2.LabelAgentResponse:
-        try:
-            labels = self._core.label(request.agent_id, dict(request.set), list(request.remove))
-        except ControllerError as exc:
-            await context.abort(status_for(exc), str(exc))
+    async def LabelAgent(self, request: admin_pb2.LabelAgentRequest, context: Context) -> Any:
+        labels = await self._run(
+            context,
+            lambda actor: self._core.label(
+                request.agent_id, dict(request.set), list(request.remove), actor=actor
+            ),
+            write=True,
+        )
         return admin_pb2.LabelAgentResponse(labels=labels)
 
+    async def CreateToken(self, request: admin_pb2.CreateTokenRequest, context: Context) -> Any:
+        text, token = await self._run(
+            context,
+            lambda actor: self._core.enrollment.create_token(
+                dict(request.labels), request.ttl_seconds, request.uses, actor=actor
+            ),
+            write=True,
+        )
+        return admin_pb2.CreateTokenResponse(token=text, info=_token_info(token))
+
+    async def ListTokens(self, request: admin_pb2.ListTokensRequest, context: Context) -> Any:
+        tokens = await self._run(context, lambda _: self._core.enrollment.tokens(), write=False)
+        return admin_pb2.ListTokensResponse(tokens=[_token_info(t) for t in tokens])
+
+    async def RevokeToken(self, request: admin_pb2.RevokeTokenRequest, context: Context) -> Any:
+        await self._run(
+            context,
+            lambda actor: self._core.enrollment.revoke_token(request.token_id, actor=actor),
+            write=True,
+        )
+        return admin_pb2.RevokeTokenResponse()
+
+    async def RevokeAgent(self, request: admin_pb2.RevokeAgentRequest, context: Context) -> Any:
+        count = await self._run(
+            context,
+            lambda actor: self._core.revoke_agent(request.agent_id, actor=actor),
+            write=True,
+        )
+        return admin_pb2.RevokeAgentResponse(certificates=count)
+
+    async def ListAudit(self, request: admin_pb2.ListAuditRequest, context: Context) -> Any:
+        entries = await self._run(
+            context,
+            lambda _: self._core.audit(request.since_unix_ms, request.limit or 1000),
+            write=False,
+        )
+        return admin_pb2.ListAuditResponse(entries=[_audit_entry(e) for e in entries])
+
     def _summary(self, agent: AgentRecord) -> admin_pb2.AgentSummary:
+        expiry = self._core.enrollment.certificate_expiry_ms(agent.agent_id)
         return admin_pb2.AgentSummary(
             agent_id=agent.agent_id,
             hostname=agent.hostname,
@@ -98,4 +143,29 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             desired_revision=agent.desired_revision,
             desired_hash=agent.desired_hash,
             last_seen_unix_ms=agent.last_seen_ms,
+            revoked=self._core.is_revoked(agent.agent_id),
+            certificate_not_after_unix_ms=expiry,
         )
+
+
+def _token_info(token: TokenRecord) -> admin_pb2.TokenInfo:
+    return admin_pb2.TokenInfo(
+        token_id=token.token_id,
+        labels=token.labels,
+        uses=token.uses,
+        used=token.used,
+        expires_unix_ms=token.expires_ms,
+        revoked=token.revoked,
+        created_by=token.created_by,
+        created_unix_ms=token.created_ms,
+    )
+
+
+def _audit_entry(entry: AuditRecord) -> admin_pb2.AuditEntry:
+    return admin_pb2.AuditEntry(
+        at_unix_ms=entry.at_ms,
+        actor=entry.actor,
+        action=entry.action,
+        target=entry.target,
+        detail=entry.detail,
+    )

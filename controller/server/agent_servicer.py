@@ -11,6 +11,7 @@ import grpc
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 from controller.core import Controller
 from controller.errors import ControllerError
+from controller.server.auth import agent_caller
 from controller.server.errors import status_for
 from controller.sessions import AgentSession
 
@@ -39,7 +40,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 f"first message must be hello, got {first.WhichOneof('body') or 'nothing'}",
             )
         try:
-            session = self._core.connect(first.hello)
+            agent_id = agent_caller(context, self._core.enrollment)
+            session = self._core.connect(agent_id, first.hello)
         except ControllerError as exc:
             await context.abort(status_for(exc), str(exc))
         reader = asyncio.create_task(self._read(session, request_iterator))
@@ -67,6 +69,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     )
                 elif kind == "ack":
                     self._core.acknowledged(session.agent_id, message.ack)
+                elif kind == "renew":
+                    pem = self._core.enrollment.renew(
+                        session.agent_id, message.renew.csr_pem.encode()
+                    )
+                    issued = agent_pb2.CertificateIssued(certificate_pem=pem.decode())
+                    session.send(agent_pb2.ControllerMessage(certificate=issued))
                 else:
                     log.warning("agent %s sent unexpected %s; ignored", session.agent_id, kind)
         except ControllerError as exc:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import grpc
 
-from controller.errors import Conflict, ControllerError, InvalidArgument, NotFound
+from controller.errors import (
+    Conflict,
+    ControllerError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 _CODES: dict[type[ControllerError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Conflict: grpc.StatusCode.FAILED_PRECONDITION,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -16,8 +17,17 @@ import grpc
 
 from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
 from controller.core import Controller
+from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
+from controller.pki import (
+    CertificateAuthority,
+    PkiError,
+    certificate_from_pem,
+    identity_from_certificate,
+    write_private_files,
+)
 from controller.server.admin_servicer import AdminServicer
 from controller.server.agent_servicer import AgentServicer
+from controller.server.enrollment_servicer import EnrollmentServicer
 from controller.store.sqlite_store import SqliteStore, StoreCorrupt
 
 log = logging.getLogger("bulkhead.controller")
@@ -39,6 +49,9 @@ SERVER_OPTIONS = [
 # The generated registration functions are untyped; these aliases give them types.
 _add_agent_service: Callable[[AgentServicer, grpc.aio.Server], None] = (
     agent_pb2_grpc.add_AgentServiceServicer_to_server
+)
+_add_enrollment_service: Callable[[EnrollmentServicer, grpc.aio.Server], None] = (
+    agent_pb2_grpc.add_EnrollmentServiceServicer_to_server
 )
 _add_admin_service: Callable[[AdminServicer, grpc.aio.Server], None] = (
     admin_pb2_grpc.add_AdminServiceServicer_to_server
@@ -64,27 +77,75 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
-async def serve(listen: str, state_dir: Path) -> None:
-    _lock_state_dir(state_dir)
+def enrollment_address(listen: str) -> str:
+    """The default enrollment address: the main one with the next port."""
+    host, _, port = listen.rpartition(":")
+    return f"{host}:{int(port) + 1}"
+
+
+def open_state(
+    state_dir: Path, *, ca_cert: Path | None, ca_key: Path | None
+) -> tuple[SqliteStore, CertificateAuthority]:
+    """The store and the CA of a state dir (the CA created on first start if not supplied)."""
     try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         store = SqliteStore(state_dir / "controller.db")
-    except StoreCorrupt as exc:
+    except (StoreCorrupt, OSError) as exc:
         raise StartupError(str(exc)) from exc
     try:
-        core = Controller(store)
+        if ca_cert is not None and ca_key is not None:
+            ca = CertificateAuthority.from_files(ca_cert, ca_key)
+        else:
+            ca = CertificateAuthority.load_or_create(state_dir / "pki")
+    except PkiError as exc:
+        raise StartupError(f"CA: {exc}") from exc
+    return store, ca
+
+
+async def serve(
+    listen: str,
+    enroll_listen: str,
+    state_dir: Path,
+    *,
+    sans: tuple[str, ...] = (),
+    ca_cert: Path | None = None,
+    ca_key: Path | None = None,
+    agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
+) -> None:
+    _lock_state_dir(state_dir)
+    store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
+    enrollment = Enrollment(store, ca, agent_cert_ttl=agent_cert_ttl)
+    try:
+        core = Controller(store, enrollment)
     except RuntimeError as exc:  # stored resources that no longer validate
         raise StartupError(str(exc)) from exc
+    # A fresh server certificate each start: nothing long-lived to steal besides the CA.
+    server_cert, server_key = ca.issue_server(sans)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     _add_agent_service(AgentServicer(core), server)
+    _add_enrollment_service(EnrollmentServicer(enrollment), server)
     _add_admin_service(AdminServicer(core), server)
-    try:
-        server.add_insecure_port(listen)
-    except RuntimeError as exc:
-        raise StartupError(
-            f"cannot listen on {listen}: address in use or not local ({exc})"
-        ) from exc
+    # The main port requires a client certificate from our CA (another CA's fails the
+    # handshake). Hosts without one can only enroll, on a second port with server-only
+    # TLS: grpcio cannot ask for an optional client certificate, so callers there are
+    # always anonymous and every method but GetCA/Enroll refuses them.
+    for address, require_client_cert in ((listen, True), (enroll_listen, False)):
+        credentials = grpc.ssl_server_credentials(
+            [(server_key, server_cert)],
+            root_certificates=ca.certificate_pem,
+            require_client_auth=require_client_cert,
+        )
+        try:
+            server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise StartupError(
+                f"cannot listen on {address}: address in use or not local ({exc})"
+            ) from exc
     await server.start()
-    log.info("listening on %s, state in %s", listen, state_dir)
+    log.info(
+        "listening on %s (mTLS) and %s (enrollment), CA %s, state in %s",
+        listen, enroll_listen, ca.fingerprint[:16], state_dir,
+    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,14 +156,45 @@ async def serve(listen: str, state_dir: Path) -> None:
     store.close()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT to serve on.")
-@click.option(
+_STATE_DIR_OPTION = click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=DEFAULT_STATE_DIR,
     show_default=True,
-    help="Where the SQLite store lives.",
+    help="Where the SQLite store and the CA live.",
+)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT for mTLS clients."
+)
+@click.option(
+    "--enroll-listen",
+    help="HOST:PORT where hosts without a certificate enroll [default: the --listen port + 1].",
+)
+@_STATE_DIR_OPTION
+@click.option(
+    "--san",
+    "sans",
+    multiple=True,
+    help="Extra IP or DNS name for the server certificate (clients verify the name "
+    "bulkhead-controller, which it always carries).",
+)
+@click.option("--ca-cert", type=click.Path(dir_okay=False, path_type=Path), help="Your own CA.")
+@click.option("--ca-key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--agent-cert-ttl",
+    type=click.IntRange(60, 90 * 24 * 3600),
+    default=int(DEFAULT_AGENT_CERT_TTL.total_seconds()),
+    show_default=True,
+    help="Lifetime of agent certificates in seconds; agents renew at two thirds.",
 )
 @click.option(
     "--log-level",
@@ -110,13 +202,74 @@ async def serve(listen: str, state_dir: Path) -> None:
     default="info",
     show_default=True,
 )
-def main(listen: str, state_dir: Path, log_level: str) -> None:
-    """Run the Bulkhead controller."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+@click.pass_context
+def main(  # noqa: PLR0917 - click passes options positionally
+    ctx: click.Context,
+    listen: str,
+    enroll_listen: str | None,
+    state_dir: Path,
+    sans: tuple[str, ...],
+    ca_cert: Path | None,
+    ca_key: Path | None,
+    agent_cert_ttl: int,
+    log_level: str,
+) -> None:
+    """Run the Bulkhead controller (or one of the commands below)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    _setup_logging(log_level)
+    if (ca_cert is None) != (ca_key is None):
+        click.echo("error: --ca-cert and --ca-key go together", err=True)
+        sys.exit(2)
     try:
-        asyncio.run(serve(listen, state_dir))
+        asyncio.run(
+            serve(
+                listen,
+                enroll_listen or enrollment_address(listen),
+                state_dir,
+                sans=sans,
+                ca_cert=ca_cert,
+                ca_key=ca_key,
+                agent_cert_ttl=timedelta(seconds=agent_cert_ttl),
+            )
+        )  # fmt: skip
     except StartupError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command("admin-cert")
+@_STATE_DIR_OPTION
+@click.option("--name", required=True, help="The operator's name, as the audit log shows it.")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), required=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for operator.crt, operator.key and ca.crt (point BULKHEAD_CREDENTIALS here).",
+)
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
+def admin_cert(state_dir: Path, name: str, role: str, out: Path, days: int) -> None:
+    """Issue an operator certificate for the `bulkhead` CLI (run on the controller host)."""
+    try:
+        store, ca = open_state(state_dir, ca_cert=None, ca_key=None)
+        cert_pem, key_pem = ca.issue_operator(name, role, timedelta(days=days))
+        certificate = certificate_from_pem(cert_pem)
+        with store.transaction():
+            store.put_certificate(
+                format(certificate.serial_number, "x"),
+                identity_from_certificate(certificate).uri,
+                int(certificate.not_valid_after_utc.timestamp() * 1000),
+            )
+            store.add_audit(
+                "local:admin-cert", "operator.certificate.issued", f"operator/{name}",
+                {"role": role, "days": days},
+            )  # fmt: skip
+        write_private_files(
+            out, {"operator.crt": cert_pem, "operator.key": key_pem, "ca.crt": ca.certificate_pem}
+        )
+    except (StartupError, PkiError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"wrote {out}/operator.crt, operator.key, ca.crt ({role} '{name}', {days} days)")
+    click.echo(f"use it with: export BULKHEAD_CREDENTIALS={out}")

@@ -45,6 +45,32 @@ CREATE TABLE IF NOT EXISTS resources (
     revision INTEGER NOT NULL,
     PRIMARY KEY (kind, name)
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id      TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    labels        TEXT NOT NULL DEFAULT '{}',
+    uses          INTEGER NOT NULL,
+    used          INTEGER NOT NULL DEFAULT 0,
+    expires_ms    INTEGER NOT NULL,
+    revoked       INTEGER NOT NULL DEFAULT 0,
+    created_by    TEXT NOT NULL,
+    created_ms    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial       TEXT PRIMARY KEY,
+    identity     TEXT NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    revoked      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS certificates_identity ON certificates(identity);
+CREATE TABLE IF NOT EXISTS audit (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms  INTEGER NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS revisions (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
     revision INTEGER NOT NULL,
@@ -90,6 +116,28 @@ class AgentRecord:
             else:
                 merged[key] = value
         return merged
+
+
+@dataclass
+class TokenRecord:
+    token_id: str
+    secret_sha256: str
+    labels: dict[str, str]
+    uses: int
+    used: int
+    expires_ms: int
+    revoked: bool
+    created_by: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    at_ms: int
+    actor: str
+    action: str
+    target: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -200,6 +248,89 @@ class SqliteStore:
         cur = self._db.execute("DELETE FROM resources WHERE kind=? AND name=?", (kind, name))
         return cur.rowcount > 0
 
+    # -- tokens, certificates, audit -----------------------------------------------------
+
+    def put_token(self, token: TokenRecord) -> None:
+        self._db.execute(
+            "INSERT INTO tokens(token_id, secret_sha256, labels, uses, used, expires_ms, revoked, "
+            "created_by, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(token_id) DO UPDATE SET used=excluded.used, revoked=excluded.revoked",
+            (
+                token.token_id,
+                token.secret_sha256,
+                _dump(token.labels),
+                token.uses,
+                token.used,
+                token.expires_ms,
+                int(token.revoked),
+                token.created_by,
+                token.created_ms,
+            ),
+        )
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        row = self._db.execute("SELECT * FROM tokens WHERE token_id=?", (token_id,)).fetchone()
+        return _token_from_row(row) if row else None
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._db.execute("SELECT * FROM tokens ORDER BY created_ms").fetchall()
+        return [_token_from_row(r) for r in rows]
+
+    def put_certificate(self, serial: str, identity: str, not_after_ms: int) -> None:
+        self._db.execute(
+            "INSERT INTO certificates(serial, identity, not_after_ms) VALUES (?, ?, ?)",
+            (serial, identity, not_after_ms),
+        )
+
+    def revoke_certificates(self, identity: str) -> int:
+        cur = self._db.execute(
+            "UPDATE certificates SET revoked=1 WHERE identity=? AND revoked=0", (identity,)
+        )
+        return cur.rowcount
+
+    def is_certificate_revoked(self, serial: str) -> bool:
+        row = self._db.execute(
+            "SELECT revoked FROM certificates WHERE serial=?", (serial,)
+        ).fetchone()
+        return bool(row and row["revoked"])
+
+    def live_certificates(self, identity: str, at_ms: int) -> list[tuple[str, int]]:
+        """(serial, not_after_ms) of IDENTITY's certificates that are unrevoked and unexpired."""
+        rows = self._db.execute(
+            "SELECT serial, not_after_ms FROM certificates "
+            "WHERE identity=? AND revoked=0 AND not_after_ms>? ORDER BY not_after_ms",
+            (identity, at_ms),
+        ).fetchall()
+        return [(r["serial"], r["not_after_ms"]) for r in rows]
+
+    def agent_revoked(self, identity: str) -> bool:
+        """IDENTITY had certificates and every one of them is revoked."""
+        row = self._db.execute(
+            "SELECT COUNT(*) AS total, SUM(revoked) AS revoked FROM certificates WHERE identity=?",
+            (identity,),
+        ).fetchone()
+        return bool(row["total"]) and row["revoked"] == row["total"]
+
+    def has_certificates(self, identity: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM certificates WHERE identity=? LIMIT 1", (identity,)
+        ).fetchone()
+        return row is not None
+
+    def add_audit(self, actor: str, action: str, target: str, detail: Mapping[str, object]) -> None:
+        self._db.execute(
+            "INSERT INTO audit(at_ms, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            (now_ms(), actor, action, target, json.dumps(detail, sort_keys=True)),
+        )
+
+    def list_audit(self, since_ms: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        rows = self._db.execute(
+            "SELECT at_ms, actor, action, target, detail FROM audit WHERE at_ms>=? "
+            "ORDER BY id DESC LIMIT ?",
+            (since_ms, limit),
+        ).fetchall()
+        return [AuditRecord(**dict(r)) for r in reversed(rows)]
+
     # -- agents -------------------------------------------------------------------
 
     def get_agent(self, agent_id: str) -> AgentRecord | None:
@@ -245,6 +376,20 @@ class SqliteStore:
 
 def _dump(value: Mapping[str, object] | Sequence[object]) -> str:
     return json.dumps(value, sort_keys=True)
+
+
+def _token_from_row(row: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(
+        token_id=row["token_id"],
+        secret_sha256=row["secret_sha256"],
+        labels=json.loads(row["labels"]),
+        uses=row["uses"],
+        used=row["used"],
+        expires_ms=row["expires_ms"],
+        revoked=bool(row["revoked"]),
+        created_by=row["created_by"],
+        created_ms=row["created_ms"],
+    )
 
 
 def _agent_from_row(row: sqlite3.Row) -> AgentRecord:

@@ -11,8 +11,9 @@ from bulkhead.v1 import agent_pb2, ruleset_pb2
 from controller.core import Controller
 from controller.errors import Conflict, InvalidArgument, NotFound
 from controller.sessions import AgentSession
-from controller.store.sqlite_store import SqliteStore
+from tests.pki_support import make_controller
 
+OPERATOR = "operator:test"
 WEB_DB = {
     "apiVersion": "bulkhead/v1",
     "kind": "Policy",
@@ -32,23 +33,26 @@ def hello(agent_id: str, app: str, address: str, **kw: object) -> agent_pb2.Hell
     )
 
 
+def for_agent(message: agent_pb2.Hello) -> tuple[str, agent_pb2.Hello]:
+    """Connect arguments as the servicer passes them: the id from the certificate."""
+    return message.agent_id, message
+
+
 def take(session: AgentSession) -> agent_pb2.ControllerMessage | None:
     """The pending message of a session without waiting (None if nothing is pending)."""
-    message = session._pending
-    session._pending = None
-    return message
+    return session.take()
 
 
 @pytest.fixture
 def core(tmp_path: Path) -> Controller:
-    return Controller(SqliteStore(tmp_path / "c.db"))
+    return make_controller(tmp_path)
 
 
 def connect_three(core: Controller) -> dict[str, AgentSession]:
     sessions = {
-        "web": core.connect(hello("web", "web", "198.18.0.10")),
-        "db": core.connect(hello("db", "db", "198.18.0.11")),
-        "other": core.connect(hello("other", "other", "198.18.0.12")),
+        "web": core.connect(*for_agent(hello("web", "web", "198.18.0.10"))),
+        "db": core.connect(*for_agent(hello("db", "db", "198.18.0.11"))),
+        "other": core.connect(*for_agent(hello("other", "other", "198.18.0.12"))),
     }
     for name, session in sessions.items():
         message = take(session)
@@ -63,7 +67,7 @@ def connect_three(core: Controller) -> dict[str, AgentSession]:
 
 def test_policy_pushes_only_to_agents_whose_ruleset_changed(core: Controller) -> None:
     sessions = connect_three(core)
-    changes, revision = core.apply([json.dumps(WEB_DB)])
+    changes, revision = core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     assert [(c.kind, c.name, c.action) for c in changes] == [("Policy", "web-db", "created")]
     assert revision > 0
     web, db, other = (take(sessions[n]) for n in ("web", "db", "other"))
@@ -79,10 +83,10 @@ def test_policy_pushes_only_to_agents_whose_ruleset_changed(core: Controller) ->
 
 def test_reapplying_same_document_is_unchanged_and_pushes_nothing(core: Controller) -> None:
     sessions = connect_three(core)
-    core.apply([json.dumps(WEB_DB)])
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     for session in sessions.values():
         take(session)
-    changes, _ = core.apply([json.dumps(WEB_DB)])
+    changes, _ = core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     assert changes[0].action == "unchanged"
     assert all(take(s) is None for s in sessions.values())
 
@@ -92,7 +96,7 @@ def test_invalid_batch_stores_nothing(core: Controller) -> None:
     bad["metadata"]["name"] = "second"
     bad["spec"]["rules"][0]["ports"] = ["tcp/99999"]
     with pytest.raises(InvalidArgument) as raised:
-        core.apply([json.dumps(WEB_DB), json.dumps(bad)])
+        core.apply([json.dumps(WEB_DB), json.dumps(bad)], actor=OPERATOR)
     assert any("ports[0]" in p for p in raised.value.problems)
     assert core.list_resources("Policy") == []
 
@@ -101,7 +105,7 @@ def test_unknown_iplist_reference_is_rejected(core: Controller) -> None:
     doc = json.loads(json.dumps(WEB_DB))
     doc["spec"]["rules"][0]["to"] = {"iplist": "office"}
     with pytest.raises(InvalidArgument, match="iplist 'office' does not exist"):
-        core.apply([json.dumps(doc)])
+        core.apply([json.dumps(doc)], actor=OPERATOR)
 
 
 def test_iplist_in_use_cannot_be_deleted(core: Controller) -> None:
@@ -113,21 +117,21 @@ def test_iplist_in_use_cannot_be_deleted(core: Controller) -> None:
     }
     doc = json.loads(json.dumps(WEB_DB))
     doc["spec"]["rules"][0]["to"] = {"iplist": "office"}
-    core.apply([json.dumps(iplist), json.dumps(doc)])
+    core.apply([json.dumps(iplist), json.dumps(doc)], actor=OPERATOR)
     with pytest.raises(Conflict, match="used by policy web-db"):
-        core.delete("IPList", "office")
-    core.delete("Policy", "web-db")
-    core.delete("IPList", "office")
+        core.delete("IPList", "office", actor=OPERATOR)
+    core.delete("Policy", "web-db", actor=OPERATOR)
+    core.delete("IPList", "office", actor=OPERATOR)
     with pytest.raises(NotFound):
-        core.delete("IPList", "office")
+        core.delete("IPList", "office", actor=OPERATOR)
 
 
 def test_relabel_moves_agent_into_policy(core: Controller) -> None:
     sessions = connect_three(core)
-    core.apply([json.dumps(WEB_DB)])
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     for session in sessions.values():
         take(session)
-    assert core.label("other", {"app": "web"}, []) == {"app": "web"}
+    assert core.label("other", {"app": "web"}, [], actor=OPERATOR) == {"app": "web"}
     other, db = take(sessions["other"]), take(sessions["db"])
     assert other is not None
     assert other.snapshot.ruleset.rules[0].direction == ruleset_pb2.DIRECTION_EGRESS
@@ -138,14 +142,14 @@ def test_relabel_moves_agent_into_policy(core: Controller) -> None:
 def test_bad_label_changes_nothing(core: Controller) -> None:
     connect_three(core)
     with pytest.raises(InvalidArgument, match=r"labels\.app: .no spaces allowed.: label values"):
-        core.label("web", {"app": "no spaces allowed"}, [])
+        core.label("web", {"app": "no spaces allowed"}, [], actor=OPERATOR)
     assert core.agent("web").labels == {"app": "web"}
 
 
 def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> None:
-    core = Controller(SqliteStore(tmp_path / "c.db"))
+    core = make_controller(tmp_path)
     sessions = connect_three(core)
-    core.apply([json.dumps(WEB_DB)])
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     applied = {}
     for name, session in sessions.items():
         message = take(session)
@@ -156,33 +160,34 @@ def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> No
         applied[agent.agent_id] = (agent.desired_revision, agent.desired_hash)
     revision_before = max(r for r, _ in applied.values())
 
-    restarted = Controller(SqliteStore(tmp_path / "c.db"))
+    restarted = make_controller(tmp_path)
     assert [name for name, _, _ in restarted.list_resources("Policy")] == ["web-db"]
     rev, digest = applied["db"]
     session = restarted.connect(
-        hello("db", "db", "198.18.0.11", applied_revision=rev, applied_hash=digest)
+        "db", hello("db", "db", "198.18.0.11", applied_revision=rev, applied_hash=digest)
     )
     message = take(session)
     assert message is not None
     assert message.WhichOneof("body") == "in_sync"
     assert message.in_sync.revision == rev
-    _, revision_after = restarted.apply([json.dumps({**WEB_DB, "metadata": {"name": "x"}})])
+    _, revision_after = restarted.apply(
+        [json.dumps({**WEB_DB, "metadata": {"name": "x"}})], actor=OPERATOR
+    )
     assert revision_after > revision_before, "revisions must keep growing across restarts"
 
 
 def test_invalid_hello_names_the_fields(core: Controller) -> None:
     bad = agent_pb2.Hello(agent_id="Bad Id", addresses=["300.1.1.1"], labels={"k": "v v"})
     with pytest.raises(InvalidArgument) as raised:
-        core.connect(bad)
+        core.connect("bad-id-from-cert", bad)
     text = str(raised.value)
-    assert "hello.agent_id" in text
     assert "hello.addresses[0]" in text
     assert "hello.labels.k" in text
 
 
 def test_new_stream_for_same_agent_closes_the_old(core: Controller) -> None:
-    first = core.connect(hello("web", "web", "198.18.0.10"))
-    second = core.connect(hello("web", "web", "198.18.0.10"))
+    first = core.connect(*for_agent(hello("web", "web", "198.18.0.10")))
+    second = core.connect(*for_agent(hello("web", "web", "198.18.0.10")))
     assert first.closed
     assert not second.closed
     core.disconnect(first)  # a late disconnect of the old stream must not drop the new one
@@ -191,7 +196,7 @@ def test_new_stream_for_same_agent_closes_the_old(core: Controller) -> None:
 
 def test_address_change_updates_peer_sets_not_rules(core: Controller) -> None:
     sessions = connect_three(core)
-    core.apply([json.dumps(WEB_DB)])
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     before = take(sessions["db"])
     take(sessions["web"])
     assert before is not None
@@ -214,10 +219,10 @@ def test_ack_of_an_overtaken_snapshot_triggers_a_resync(core: Controller) -> Non
     # web enforces H0; H1 (policy) is in flight; the policy is deleted (desired H0 again)
     # before web acks H1. The controller must not leave web on H1.
     sessions = connect_three(core)
-    core.apply([json.dumps(WEB_DB)])
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     in_flight = take(sessions["web"])
     assert in_flight is not None
-    core.delete("Policy", "web-db")
+    core.delete("Policy", "web-db", actor=OPERATOR)
     offered = take(sessions["web"])
     assert offered is not None
     assert offered.WhichOneof("body") == "in_sync"
@@ -232,6 +237,40 @@ def test_ack_of_an_overtaken_snapshot_triggers_a_resync(core: Controller) -> Non
 def test_unusable_addresses_are_refused(core: Controller) -> None:
     for bad in ("2001:db8::1%eth0", "0.0.0.0", "::", "224.0.0.1", "127.0.0.1", "fe80::1"):
         with pytest.raises(InvalidArgument, match=r"hello\.addresses\[0\]"):
-            core.connect(hello("web", "web", bad))
-    with pytest.raises(InvalidArgument, match=r"hello\.agent_id"):
-        core.connect(hello("web1\n", "web", "198.18.0.10"))
+            core.connect(*for_agent(hello("web", "web", bad)))
+
+
+def test_identity_comes_from_the_certificate_not_the_hello(core: Controller) -> None:
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
+    take(sessions["db"])
+    # "other" claims to be db in its hello: it stays other and gets other's (empty) ruleset.
+    impostor = core.connect("other", hello("db", "other", "198.18.0.12"))
+    message = take(impostor)
+    assert message is not None
+    assert core.is_connected("db"), "db's own stream must be left alone"
+    assert take(sessions["db"]) is None, "db must not be disturbed"
+    rules = [] if message.WhichOneof("body") == "in_sync" else message.snapshot.ruleset.rules
+    assert all(r.direction != ruleset_pb2.DIRECTION_INGRESS for r in rules)
+
+
+def test_changes_are_audited_with_the_operator(core: Controller) -> None:
+    connect_three(core)
+    core.apply([json.dumps(WEB_DB)], actor="operator:alice")
+    core.label("other", {"app": "web"}, [], actor="operator:bob")
+    core.delete("Policy", "web-db", actor="operator:alice")
+    entries = [(e.actor, e.action, e.target) for e in core.audit(0, 100)]
+    assert entries == [
+        ("operator:alice", "policy.created", "policy/web-db"),
+        ("operator:bob", "agent.labelled", "agent/other"),
+        ("operator:alice", "policy.deleted", "policy/web-db"),
+    ]
+
+
+def test_token_labels_win_over_labels_the_host_reports(core: Controller, tmp_path: Path) -> None:
+    from agent.identity import generate_key, make_csr
+
+    text, _ = core.enrollment.create_token({"app": "web"}, 3600, 1, actor=OPERATOR)
+    core.enrollment.enroll(text, "newhost", make_csr(generate_key(), "newhost"), "newhost")
+    core.connect("newhost", hello("newhost", "db", "198.18.0.20"))
+    assert core.agent("newhost").labels == {"app": "web"}

@@ -1,0 +1,190 @@
+"""Enrollment tokens, agent certificates and their revocation.
+
+A token is shown once; the store keeps only the sha256 of its secret. Enrollment is one
+transaction: the token use, the issued certificate's record, the agent's token labels and
+the audit entry commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Mapping
+from datetime import timedelta
+
+from cryptography import x509
+
+from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
+from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
+from controller.pki import AGENT_URI_PREFIX, CertificateAuthority, PkiError, cert_pem
+from controller.pki.tokens import new_token, parse_token, secret_digest
+from controller.policy.names import label_key_problem, label_value_problem
+from controller.store.sqlite_store import AgentRecord, SqliteStore, TokenRecord, now_ms
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT_CERT_TTL = timedelta(hours=24)
+MAX_TOKEN_TTL_S = 30 * 24 * 3600
+MAX_TOKEN_USES = 10_000
+
+
+def agent_identity(agent_id: str) -> str:
+    return AGENT_URI_PREFIX + agent_id
+
+
+class Enrollment:
+    def __init__(
+        self,
+        store: SqliteStore,
+        ca: CertificateAuthority,
+        *,
+        agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
+    ) -> None:
+        self._store = store
+        self._ca = ca
+        self._agent_cert_ttl = agent_cert_ttl
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca.certificate_pem
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def create_token(
+        self, labels: Mapping[str, str], ttl_seconds: int, uses: int, *, actor: str
+    ) -> tuple[str, TokenRecord]:
+        problems = []
+        if not 0 < ttl_seconds <= MAX_TOKEN_TTL_S:
+            problems.append(f"ttl: {ttl_seconds} s must be above 0 and at most 30 days")
+        if not 0 < uses <= MAX_TOKEN_USES:
+            problems.append(f"uses: {uses} must be between 1 and {MAX_TOKEN_USES}")
+        for key, value in labels.items():
+            if problem := label_key_problem(key):
+                problems.append(f"labels: {problem}")
+            elif problem := label_value_problem(value):
+                problems.append(f"labels.{key}: {problem}")
+        if problems:
+            raise InvalidArgument(problems)
+        text, token_id, digest = new_token(self._ca.fingerprint)
+        created = now_ms()
+        record = TokenRecord(
+            token_id=token_id,
+            secret_sha256=digest,
+            labels=dict(labels),
+            uses=uses,
+            used=0,
+            expires_ms=created + ttl_seconds * 1000,
+            revoked=False,
+            created_by=actor,
+            created_ms=created,
+        )
+        with self._store.transaction():
+            self._store.put_token(record)
+            self._store.add_audit(
+                actor, "token.created", f"token/{token_id}",
+                {"labels": dict(labels), "uses": uses, "ttl_seconds": ttl_seconds},
+            )  # fmt: skip
+        return text, record
+
+    def tokens(self) -> list[TokenRecord]:
+        return self._store.list_tokens()
+
+    def revoke_token(self, token_id: str, *, actor: str) -> None:
+        token = self._store.get_token(token_id)
+        if token is None:
+            raise NotFound(f"token '{token_id}' does not exist")
+        token.revoked = True
+        with self._store.transaction():
+            self._store.put_token(token)
+            self._store.add_audit(actor, "token.revoked", f"token/{token_id}", {})
+
+    # -- certificates --------------------------------------------------------------------
+
+    def enroll(
+        self, token_text: str, agent_id: str, csr_pem: bytes, hostname: str
+    ) -> tuple[bytes, dict[str, str]]:
+        """Check the token, issue the agent's certificate; returns it and the token's labels."""
+        if not is_valid_agent_id(agent_id):
+            raise InvalidArgument([f"agent_id: {agent_id!r} must be {AGENT_ID_RULE}"])
+        token = self._usable_token(token_text)
+        identity = agent_identity(agent_id)
+        if self._store.live_certificates(identity, now_ms()):
+            raise Conflict(
+                f"agent id '{agent_id}' is already enrolled with a valid certificate; "
+                f"revoke it first (bulkhead agent revoke {agent_id})"
+            )
+        certificate = self._issue(csr_pem, agent_id)
+        token.used += 1
+        with self._store.transaction():
+            self._store.put_token(token)
+            self._record(certificate, identity)
+            agent = self._store.get_agent(agent_id) or AgentRecord(
+                agent_id=agent_id, hostname=hostname, first_seen_ms=now_ms()
+            )
+            # Token labels are the operator's word: they win over what the host reports.
+            agent.label_overrides.update(token.labels)
+            self._store.put_agent(agent)
+            self._store.add_audit(
+                f"agent:{agent_id}", "agent.enrolled", f"agent/{agent_id}",
+                {"token": token.token_id, "labels": token.labels, "hostname": hostname,
+                 "serial": format(certificate.serial_number, "x")},
+            )  # fmt: skip
+        log.info("agent %s enrolled with token %s", agent_id, token.token_id)
+        return cert_pem(certificate), dict(token.labels)
+
+    def renew(self, agent_id: str, csr_pem: bytes) -> bytes:
+        """A fresh certificate for an agent that holds a valid one (checked by the caller)."""
+        certificate = self._issue(csr_pem, agent_id)
+        with self._store.transaction():
+            self._record(certificate, agent_identity(agent_id))
+        log.info("renewed the certificate of agent %s", agent_id)
+        return cert_pem(certificate)
+
+    def revoke_agent(self, agent_id: str, *, actor: str) -> int:
+        identity = agent_identity(agent_id)
+        if not self._store.has_certificates(identity):
+            raise NotFound(f"agent '{agent_id}' has no certificates to revoke")
+        with self._store.transaction():
+            count = self._store.revoke_certificates(identity)
+            self._store.add_audit(
+                actor, "agent.revoked", f"agent/{agent_id}", {"certificates": count}
+            )
+        return count
+
+    def is_revoked(self, serial: int) -> bool:
+        return self._store.is_certificate_revoked(format(serial, "x"))
+
+    def is_agent_revoked(self, agent_id: str) -> bool:
+        return self._store.agent_revoked(agent_identity(agent_id))
+
+    def certificate_expiry_ms(self, agent_id: str) -> int:
+        live = self._store.live_certificates(agent_identity(agent_id), now_ms())
+        return live[-1][1] if live else 0
+
+    def _usable_token(self, token_text: str) -> TokenRecord:
+        try:
+            token_id, secret, fingerprint = parse_token(token_text)
+        except PkiError as exc:
+            raise Unauthenticated(f"token: {exc}") from exc
+        token = self._store.get_token(token_id)
+        if token is None or not hmac.compare_digest(token.secret_sha256, secret_digest(secret)):
+            raise Unauthenticated("token: not issued by this controller")
+        if fingerprint != self._ca.fingerprint:
+            raise Unauthenticated("token: pins a different CA than this controller's")
+        if token.revoked:
+            raise Unauthenticated(f"token {token_id}: revoked")
+        if token.expires_ms <= now_ms():
+            raise Unauthenticated(f"token {token_id}: expired")
+        if token.used >= token.uses:
+            raise Unauthenticated(f"token {token_id}: already used")
+        return token
+
+    def _issue(self, csr_pem: bytes, agent_id: str) -> x509.Certificate:
+        try:
+            return self._ca.issue_agent(csr_pem, agent_id, self._agent_cert_ttl)
+        except PkiError as exc:
+            raise InvalidArgument([f"csr_pem: {exc}"]) from exc
+
+    def _record(self, certificate: x509.Certificate, identity: str) -> None:
+        not_after = int(certificate.not_valid_after_utc.timestamp() * 1000)
+        self._store.put_certificate(format(certificate.serial_number, "x"), identity, not_after)
