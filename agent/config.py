@@ -54,6 +54,11 @@ class AgentConfig(BaseModel):
 
     agent_id: str
     controller: str
+    # Where hosts without a certificate enroll; default: the controller's port + 1.
+    enrollment: str | None = None
+    # One-time enrollment token, used on first start when the state dir holds no
+    # certificate (`bulkhead token create`). Not needed once enrolled.
+    token: str | None = None
     hostname: str = Field(default_factory=socket.gethostname)
     labels: dict[str, str] = Field(default_factory=dict)
     mode: Mode = Mode.ENFORCE
@@ -81,11 +86,18 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"{key}: {label!r}: label values are {LABEL_VALUE_RULE}")
         return value
 
-    @field_validator("controller")
+    @field_validator("controller", "enrollment")
     @classmethod
-    def _controller(cls, value: str) -> str:
-        split_host_port(value)
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_host_port(value)
         return value
+
+    def enrollment_address(self) -> str:
+        if self.enrollment is not None:
+            return self.enrollment
+        host, _, port = self.controller.rpartition(":")
+        return f"{host}:{int(port) + 1}"
 
 
 def split_host_port(text: str) -> tuple[str, int]:

@@ -74,6 +74,14 @@ class AgentCredentials:
     def not_after(self) -> datetime:
         return self.certificate.not_valid_after_utc
 
+    def key_matches(self) -> bool:
+        """Whether the private key belongs to the certificate."""
+        try:
+            key = _parse_key(self.key_pem, Path(KEY_FILE))
+        except IdentityError:
+            return False
+        return _spki(key.public_key()) == _spki(self.certificate.public_key())
+
     def needs_renewal(self, now: datetime) -> bool:
         """True once 2/3 of the certificate's lifetime has passed (NOW must be timezone-aware)."""
         cert = self.certificate

@@ -11,11 +11,25 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.enforcer import Enforcer
+from agent.enroll import CONTROLLER_NAME
+from agent.identity import (
+    AgentCredentials,
+    IdentityError,
+    generate_key,
+    key_pem,
+    load_credentials,
+    make_csr,
+    save_credentials,
+    verify_issued_by,
+)
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -30,6 +44,9 @@ BACKOFF_MAX_S = 30.0
 STABLE_STREAM_S = 5.0
 # Pings notice a controller that vanished without closing the connection.
 CHANNEL_OPTIONS = [
+    # The controller is verified by this name (its certificate always carries it),
+    # whatever address it is dialled at.
+    ("grpc.ssl_target_name_override", CONTROLLER_NAME),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -61,14 +78,18 @@ class ControllerLink:
     def __init__(
         self,
         target: str,
+        *,
+        agent_id: str,
+        state_dir: Path,
         enforcer: Enforcer,
         make_hello: Callable[[], agent_pb2.Hello],
         discover: Callable[[], list[str]],
-        *,
         heartbeat_interval: float,
         address_poll_interval: float,
     ) -> None:
         self._target = target
+        self._agent_id = agent_id
+        self._state_dir = state_dir
         self._enforcer = enforcer
         self._make_hello = make_hello
         self._discover = discover
@@ -76,6 +97,8 @@ class ControllerLink:
         self._address_poll_interval = address_poll_interval
         self.addresses: list[str] = []
         self._stream_up_at: float | None = None
+        # The key of a renewal in flight: the certificate that comes back must match it.
+        self._renewal_key: ec.EllipticCurvePrivateKey | None = None
 
     async def run_forever(self) -> None:
         backoff = Backoff()
@@ -105,7 +128,17 @@ class ControllerLink:
         hello = self._make_hello()
         hello.addresses[:] = self.addresses
         await outbox.put(agent_pb2.AgentMessage(hello=hello))
-        async with grpc.aio.insecure_channel(self._target, options=CHANNEL_OPTIONS) as channel:
+        # Read afresh on every connect, so a renewed certificate is used from then on.
+        credentials = load_credentials(self._state_dir)
+        if credentials is None:
+            raise IdentityError(f"no credentials in {self._state_dir}; enroll this host again")
+        self._renewal_key = None
+        channel_credentials = grpc.ssl_channel_credentials(
+            credentials.ca_pem, credentials.key_pem, credentials.cert_pem
+        )
+        async with grpc.aio.secure_channel(
+            self._target, channel_credentials, options=CHANNEL_OPTIONS
+        ) as channel:
             stub = _AGENT_STUB(channel)
             call: grpc.aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.ControllerMessage] = (
                 stub.Connect(_drain(outbox))
@@ -113,6 +146,7 @@ class ControllerLink:
             helpers = [
                 asyncio.create_task(self._heartbeats(outbox)),
                 asyncio.create_task(self._watch_addresses(outbox)),
+                asyncio.create_task(self._renewals(outbox, credentials)),
             ]
             try:
                 async for message in call:
@@ -130,6 +164,8 @@ class ControllerLink:
             addresses: Sequence[str] = list(self.addresses)
             ack = await asyncio.to_thread(self._enforcer.apply, message.snapshot, addresses)
             await outbox.put(agent_pb2.AgentMessage(ack=ack))
+        elif kind == "certificate":
+            self._store_renewed(message.certificate.certificate_pem.encode())
         elif kind == "in_sync":
             if message.in_sync.hash != self._enforcer.applied_hash:
                 raise ResyncNeeded(
@@ -139,6 +175,36 @@ class ControllerLink:
             log.info("in sync with controller at revision %d", message.in_sync.revision)
         else:
             log.warning("ignoring unknown controller message %s", kind)
+
+    async def _renewals(
+        self, outbox: asyncio.Queue[agent_pb2.AgentMessage], credentials: AgentCredentials
+    ) -> None:
+        """Ask for a fresh certificate once two thirds of the current one's life are gone."""
+        lifetime = (credentials.not_after - credentials.not_before).total_seconds()
+        check_every = max(1.0, min(60.0, lifetime / 20))
+        while True:
+            if self._renewal_key is None and credentials.needs_renewal(datetime.now(UTC)):
+                self._renewal_key = generate_key()
+                csr = make_csr(self._renewal_key, self._agent_id).decode()
+                log.info("certificate expires %s; asking for a new one", credentials.not_after)
+                renew = agent_pb2.RenewCertificate(csr_pem=csr)
+                await outbox.put(agent_pb2.AgentMessage(renew=renew))
+            await asyncio.sleep(check_every)
+
+    def _store_renewed(self, cert_pem: bytes) -> None:
+        key, self._renewal_key = self._renewal_key, None
+        current = load_credentials(self._state_dir)
+        if key is None or current is None:
+            log.warning("ignoring a certificate the agent did not ask for")
+            return
+        renewed = AgentCredentials(key_pem=key_pem(key), cert_pem=cert_pem, ca_pem=current.ca_pem)
+        if not verify_issued_by(cert_pem, current.ca_pem) or not renewed.key_matches():
+            log.error("the renewed certificate does not match our key or CA; keeping the old one")
+            return
+        save_credentials(self._state_dir, renewed)
+        log.info(
+            "certificate renewed; valid until %s (used from the next connection)", renewed.not_after
+        )
 
     async def _heartbeats(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
         while True:

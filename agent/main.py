@@ -19,7 +19,9 @@ from agent.dataplane.baseline import Baseline, Endpoint, Mode
 from agent.dataplane.libnftables import LibNftables
 from agent.dataplane.nftables import NftablesBackend, render
 from agent.enforcer import Enforcer
-from agent.link import ControllerLink
+from agent.enroll import EnrollmentError, enroll
+from agent.identity import AgentCredentials, IdentityError, load_credentials
+from agent.link import Backoff, ControllerLink
 from agent.state import StateCorrupt, load_snapshot
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 
@@ -62,13 +64,46 @@ def _refuse_outside_netns() -> None:
 
 
 def build_baseline(config: AgentConfig) -> Baseline:
-    address, port = split_host_port(config.controller)
+    endpoints = {
+        Endpoint(*split_host_port(config.controller)),
+        Endpoint(*split_host_port(config.enrollment_address())),
+    }
     return Baseline(
         mode=config.mode,
         failsafe_inbound=config.failsafe.inbound_specs(),
         failsafe_outbound=config.failsafe.outbound_specs(),
-        controllers=(Endpoint(address, port),),
+        controllers=tuple(sorted(endpoints, key=lambda e: (e.address, e.port))),
     )
+
+
+async def obtain_credentials(config: AgentConfig) -> AgentCredentials:
+    """The agent's credentials from its state dir, enrolling first if it has none."""
+    try:
+        credentials = load_credentials(config.state_dir)
+    except IdentityError as exc:
+        raise AgentStartError(f"{exc}; fix or remove them and enroll again") from exc
+    if credentials is not None:
+        return credentials
+    if config.token is None:
+        raise AgentStartError(
+            f"not enrolled: no certificate in {config.state_dir}. Create a token on the "
+            "controller (bulkhead token create) and run `bulkhead-agent enroll --token T` "
+            "or put it in the config as `token:`"
+        )
+    backoff = Backoff()
+    while True:
+        try:
+            credentials, _ = await enroll(
+                config.enrollment_address(), config.token, config.agent_id, config.hostname,
+                config.state_dir,
+            )  # fmt: skip
+            return credentials
+        except EnrollmentError as exc:
+            if not exc.retryable:
+                raise AgentStartError(f"enrollment failed: {exc}") from exc
+            delay = backoff.next_delay()
+            log.warning("enrollment: %s; retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
 
 
 def _baseline_message(config: AgentConfig) -> agent_pb2.Baseline:
@@ -87,6 +122,8 @@ async def run_agent(config: AgentConfig) -> None:
         enforcer.restore()
     except DataplaneError as exc:
         raise AgentStartError(f"cannot program nftables: {exc}") from exc
+    # After restore: the baseline lets the agent reach the enrollment port, nothing else.
+    await obtain_credentials(config)
     mode = agent_pb2.MODE_ENFORCE if config.mode is Mode.ENFORCE else agent_pb2.MODE_VISIBILITY
 
     def make_hello() -> agent_pb2.Hello:
@@ -103,9 +140,11 @@ async def run_agent(config: AgentConfig) -> None:
 
     link = ControllerLink(
         config.controller,
-        enforcer,
-        make_hello,
-        discover_addresses,
+        agent_id=config.agent_id,
+        state_dir=config.state_dir,
+        enforcer=enforcer,
+        make_hello=make_hello,
+        discover=discover_addresses,
         heartbeat_interval=config.heartbeat_interval,
         address_poll_interval=config.address_poll_interval,
     )
@@ -181,6 +220,30 @@ def render_cmd(config_path: Path, snapshot_dir: Path | None) -> None:
         _fail(str(exc))
         return
     click.echo(json.dumps(document, indent=2))
+
+
+@main.command("enroll")
+@click.option("--token", required=True, help="From `bulkhead token create` on the controller.")
+@click.option(
+    "--controller",
+    "enrollment",
+    help="The controller's enrollment ADDRESS:PORT [default: from the config].",
+)
+@click.pass_obj
+def enroll_command(config_path: Path, token: str, enrollment: str | None) -> None:
+    """Enroll this host: get a client certificate for the config's agent id."""
+    try:
+        config = load_config(config_path)
+        address = enrollment or config.enrollment_address()
+        split_host_port(address)
+        _, labels = asyncio.run(
+            enroll(address, token, config.agent_id, config.hostname, config.state_dir)
+        )
+    except (ConfigError, EnrollmentError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+    click.echo(f"enrolled as {config.agent_id}; credentials in {config.state_dir}; labels: {shown}")
 
 
 @main.command("uninstall-rules")

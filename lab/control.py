@@ -71,7 +71,7 @@ def start(directory: Path, target: str, *, wait: bool = True) -> int:
         if target == CONTROLLER:
             wait_controller(record, str(OPS_V4), CONTROLLER_PORT)
         else:
-            wait_ready(state.controller, [record])
+            wait_ready(state.controller, Path(state.credentials), [record])
     return record.pid
 
 

@@ -8,8 +8,10 @@ connected with applied_hash == desired_hash (and a desired hash at all).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +28,8 @@ from lab.procs import is_alive, log_tail, start_detached
 from lab.state import HostRecord, LabPaths, ProcessRecord, Role
 
 CONTROLLER_PORT = 50151
+# The name the controller's certificate always carries; clients verify it by this name.
+CONTROLLER_NAME = "bulkhead-controller"
 READY_TIMEOUT = 30.0
 CONTROLLER_START_TIMEOUT = 15.0
 FAILSAFE_INBOUND = ("tcp/22",)
@@ -47,9 +51,15 @@ def program(name: str) -> str:
 
 
 def agent_config(
-    host: HostRecord, *, controller: str, mode: str, dataplane: str, state_dir: Path
+    host: HostRecord,
+    *,
+    controller: str,
+    mode: str,
+    dataplane: str,
+    state_dir: Path,
+    token: str | None,
 ) -> dict[str, Any]:
-    return {
+    config: dict[str, Any] = {
         "agent_id": host.name,
         "hostname": host.name,
         "controller": controller,
@@ -59,6 +69,49 @@ def agent_config(
         "state_dir": str(state_dir),
         "dataplane": dataplane,
     }
+    if token is not None:  # first start: the agent enrolls with it
+        config["token"] = token
+    return config
+
+
+def issue_operator_credentials(paths: LabPaths) -> Path:
+    """An admin certificate for the lab (creating the controller's CA on the way)."""
+    argv = [program("bulkhead-controller"), "admin-cert",
+            "--state-dir", str(paths.controller_state),
+            "--name", "lab-admin", "--role", "admin", "--out", str(paths.operator)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise DaemonError(f"bulkhead-controller admin-cert failed: {done.stderr.strip()}")
+    return paths.operator
+
+
+def admin_channel(address: str, credentials: Path) -> grpc.Channel:
+    """A mutual-TLS channel to the controller with the lab operator's certificate."""
+    try:
+        ca, key, cert = (
+            (credentials / name).read_bytes() for name in ("ca.crt", "operator.key", "operator.crt")
+        )
+    except OSError as exc:
+        raise DaemonError(f"lab operator credentials: {exc}") from exc
+    return grpc.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(ca, key, cert),
+        options=[("grpc.ssl_target_name_override", CONTROLLER_NAME)],
+    )
+
+
+def create_token(address: str, credentials: Path, labels: Mapping[str, str]) -> str:
+    """A one-use enrollment token carrying LABELS."""
+    with admin_channel(address, credentials) as channel:
+        try:
+            reply: admin_pb2.CreateTokenResponse = _admin_stub(channel).CreateToken(
+                admin_pb2.CreateTokenRequest(labels=dict(labels), ttl_seconds=600, uses=1),
+                timeout=_RPC_TIMEOUT,
+            )
+        except grpc.RpcError as exc:
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise DaemonError(f"controller {address}: cannot create a token: {detail}") from exc
+    return reply.token
 
 
 def start_controller(paths: LabPaths, listen: str) -> ProcessRecord:
@@ -99,15 +152,25 @@ def wait_controller(record: ProcessRecord, host: str, port: int) -> None:
 
 
 def start_agent(
-    paths: LabPaths, host: HostRecord, *, controller: str, mode: str, dataplane: str
+    paths: LabPaths,
+    host: HostRecord,
+    *,
+    controller: str,
+    mode: str,
+    dataplane: str,
+    token: str | None = None,
 ) -> ProcessRecord:
     state_dir = paths.agent_dir(host.name) / "state"
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     config = agent_config(
-        host, controller=controller, mode=mode, dataplane=dataplane, state_dir=state_dir
-    )
+        host, controller=controller, mode=mode, dataplane=dataplane, state_dir=state_dir,
+        token=token,
+    )  # fmt: skip
     config_path = paths.agent_config(host.name)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # 0600: until the agent's first start it holds a live enrollment token.
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(yaml.safe_dump(config, sort_keys=False))
     argv = [ip_binary(), "netns", "exec", host.netns, program("bulkhead-agent"),
             "--config", str(config_path)]  # fmt: skip
     log = paths.agent_log(host.name)
@@ -122,9 +185,11 @@ def start_agent(
     )
 
 
-def list_agents(address: str, *, timeout: float = _RPC_TIMEOUT) -> list[admin_pb2.AgentSummary]:
+def list_agents(
+    address: str, credentials: Path, *, timeout: float = _RPC_TIMEOUT
+) -> list[admin_pb2.AgentSummary]:
     """The controller's view of the agents; DaemonError if it cannot be asked."""
-    with grpc.insecure_channel(address) as channel:
+    with admin_channel(address, credentials) as channel:
         stub = _admin_stub(channel)
         try:
             reply: admin_pb2.ListAgentsResponse = stub.ListAgents(
@@ -165,6 +230,7 @@ def readiness_problems(
 
 def wait_ready(
     address: str,
+    credentials: Path,
     agents: Sequence[ProcessRecord],
     *,
     changed_from: Mapping[str, str] | None = None,
@@ -182,7 +248,7 @@ def wait_ready(
                     f"agent {record.host} exited; its log ends with:\n" + log_tail(Path(record.log))
                 )
         try:
-            summaries = list_agents(address)
+            summaries = list_agents(address, credentials)
             problems = readiness_problems(summaries, names, changed_from)
         except DaemonError as exc:
             problems = dict.fromkeys(names, str(exc))

@@ -53,9 +53,10 @@ EXPECTATIONS = (
 )
 
 
-def apply_policy(controller: str, policy: Path) -> str:
+def apply_policy(controller: str, credentials: str, policy: Path) -> str:
     """`bulkhead --controller ADDR apply -f POLICY`; its output, or DaemonError."""
-    argv = [program("bulkhead"), "--controller", controller, "apply", "-f", str(policy)]
+    argv = [program("bulkhead"), "--controller", controller, "--credentials", credentials,
+            "apply", "-f", str(policy)]  # fmt: skip
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=_APPLY_TIMEOUT, check=False
@@ -103,12 +104,15 @@ def run_demo(directory: Path, *, policy: Path, keep: bool, console: Console) -> 
         for host, ports in DEMO_LISTENERS.items():
             add_listener(directory, host, ports, udp=False)
             say(f"listener on {host}: {', '.join(map(str, ports))}")
-        before = {a.agent_id: a.desired_hash for a in list_agents(state.controller)}
-        say(apply_policy(state.controller, policy) or f"applied {policy}")
+        credentials = Path(state.credentials)
+        listed = list_agents(state.controller, credentials)
+        before = {a.agent_id: a.desired_hash for a in listed}
+        say(apply_policy(state.controller, state.credentials, policy) or f"applied {policy}")
         agents = [p for p in state.processes if p.role == Role.AGENT]
         wait_ready(
-            state.controller, agents, changed_from={h: before.get(h, "") for h in POLICY_HOSTS}
-        )
+            state.controller, credentials, agents,
+            changed_from={h: before.get(h, "") for h in POLICY_HOSTS},
+        )  # fmt: skip
         say("all agents in sync with the new policy")
         results = run_probes(state)
         console.print(probe_table(results))

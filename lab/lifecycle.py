@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lab.daemons import (
     CONTROLLER_PORT,
+    create_token,
+    issue_operator_credentials,
     program,
     start_agent,
     start_controller,
@@ -139,20 +141,25 @@ def up(
 
 
 def _start_daemons(paths: LabPaths, state: LabState, report: Report) -> None:
+    credentials = issue_operator_credentials(paths)
+    state.credentials = str(credentials)
+    report(f"operator credentials: {credentials} (admin)")
     controller = start_controller(paths, state.controller)
     _record(paths.root, state, controller)
     report(f"controller: pid {controller.pid}, listening on {state.controller}")
     wait_controller(controller, str(OPS_V4), CONTROLLER_PORT)
     agents = []
     for host in state.hosts:
+        token = create_token(state.controller, credentials, host.labels)
         agent = start_agent(
-            paths, host, controller=state.controller, mode=state.mode, dataplane=state.dataplane
-        )
+            paths, host, controller=state.controller, mode=state.mode,
+            dataplane=state.dataplane, token=token,
+        )  # fmt: skip
         _record(paths.root, state, agent)
         agents.append(agent)
         report(f"agent {host.name}: pid {agent.pid}")
-    wait_ready(state.controller, agents)
-    report(f"all {len(agents)} agents connected and in sync")
+    wait_ready(state.controller, credentials, agents)
+    report(f"all {len(agents)} agents enrolled, connected (mTLS) and in sync")
 
 
 def _record(directory: Path, state: LabState, record: ProcessRecord) -> None:

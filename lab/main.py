@@ -29,7 +29,7 @@ from lab.lifecycle import (
 )
 from lab.probe import DEFAULT_TIMEOUT, probe_hosts
 from lab.spec import parse_host_specs, validate_host_name
-from lab.state import lab_dir, load_state
+from lab.state import LabPaths, lab_dir, load_state
 from lab.status import render_status
 
 _out = Console(highlight=False)
@@ -93,10 +93,12 @@ def down_command(all_bh: bool) -> None:
 def env_command() -> None:
     """Print shell exports for the `bulkhead` CLI: eval $(bulkhead-lab env)."""
     try:
-        controller = load_state(lab_dir()).controller
+        state = load_state(lab_dir())
+        controller, credentials = state.controller, state.credentials
     except LabError:
-        controller = CONTROLLER_ADDRESS
+        controller, credentials = CONTROLLER_ADDRESS, str(LabPaths(lab_dir()).operator)
     click.echo(f"export BULKHEAD_CONTROLLER={controller}")
+    click.echo(f"export BULKHEAD_CREDENTIALS={credentials}")
 
 
 @main.command("status")

@@ -43,6 +43,11 @@ class LabPaths:
     def controller_log(self) -> Path:
         return self.logs / "controller.log"
 
+    @property
+    def operator(self) -> Path:
+        """The lab operator's credentials (operator.crt, operator.key, ca.crt)."""
+        return self.root / "operator"
+
     def agent_dir(self, host: str) -> Path:
         return self.root / "agents" / host
 
@@ -94,6 +99,8 @@ class LabState(BaseModel):
     created_unix: float = Field(default_factory=time.time)
     daemons: bool = True
     controller: str
+    # Directory of the operator credentials the lab uses to talk to its controller.
+    credentials: str = ""
     dataplane: str
     mode: str
     hosts: list[HostRecord] = Field(default_factory=list)

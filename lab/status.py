@@ -44,7 +44,9 @@ def render_status(directory: Path, state: LabState, console: Console) -> None:
     agents: dict[str, admin_pb2.AgentSummary] = {}
     if state.daemons:
         try:
-            listed = list_agents(state.controller, timeout=_STATUS_RPC_TIMEOUT)
+            listed = list_agents(
+                state.controller, Path(state.credentials), timeout=_STATUS_RPC_TIMEOUT
+            )
             agents = {agent.agent_id: agent for agent in listed}
         except DaemonError as exc:
             console.print("[red]controller unreachable[/]:", escape(str(exc)))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -11,7 +11,10 @@ import grpc
 from google.protobuf.message import Message
 
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc
+from controller.cli.credentials import load_credentials
 from controller.cli.errors import ControllerError
+from controller.cli.rpc_errors import map_rpc_error
+from controller.pki import CONTROLLER_NAME
 
 DEFAULT_CONTROLLER = "127.0.0.1:50151"
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -26,20 +29,32 @@ _StubFactory = Callable[[grpc.Channel], Any]
 _ADMIN_STUB: _StubFactory = admin_pb2_grpc.AdminServiceStub
 
 
-def create_channel(address: str) -> grpc.Channel:
-    """Open the channel to the controller: the one place transport security will be set up."""
-    return grpc.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES)]
+def create_channel(address: str, credentials_dir: Path) -> grpc.Channel:
+    """The mutual-TLS channel to the controller; there is no plaintext mode.
+
+    The controller is verified by the name in its certificate, whatever ADDRESS is (an IP
+    literal usually): the CA in ca.crt issues that name only to the controller.
+    """
+    credentials = load_credentials(credentials_dir)
+    return grpc.secure_channel(
+        address,
+        credentials.channel_credentials(),
+        options=[
+            ("grpc.ssl_target_name_override", CONTROLLER_NAME),
+            ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+        ],
     )
 
 
 class AdminClient:
     """Typed calls of the AdminService; every failure is raised as a ControllerError."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, address: str, credentials_dir: Path, timeout: float = DEFAULT_TIMEOUT_SECONDS
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = create_channel(address)
+        self._channel = create_channel(address, credentials_dir)
         self._stub = _ADMIN_STUB(self._channel)
 
     def __enter__(self) -> AdminClient:
@@ -82,6 +97,28 @@ class AdminClient:
         request = admin_pb2.LabelAgentRequest(agent_id=agent_id, set=set_labels, remove=remove)
         return self._call("LabelAgent", request, admin_pb2.LabelAgentResponse)
 
+    def create_token(
+        self, labels: Mapping[str, str], ttl_seconds: int, uses: int
+    ) -> admin_pb2.CreateTokenResponse:
+        request = admin_pb2.CreateTokenRequest(labels=labels, ttl_seconds=ttl_seconds, uses=uses)
+        return self._call("CreateToken", request, admin_pb2.CreateTokenResponse)
+
+    def list_tokens(self) -> admin_pb2.ListTokensResponse:
+        request = admin_pb2.ListTokensRequest()
+        return self._call("ListTokens", request, admin_pb2.ListTokensResponse)
+
+    def revoke_token(self, token_id: str) -> admin_pb2.RevokeTokenResponse:
+        request = admin_pb2.RevokeTokenRequest(token_id=token_id)
+        return self._call("RevokeToken", request, admin_pb2.RevokeTokenResponse)
+
+    def revoke_agent(self, agent_id: str) -> admin_pb2.RevokeAgentResponse:
+        request = admin_pb2.RevokeAgentRequest(agent_id=agent_id)
+        return self._call("RevokeAgent", request, admin_pb2.RevokeAgentResponse)
+
+    def list_audit(self, since_unix_ms: int, limit: int) -> admin_pb2.ListAuditResponse:
+        request = admin_pb2.ListAuditRequest(since_unix_ms=since_unix_ms, limit=limit)
+        return self._call("ListAudit", request, admin_pb2.ListAuditResponse)
+
     def _call(self, method: str, request: Message, response_type: type[_Response]) -> _Response:
         try:
             response = getattr(self._stub, method)(request, timeout=self.timeout)
@@ -90,34 +127,3 @@ class AdminClient:
         if not isinstance(response, response_type):
             raise ControllerError(f"the controller answered {method} with an unexpected message")
         return response
-
-
-def map_rpc_error(exc: grpc.RpcError, address: str, timeout: float) -> ControllerError:
-    """Turn a failed call into the operator-facing error for its status code."""
-    code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if isinstance(exc, grpc.Call) else None) or ""
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            reason = f"no answer within {timeout:g}s; raise --timeout if it is busy"
-        else:
-            reason = _unavailable_reason(details)
-        return ControllerError(
-            f"cannot reach the controller at {address} ({reason}): "
-            "is bulkhead-controller running? Set --controller or BULKHEAD_CONTROLLER."
-        )
-    lines = [line.strip() for line in details.splitlines() if line.strip()]
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return ControllerError(lines or ["the controller rejected the request (no reason given)"])
-    if code == grpc.StatusCode.NOT_FOUND:
-        return ControllerError("; ".join(lines) or "not found")
-    status = code.name if code is not None else "UNKNOWN"
-    reason = "; ".join(lines) or "no details"
-    return ControllerError(f"the controller at {address} answered {status}: {reason}")
-
-
-def _unavailable_reason(details: str) -> str:
-    # gRPC's text is long ("failed to connect to all addresses; last error: UNKNOWN:
-    # ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused"): keep the cause.
-    one_line = " ".join(details.split())
-    cause = re.split(r":\s*", one_line)[-1].strip(" []")
-    return cause.lower() or "unavailable"

@@ -16,6 +16,8 @@ from controller.cli.output import (
     in_sync,
     labels_text,
     mode_text,
+    moment_text,
+    now_unix_ms,
     ports_text,
     protocol_text,
     truncated,
@@ -30,11 +32,11 @@ _IMPLICIT_BASELINE = "loopback, established/related, essential ICMP/ICMPv6"
 _ADDRESS_LIMIT = 8
 
 
-def agent_detail_view(detail: admin_pb2.AgentDetail) -> RenderableType:
+def agent_detail_view(detail: admin_pb2.AgentDetail, now_ms: int | None = None) -> RenderableType:
     """Everything the controller knows about one agent, as one printable group."""
     return Group(
         _section("Agent"),
-        _summary_grid(detail),
+        _summary_grid(detail, now_unix_ms() if now_ms is None else now_ms),
         Text(""),
         _section("Baseline (always allowed)"),
         _baseline_grid(detail.baseline),
@@ -60,9 +62,9 @@ def _key_values(rows: Sequence[tuple[str, str]]) -> Table:
     return grid
 
 
-def _summary_grid(detail: admin_pb2.AgentDetail) -> Table:
+def _summary_grid(detail: admin_pb2.AgentDetail, now_ms: int) -> Table:
     summary = detail.summary
-    connected = yes_no(summary.connected)
+    connected = "revoked" if summary.revoked else yes_no(summary.connected)
     if summary.last_seen_unix_ms > 0:
         connected += f" (last seen {unix_ms_text(summary.last_seen_unix_ms)})"
     return _key_values(
@@ -73,12 +75,23 @@ def _summary_grid(detail: admin_pb2.AgentDetail) -> Table:
             ("addresses", truncated(list(summary.addresses), _ADDRESS_LIMIT)),
             ("mode", _mode_meaning(summary.mode)),
             ("connected", connected),
+            ("certificate", _certificate_text(summary, now_ms)),
             ("applied", _revision_text(summary.applied_revision, summary.applied_hash)),
             ("desired", _revision_text(summary.desired_revision, summary.desired_hash)),
             ("in sync", _sync_text(summary)),
             ("last error", detail.last_error or "-"),
         ]
     )
+
+
+def _certificate_text(summary: admin_pb2.AgentSummary, now_ms: int) -> str:
+    if summary.revoked:
+        return "revoked: the controller refuses every certificate of this agent"
+    expiry = summary.certificate_not_after_unix_ms
+    if expiry <= 0:
+        return "none issued"
+    verb = "expires" if expiry > now_ms else "expired"
+    return f"{verb} {moment_text(expiry, now_ms)}"
 
 
 def _mode_meaning(mode: int) -> str:

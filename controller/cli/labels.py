@@ -70,3 +70,18 @@ def _check_key(arg: str, key: str) -> None:
             f"label argument {arg!r}: key {key!r} may hold only letters, digits and _ . / - "
             "and cannot start with . / -"
         )
+
+
+def parse_label_list(text: str, option: str) -> dict[str, str]:
+    """Parse `k=v,k2=v2` (the value of OPTION); raise BadInputError naming a bad item."""
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise BadInputError(f"{option} item {item!r}: expected key=value (comma separated)")
+        if item.endswith("="):
+            raise BadInputError(f"{option} item {item!r}: the value is empty")
+        key, value = _parse_assignment(item)
+        if key in labels:
+            raise BadInputError(f"{option}: label {key!r} is given twice")
+        labels[key] = value
+    return labels

@@ -8,32 +8,26 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
-from controller.cli.client import (
-    CONTROLLER_ENV,
-    DEFAULT_CONTROLLER,
-    DEFAULT_TIMEOUT_SECONDS,
-    AdminClient,
-)
+from controller.cli.access_commands import agent, audit, token
+from controller.cli.client import CONTROLLER_ENV, DEFAULT_CONTROLLER, DEFAULT_TIMEOUT_SECONDS
+from controller.cli.credentials import CREDENTIALS_ENV, DEFAULT_CREDENTIALS_DIR
 from controller.cli.describe import agent_detail_view
 from controller.cli.documents import load_documents, read_sources
 from controller.cli.errors import BadInputError
 from controller.cli.labels import parse_label_args
 from controller.cli.output import (
-    OUTPUT_FORMATS,
     OutputFormat,
-    dump_data,
     dump_documents,
     labels_text,
     make_console,
-    message_to_data,
     parse_stored_document,
 )
+from controller.cli.settings import Settings, echo_message, output_option
 from controller.cli.tables import agents_table, iplists_table, policies_table
 
 # CLI word -> the resource kind the controller stores.
@@ -45,31 +39,6 @@ _GET_TARGETS = {
     "iplists": "iplist", "iplist": "iplist",
 }  # fmt: skip
 _DEBUG_ENV = "BULKHEAD_DEBUG"
-
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The global options, shared with every command through the click context."""
-
-    controller: str
-    timeout: float
-
-    def client(self) -> AdminClient:
-        return AdminClient(self.controller, self.timeout)
-
-
-def output_option(command: _F) -> _F:
-    return click.option(
-        "-o",
-        "--output",
-        "fmt",
-        type=click.Choice(OUTPUT_FORMATS),
-        default="table",
-        show_default=True,
-        help="Output format.",
-    )(command)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,6 +52,16 @@ def output_option(command: _F) -> _F:
     help="Address (host:port) of bulkhead-controller.",
 )
 @click.option(
+    "--credentials",
+    metavar="DIR",
+    envvar=CREDENTIALS_ENV,
+    default=DEFAULT_CREDENTIALS_DIR,
+    show_default=True,
+    show_envvar=True,
+    help="Directory with operator.crt, operator.key and ca.crt "
+    "(from bulkhead-controller admin-cert --out DIR).",
+)
+@click.option(
     "--timeout",
     metavar="SECONDS",
     type=click.FloatRange(min=0, min_open=True),
@@ -91,11 +70,15 @@ def output_option(command: _F) -> _F:
     help="How long to wait for each answer of the controller.",
 )
 @click.pass_context
-def cli(ctx: click.Context, controller: str, timeout: float) -> None:
-    """Operate Bulkhead: apply policies, inspect agents and their rules."""
+def cli(ctx: click.Context, controller: str, credentials: str, timeout: float) -> None:
+    """Operate Bulkhead: apply policies, inspect agents and their rules, enroll and revoke."""
     if not controller.strip():
         raise BadInputError("--controller is empty: give host:port of bulkhead-controller")
-    ctx.obj = Settings(controller=controller.strip(), timeout=timeout)
+    if not credentials.strip():
+        raise BadInputError("--credentials is empty: give the directory of operator.crt")
+    ctx.obj = Settings(
+        controller=controller.strip(), credentials=Path(credentials.strip()), timeout=timeout
+    )
 
 
 @cli.command()
@@ -117,7 +100,7 @@ def apply(settings: Settings, filenames: Sequence[str], dry_run: bool, fmt: Outp
     with settings.client() as client:
         response = client.apply(documents, dry_run=dry_run)
     if fmt != "table":
-        click.echo(dump_data(message_to_data(response), fmt), nl=False)
+        echo_message(response, fmt)
         return
     suffix = " (dry run)" if dry_run else ""
     for change in response.changes:
@@ -147,7 +130,7 @@ def _get_agents(settings: Settings, fmt: OutputFormat) -> None:
     with settings.client() as client:
         response = client.list_agents()
     if fmt != "table":
-        click.echo(dump_data(message_to_data(response), fmt), nl=False)
+        echo_message(response, fmt)
     elif not response.agents:
         click.echo("No agents.")
     else:
@@ -183,7 +166,7 @@ def describe_agent(settings: Settings, agent_id: str, fmt: OutputFormat) -> None
     with settings.client() as client:
         detail = client.describe_agent(agent_id)
     if fmt != "table":
-        click.echo(dump_data(message_to_data(detail), fmt), nl=False)
+        echo_message(detail, fmt)
     else:
         make_console().print(agent_detail_view(detail))
 
@@ -227,6 +210,10 @@ def label_agent(settings: Settings, agent_id: str, changes: Sequence[str]) -> No
     with settings.client() as client:
         response = client.label_agent(agent_id, parsed.set, parsed.remove)
     click.echo(f"agent/{agent_id} labelled: {labels_text(response.labels)}")
+
+
+for _command in (token, agent, audit):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, get_args
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from bulkhead.v1 import admin_pb2, agent_pb2, ruleset_pb2
+from controller.cli.durations import span_text
 from controller.cli.errors import ControllerError
 
 OutputFormat = Literal["table", "json", "yaml"]
@@ -167,3 +169,21 @@ def unix_ms_text(unix_ms: int) -> str:
     except (OverflowError, OSError, ValueError):
         return f"{unix_ms} ms since 1970"
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def relative_text(unix_ms: int, now_ms: int) -> str:
+    """`in 59m` or `3h ago`."""
+    # Rounded, so that a token created for 2d reads `in 2d`, not `in 1d23h`.
+    seconds = round((unix_ms - now_ms) / 1000)
+    return f"in {span_text(seconds)}" if seconds >= 0 else f"{span_text(-seconds)} ago"
+
+
+def moment_text(unix_ms: int, now_ms: int) -> str:
+    """`in 59m (2025-01-02 03:04:05 UTC)`: how far off, and when exactly."""
+    if unix_ms <= 0:
+        return "never"
+    return f"{relative_text(unix_ms, now_ms)} ({unix_ms_text(unix_ms)})"
+
+
+def now_unix_ms() -> int:
+    return time.time_ns() // 1_000_000

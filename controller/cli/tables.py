@@ -1,7 +1,8 @@
-"""Rich tables for `bulkhead get`: agents, policies and IP lists."""
+"""Rich tables: agents, policies and IP lists (`get`), enrollment tokens and audit entries."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +14,16 @@ from controller.cli.output import (
     cell,
     labels_text,
     mode_text,
+    moment_text,
     parse_stored_document,
     revisions_text,
     truncated,
+    unix_ms_text,
     yes_no,
 )
+
+# Audit details longer than this are cut in the table (never in json/yaml).
+AUDIT_DETAIL_LIMIT = 80
 
 
 def plain_table(*headers: str, caption: str | None = None) -> Table:
@@ -49,7 +55,7 @@ def agents_table(agents: Sequence[admin_pb2.AgentSummary]) -> Table:
             cell(labels_text(agent.labels)),
             cell(truncated(list(agent.addresses))),
             cell(mode_text(agent.mode)),
-            cell(yes_no(agent.connected)),
+            cell("revoked" if agent.revoked else yes_no(agent.connected)),
             cell(revisions_text(agent)),
         )
     return table
@@ -82,6 +88,60 @@ def iplists_table(resources: Sequence[admin_pb2.Resource]) -> Table:
             cell(resource.revision),
         )
     return table
+
+
+def token_state(token: admin_pb2.TokenInfo, now_ms: int) -> str:
+    """active, used (every use taken), expired or revoked; revoked wins, then used."""
+    if token.revoked:
+        return "revoked"
+    if token.used >= token.uses:
+        return "used"
+    if token.expires_unix_ms <= now_ms:
+        return "expired"
+    return "active"
+
+
+def tokens_table(tokens: Sequence[admin_pb2.TokenInfo], now_ms: int) -> Table:
+    table = plain_table("ID", "LABELS", "USED/USES", "EXPIRES", "STATE", "CREATED BY")
+    for token in sorted(tokens, key=lambda token: (token.created_unix_ms, token.token_id)):
+        table.add_row(
+            cell(token.token_id),
+            cell(labels_text(token.labels)),
+            cell(f"{token.used}/{token.uses}"),
+            cell(moment_text(token.expires_unix_ms, now_ms)),
+            cell(token_state(token, now_ms)),
+            cell(token.created_by or "-"),
+        )
+    return table
+
+
+def audit_table(entries: Sequence[admin_pb2.AuditEntry]) -> Table:
+    """Entries in the controller's order; the time column is UTC like every other time."""
+    table = plain_table("TIME (UTC)", "ACTOR", "ACTION", "TARGET", "DETAIL")
+    for entry in entries:
+        table.add_row(
+            cell(unix_ms_text(entry.at_unix_ms).removesuffix(" UTC")),
+            cell(entry.actor or "-"),
+            cell(entry.action or "-"),
+            cell(entry.target or "-"),
+            cell(_cut(compact_json(entry.detail), AUDIT_DETAIL_LIMIT)),
+        )
+    return table
+
+
+def compact_json(text: str) -> str:
+    """JSON text on one line without blanks; text that is not JSON is shown as it is."""
+    if not text:
+        return "-"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return " ".join(text.split())
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _spec(document: dict[str, Any]) -> dict[str, Any]:

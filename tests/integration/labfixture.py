@@ -39,7 +39,14 @@ class Lab:
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         """Run the operator CLI against the lab's controller."""
         return subprocess.run(
-            [program("bulkhead"), "--controller", self.state.controller, *args],
+            [
+                program("bulkhead"),
+                "--controller",
+                self.state.controller,
+                "--credentials",
+                self.state.credentials,
+                *args,
+            ],
             input=stdin,
             capture_output=True,
             text=True,
@@ -56,12 +63,12 @@ class Lab:
         """Until every running agent enforces what the controller wants for it."""
         state = self.state
         agents = [p for p in state.processes if p.role is Role.AGENT]
-        wait_ready(state.controller, agents, timeout=timeout)
+        wait_ready(state.controller, Path(state.credentials), agents, timeout=timeout)
 
     def desired(self) -> dict[str, tuple[int, str]]:
         return {
             a.agent_id: (a.desired_revision, a.desired_hash)
-            for a in list_agents(self.state.controller)
+            for a in list_agents(self.state.controller, Path(self.state.credentials))
         }
 
     def probe(self, source: str, target: str, port: int, *, ipv6: bool = False,

@@ -207,6 +207,8 @@ def test_a_controller_that_dies_at_start_fails_up_and_is_cleaned_up(
 ) -> None:
     monkeypatch.setattr("lab.daemons.program", lambda name: "/bin/false")
     monkeypatch.setattr(lifecycle, "program", lambda name: "/bin/false")
+    # Credentials come before the controller; let that step pass to reach the start.
+    monkeypatch.setattr(lifecycle, "issue_operator_credentials", lambda paths: paths.operator)
     with pytest.raises(DaemonError, match="the controller exited during start"):
         up(lab_dir, HOSTS)
     assert _lab_leftovers() == []

@@ -256,8 +256,8 @@ def test_saved_snapshot_refused_by_backend_keeps_kernel_rules(tmp_path: Path) ->
 def test_in_sync_for_a_ruleset_we_do_not_enforce_forces_a_resync(tmp_path: Path) -> None:
     enforcer = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=Cuts())
     link = ControllerLink(
-        "198.18.0.1:1", enforcer, agent_pb2.Hello, list,
-        heartbeat_interval=5, address_poll_interval=2,
+        "198.18.0.1:1", agent_id="web", state_dir=tmp_path, enforcer=enforcer,
+        make_hello=agent_pb2.Hello, discover=list, heartbeat_interval=5, address_poll_interval=2,
     )  # fmt: skip
     message = agent_pb2.ControllerMessage(in_sync=agent_pb2.InSync(revision=3, hash="ab" * 32))
     outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()

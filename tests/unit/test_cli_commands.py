@@ -1,33 +1,19 @@
-"""The `bulkhead` CLI end to end over real gRPC, against a fake AdminService.
-
-The fake stands in for the controller core: it records each request and answers with a
-canned response or aborts with a status code.
+"""The `bulkhead` CLI end to end over real gRPC with mutual TLS, against a fake AdminService:
+apply, get, describe, label and delete. The fake is in cli_support.py.
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import yaml
-from click.testing import CliRunner, Result
-from google.protobuf.message import Message
 
-from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, ruleset_pb2
-from controller.cli.main import cli
-
-ROOT = Path(__file__).resolve().parents[2]
-# Typed names for the untyped generated module.
-_register: Callable[[Any, grpc.Server], None] = admin_pb2_grpc.add_AdminServiceServicer_to_server
+from bulkhead.v1 import admin_pb2, agent_pb2, ruleset_pb2
+from tests.unit.cli_support import FakeAdmin, error_lines, run, serving_fake_admin
 
 POLICY = {
     "apiVersion": "bulkhead/v1",
@@ -43,68 +29,10 @@ IPLIST = {
 }
 
 
-class FakeAdmin:
-    """AdminService servicer: records requests, answers from `responses` or `failures`."""
-
-    def __init__(self) -> None:
-        self.address = ""
-        self.requests: list[tuple[str, Message]] = []
-        self.responses: dict[str, Message] = {}
-        self.failures: dict[str, tuple[grpc.StatusCode, str]] = {}
-        self.release = threading.Event()
-
-    def _answer(self, method: str, request: Message, context: grpc.ServicerContext) -> Message:
-        self.requests.append((method, request))
-        if method in self.failures:
-            code, details = self.failures[method]
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                # Hold the call until the client gives up; bounded so a failing test ends.
-                self.release.wait(timeout=10)
-            context.abort(code, details)
-        return self.responses[method]
-
-    def __getattr__(self, method: str) -> Callable[[Message, grpc.ServicerContext], Message]:
-        # Every AdminService method (Apply, ListAgents, ...) records and answers the same way.
-        if not method[:1].isupper():
-            raise AttributeError(method)
-        return lambda request, context: self._answer(method, request, context)
-
-    def only_request(self, method: str) -> Any:
-        assert [name for name, _ in self.requests] == [method]
-        return self.requests[0][1]
-
-
 @pytest.fixture
-def admin() -> Iterator[FakeAdmin]:
-    fake = FakeAdmin()
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    _register(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    fake.address = f"127.0.0.1:{port}"
-    try:
+def admin(tmp_path: Path) -> Iterator[FakeAdmin]:
+    with serving_fake_admin(tmp_path) as fake:
         yield fake
-    finally:
-        fake.release.set()
-        server.stop(grace=None)
-
-
-@pytest.fixture
-def closed_address() -> Iterator[str]:
-    """A bound port nobody listens on: connections are refused, and no one can take it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-
-
-def run(address: str, *args: str, stdin: str | None = None) -> Result:
-    runner = CliRunner(env={"COLUMNS": "200"})
-    return runner.invoke(cli, ["--controller", address, *args], input=stdin)
-
-
-def error_lines(result: Result) -> list[str]:
-    assert "Traceback" not in result.stderr
-    return result.stderr.splitlines()
 
 
 def test_apply_sends_every_document_of_every_file_in_one_call(
@@ -122,7 +50,7 @@ def test_apply_sends_every_document_of_every_file_in_one_call(
         revision=7,
     )
 
-    result = run(admin.address, "apply", "-f", str(first), "-f", str(second))
+    result = run(admin.target, "apply", "-f", str(first), "-f", str(second))
 
     assert result.exit_code == 0, result.stderr
     request = admin.only_request("Apply")
@@ -141,7 +69,7 @@ def test_apply_reads_stdin_and_passes_dry_run(admin: FakeAdmin) -> None:
         revision=3,
     )
 
-    result = run(admin.address, "apply", "-f", "-", "--dry-run", stdin=yaml.safe_dump(IPLIST))
+    result = run(admin.target, "apply", "-f", "-", "--dry-run", stdin=yaml.safe_dump(IPLIST))
 
     assert result.exit_code == 0, result.stderr
     request = admin.only_request("Apply")
@@ -157,7 +85,7 @@ def test_apply_yaml_syntax_error_names_file_and_line_without_calling(
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: Policy\nmetadata:\n  name: [web\nspec: {}\n")
 
-    result = run(admin.address, "apply", "-f", str(bad))
+    result = run(admin.target, "apply", "-f", str(bad))
 
     assert result.exit_code == 2
     [line] = error_lines(result)
@@ -169,7 +97,7 @@ def test_apply_non_mapping_document_is_named_by_number(admin: FakeAdmin, tmp_pat
     bad = tmp_path / "list.yaml"
     bad.write_text("kind: Policy\nmetadata: {name: a}\n---\n\n- just\n- a list\n")
 
-    result = run(admin.address, "apply", "-f", str(bad))
+    result = run(admin.target, "apply", "-f", str(bad))
 
     assert result.exit_code == 2
     assert error_lines(result) == [
@@ -189,7 +117,7 @@ def test_apply_invalid_argument_prints_each_controller_error(
         "Policy/web-db: spec.rules[0].from: unknown iplist 'nope'",
     )
 
-    result = run(admin.address, "apply", "-f", str(source))
+    result = run(admin.target, "apply", "-f", str(source))
 
     assert result.exit_code == 1
     assert error_lines(result) == [
@@ -197,48 +125,6 @@ def test_apply_invalid_argument_prints_each_controller_error(
         "error: Policy/web-db: spec.rules[0].from: unknown iplist 'nope'",
     ]
     assert result.stdout == ""
-
-
-def test_unreachable_controller_is_one_line(closed_address: str) -> None:
-    result = run(closed_address, "get", "agents")
-
-    assert result.exit_code == 1
-    assert error_lines(result) == [
-        f"error: cannot reach the controller at {closed_address} (connection refused): "
-        "is bulkhead-controller running? Set --controller or BULKHEAD_CONTROLLER."
-    ]
-
-
-def test_unreachable_controller_from_the_entry_point_has_no_traceback(
-    closed_address: str,
-) -> None:
-    completed = subprocess.run(
-        [sys.executable, "-c", "from controller.cli.main import main; main()", "get", "agents"],
-        env={"BULKHEAD_CONTROLLER": closed_address, "PYTHONPATH": f"{ROOT}:{ROOT / 'proto'}"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-    assert completed.returncode == 1
-    assert completed.stdout == ""
-    assert len(completed.stderr.splitlines()) == 1
-    assert completed.stderr.startswith(f"error: cannot reach the controller at {closed_address}")
-
-
-def test_deadline_is_reported_as_unreachable_with_the_timeout(admin: FakeAdmin) -> None:
-    admin.failures["ListAgents"] = (grpc.StatusCode.DEADLINE_EXCEEDED, "")
-
-    result = CliRunner().invoke(
-        cli, ["--controller", admin.address, "--timeout", "0.2", "get", "agents"]
-    )
-    admin.release.set()
-
-    assert result.exit_code == 1
-    [line] = error_lines(result)
-    assert line.startswith(f"error: cannot reach the controller at {admin.address} (no answer")
-    assert "0.2s" in line
 
 
 def _agents() -> admin_pb2.ListAgentsResponse:
@@ -262,6 +148,15 @@ def _agents() -> admin_pb2.ListAgentsResponse:
                 applied_revision=5,
                 desired_revision=5,
             ),
+            admin_pb2.AgentSummary(
+                agent_id="old-1",
+                hostname="old-1.lab",
+                mode=agent_pb2.MODE_ENFORCE,
+                connected=True,
+                revoked=True,
+                applied_revision=5,
+                desired_revision=5,
+            ),
         ]
     )
 
@@ -269,7 +164,7 @@ def _agents() -> admin_pb2.ListAgentsResponse:
 def test_get_agents_table(admin: FakeAdmin) -> None:
     admin.responses["ListAgents"] = _agents()
 
-    result = run(admin.address, "get", "agents")
+    result = run(admin.target, "get", "agents")
 
     assert result.exit_code == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line}
@@ -279,13 +174,14 @@ def test_get_agents_table(admin: FakeAdmin) -> None:
         "enforce", "yes", "3/5", "*",
     ]  # fmt: skip
     assert rows["db-1"] == ["db-1", "db-1.lab", "app=db", "-", "visibility", "no", "5/5"]
+    assert rows["old-1"] == ["old-1", "old-1.lab", "-", "-", "enforce", "revoked", "5/5"]
     assert "* the agent does not enforce the desired revision yet" in result.stdout
 
 
 def test_get_agents_json_is_the_protobuf_message(admin: FakeAdmin) -> None:
     admin.responses["ListAgents"] = _agents()
 
-    result = run(admin.address, "get", "agents", "-o", "json")
+    result = run(admin.target, "get", "agents", "-o", "json")
 
     assert result.exit_code == 0, result.stderr
     agents = json.loads(result.stdout)["agents"]
@@ -303,7 +199,7 @@ def test_get_policies_yaml_can_be_applied_again(admin: FakeAdmin) -> None:
         ]
     )
 
-    result = run(admin.address, "get", "policies", "-o", "yaml")
+    result = run(admin.target, "get", "policies", "-o", "yaml")
 
     assert result.exit_code == 0, result.stderr
     assert admin.only_request("ListResources").kind == "Policy"
@@ -319,7 +215,7 @@ def test_get_iplists_table(admin: FakeAdmin) -> None:
         ]
     )
 
-    result = run(admin.address, "get", "iplists")
+    result = run(admin.target, "get", "iplists")
 
     assert result.exit_code == 0, result.stderr
     assert admin.only_request("ListResources").kind == "IPList"
@@ -327,10 +223,17 @@ def test_get_iplists_table(admin: FakeAdmin) -> None:
     assert ["office", "zone=office", "203.0.113.0/24,", "2001:db8::/48", "4"] in lines
 
 
+# 2100-01-01 00:00:00 UTC: in the future whenever the tests run.
+CERTIFICATE_EXPIRY_MS = 4_102_444_800_000
+
+
 def _agent_detail() -> admin_pb2.AgentDetail:
     clients = [f"198.18.1.{host}" for host in range(1, 11)]
+    summary = admin_pb2.AgentSummary()
+    summary.CopyFrom(_agents().agents[0])
+    summary.certificate_not_after_unix_ms = CERTIFICATE_EXPIRY_MS
     return admin_pb2.AgentDetail(
-        summary=_agents().agents[0],
+        summary=summary,
         baseline=agent_pb2.Baseline(failsafe_inbound=["tcp/22"], controller="198.18.0.1:50151"),
         ruleset=ruleset_pb2.Ruleset(
             sets=[
@@ -365,7 +268,7 @@ def _agent_detail() -> admin_pb2.AgentDetail:
 def test_describe_agent_renders_rules_baseline_and_sets(admin: FakeAdmin) -> None:
     admin.responses["DescribeAgent"] = _agent_detail()
 
-    result = run(admin.address, "describe", "agent", "web-1")
+    result = run(admin.target, "describe", "agent", "web-1")
 
     assert result.exit_code == 0, result.stderr
     assert admin.only_request("DescribeAgent").agent_id == "web-1"
@@ -379,12 +282,28 @@ def test_describe_agent_renders_rules_baseline_and_sets(admin: FakeAdmin) -> Non
     assert "controller: 198.18.0.1:50151" in lines
     assert "in sync: no: the agent has not applied the desired revision yet" in lines
     assert any(line.startswith("web_clients 10 1 ") for line in lines)
+    [certificate] = [line for line in lines if line.startswith("certificate:")]
+    assert certificate.startswith("certificate: expires in ")
+    assert certificate.endswith(" (2100-01-01 00:00:00 UTC)")
+
+
+def test_describe_revoked_agent_says_so(admin: FakeAdmin) -> None:
+    detail = _agent_detail()
+    detail.summary.revoked = True
+    admin.responses["DescribeAgent"] = detail
+
+    result = run(admin.target, "describe", "agent", "web-1")
+
+    assert result.exit_code == 0, result.stderr
+    lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
+    assert any(line.startswith("connected: revoked") for line in lines)
+    assert "certificate: revoked: the controller refuses every certificate of this agent" in lines
 
 
 def test_describe_agent_json_keeps_every_address(admin: FakeAdmin) -> None:
     admin.responses["DescribeAgent"] = _agent_detail()
 
-    result = run(admin.address, "describe", "agent", "web-1", "-o", "json")
+    result = run(admin.target, "describe", "agent", "web-1", "-o", "json")
 
     assert result.exit_code == 0, result.stderr
     sets = json.loads(result.stdout)["ruleset"]["sets"]
@@ -394,7 +313,7 @@ def test_describe_agent_json_keeps_every_address(admin: FakeAdmin) -> None:
 def test_describe_unknown_agent_prints_the_controller_message(admin: FakeAdmin) -> None:
     admin.failures["DescribeAgent"] = (grpc.StatusCode.NOT_FOUND, "agent 'nope' is not known")
 
-    result = run(admin.address, "describe", "agent", "nope")
+    result = run(admin.target, "describe", "agent", "nope")
 
     assert result.exit_code == 1
     assert error_lines(result) == ["error: agent 'nope' is not known"]
@@ -405,7 +324,7 @@ def test_label_agent_sends_sets_and_removals(admin: FakeAdmin) -> None:
         labels={"app": "web", "env": "staging"}
     )
 
-    result = run(admin.address, "label", "agent", "web-1", "env=staging", "tier-")
+    result = run(admin.target, "label", "agent", "web-1", "env=staging", "tier-")
 
     assert result.exit_code == 0, result.stderr
     request = admin.only_request("LabelAgent")
@@ -416,7 +335,7 @@ def test_label_agent_sends_sets_and_removals(admin: FakeAdmin) -> None:
 
 
 def test_label_agent_malformed_argument_makes_no_call(admin: FakeAdmin) -> None:
-    result = run(admin.address, "label", "agent", "web-1", "k=v=")
+    result = run(admin.target, "label", "agent", "web-1", "k=v=")
 
     assert result.exit_code == 2
     assert error_lines(result) == ["error: label argument 'k=v=': a value cannot contain '='"]
@@ -427,7 +346,7 @@ def test_label_agent_malformed_argument_makes_no_call(admin: FakeAdmin) -> None:
 def test_delete_resource(admin: FakeAdmin, word: str, kind: str) -> None:
     admin.responses["DeleteResource"] = admin_pb2.DeleteResourceResponse(revision=9)
 
-    result = run(admin.address, "delete", word, "office")
+    result = run(admin.target, "delete", word, "office")
 
     assert result.exit_code == 0, result.stderr
     request = admin.only_request("DeleteResource")
@@ -441,7 +360,7 @@ def test_other_status_codes_name_the_code(admin: FakeAdmin) -> None:
         "iplist 'office' is used by\npolicy 'office-ssh'",
     )
 
-    result = run(admin.address, "delete", "iplist", "office")
+    result = run(admin.target, "delete", "iplist", "office")
 
     assert result.exit_code == 1
     assert error_lines(result) == [

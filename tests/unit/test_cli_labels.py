@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controller.cli.errors import BadInputError
-from controller.cli.labels import parse_label_args
+from controller.cli.labels import parse_label_args, parse_label_list
 
 
 def test_sets_and_removals_are_separated() -> None:
@@ -41,3 +41,23 @@ def test_malformed_arguments_are_refused(args: list[str], message: str) -> None:
         parse_label_args(args)
     [line] = caught.value.lines
     assert line.startswith(message)
+
+
+def test_label_list_parses_comma_separated_pairs() -> None:
+    assert parse_label_list("app=web,env=prod", "--labels") == {"app": "web", "env": "prod"}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "--labels item '': expected key=value (comma separated)"),
+        ("app=web,", "--labels item '': expected key=value (comma separated)"),
+        ("app=web,app=db", "--labels: label 'app' is given twice"),
+        ("app=", "--labels item 'app=': the value is empty"),
+        ("app=a b", "label argument 'app=a b': the value cannot contain blanks or quotes"),
+    ],
+)
+def test_label_list_problems_are_named(text: str, problem: str) -> None:
+    with pytest.raises(BadInputError) as caught:
+        parse_label_list(text, "--labels")
+    assert caught.value.lines == [problem]

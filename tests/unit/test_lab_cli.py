@@ -50,10 +50,13 @@ def test_commands_on_a_lab_that_is_not_up_say_so(lab_dir: Path) -> None:
         assert "no lab is up" in result.output
 
 
-def test_env_prints_the_controller_address(lab_dir: Path) -> None:
+def test_env_prints_the_controller_address_and_credentials(lab_dir: Path) -> None:
     result = CliRunner().invoke(main, ["env"])
     assert result.exit_code == 0
-    assert result.output == "export BULKHEAD_CONTROLLER=198.18.0.1:50151\n"
+    assert result.output == (
+        "export BULKHEAD_CONTROLLER=198.18.0.1:50151\n"
+        f"export BULKHEAD_CREDENTIALS={lab_dir / 'operator'}\n"
+    )
 
 
 @pytest.mark.parametrize("timeout", [0.0, -1.0, 31.0])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import AgentConfig
 from bulkhead.v1 import admin_pb2
 from lab.daemons import agent_config, readiness_problems
 from lab.errors import StateError
@@ -68,8 +69,9 @@ def test_lab_dir_marker(tmp_path: Path) -> None:
 def test_agent_config_matches_the_agent_contract(tmp_path: Path) -> None:
     config = agent_config(
         WEB, controller="198.18.0.1:50151", mode="enforce", dataplane="nftables",
-        state_dir=tmp_path,
+        state_dir=tmp_path, token="a-token",
     )  # fmt: skip
+    AgentConfig.model_validate(config)  # the agent accepts what the lab writes
     assert config == {
         "agent_id": "web",
         "hostname": "web",
@@ -79,6 +81,7 @@ def test_agent_config_matches_the_agent_contract(tmp_path: Path) -> None:
         "failsafe": {"inbound": ["tcp/22"], "outbound": []},
         "state_dir": str(tmp_path),
         "dataplane": "nftables",
+        "token": "a-token",
     }
 
 

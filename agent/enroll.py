@@ -1,0 +1,128 @@
+"""Enrollment: trade a one-time token for a client certificate, without ever sending the
+token to anyone but the controller whose CA the token pins.
+
+1. Read the controller's TLS certificate on the enrollment port (unverified so far).
+2. Ask for the CA certificate over a channel that trusts exactly that certificate.
+3. Check the CA against the fingerprint in the token, and that it issued the certificate
+   the controller presented. A man in the middle fails here, before the token goes out.
+4. Send token and CSR over a channel verified against the pinned CA; store key,
+   certificate and CA (0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from agent.identity import (
+    AgentCredentials,
+    IdentityError,
+    ca_fingerprint,
+    generate_key,
+    key_pem,
+    make_csr,
+    parse_token,
+    save_credentials,
+    verify_issued_by,
+)
+from bulkhead.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Clients verify the controller by this name, whatever address they dial.
+CONTROLLER_NAME = "bulkhead-controller"
+CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", CONTROLLER_NAME)]
+TIMEOUT_S = 10.0
+_STUB: Callable[[grpc.aio.Channel], Any] = agent_pb2_grpc.EnrollmentServiceStub
+
+
+class EnrollmentError(Exception):
+    """Enrollment did not happen; the message says why and what to do."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        # True when the controller could not be reached: trying again later may work.
+        self.retryable = retryable
+
+
+def _presented_certificate(host: str, port: int) -> bytes:
+    """The PEM certificate the server presents, not verified (that is the next step)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=TIMEOUT_S) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except OSError as exc:
+        raise EnrollmentError(
+            f"cannot reach the controller at {host}:{port}: {exc}", retryable=True
+        ) from exc
+    if der is None:
+        raise EnrollmentError(f"{host}:{port} presented no certificate")
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+async def enroll(
+    address: str, token_text: str, agent_id: str, hostname: str, state_dir: Path
+) -> tuple[AgentCredentials, dict[str, str]]:
+    """Enroll at ADDRESS (the enrollment port, ADDRESS:PORT with an IP literal); store and
+    return the credentials and the labels the token gives."""
+    try:
+        token = parse_token(token_text)
+    except IdentityError as exc:
+        raise EnrollmentError(str(exc)) from exc
+    host, _, port_text = address.rpartition(":")
+    host = host.strip("[]")
+    presented = await asyncio.to_thread(_presented_certificate, host, int(port_text))
+    try:
+        async with grpc.aio.secure_channel(
+            address, grpc.ssl_channel_credentials(presented), options=CHANNEL_OPTIONS
+        ) as channel:
+            reply = await _STUB(channel).GetCA(agent_pb2.GetCARequest(), timeout=TIMEOUT_S)
+        ca_pem = reply.ca_pem.encode()
+        if ca_fingerprint(ca_pem) != token.ca_fingerprint:
+            raise EnrollmentError(
+                f"the controller at {address} has CA {ca_fingerprint(ca_pem)[:16]}..., but the "
+                f"token pins {token.ca_fingerprint[:16]}...: not sending the token. Is this the "
+                "right controller, and the token from it?"
+            )
+        if not verify_issued_by(presented, ca_pem):
+            raise EnrollmentError(
+                f"the certificate presented at {address} was not issued by the pinned CA: "
+                "not sending the token (someone may be in the way)"
+            )
+        key = generate_key()
+        request = agent_pb2.EnrollRequest(
+            token=token_text,
+            agent_id=agent_id,
+            csr_pem=make_csr(key, agent_id).decode(),
+            hostname=hostname,
+        )
+        async with grpc.aio.secure_channel(
+            address, grpc.ssl_channel_credentials(ca_pem), options=CHANNEL_OPTIONS
+        ) as channel:
+            response = await _STUB(channel).Enroll(request, timeout=TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        verb = "could not be reached" if unreachable else "refused"
+        raise EnrollmentError(
+            f"the controller at {address} {verb}: {exc.details() or exc.code().name}",
+            retryable=unreachable,
+        ) from exc
+    credentials = AgentCredentials(
+        key_pem=key_pem(key), cert_pem=response.certificate_pem.encode(), ca_pem=ca_pem
+    )
+    save_credentials(state_dir, credentials)
+    log.info("enrolled as %s; certificate valid until %s", agent_id, credentials.not_after)
+    return credentials, dict(response.labels)

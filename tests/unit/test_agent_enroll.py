@@ -1,0 +1,121 @@
+"""Agent enrollment against a real in-process enrollment server over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent.enroll import EnrollmentError, enroll
+from agent.identity import generate_key, key_pem, load_credentials, make_csr
+from agent.link import ControllerLink
+from bulkhead.v1 import agent_pb2, agent_pb2_grpc
+from controller.core import Controller
+from controller.pki import CertificateAuthority, cert_pem
+from controller.server.enrollment_servicer import EnrollmentServicer
+from tests.pki_support import make_controller, server_credentials
+
+
+def with_enrollment_server(
+    tmp_path: Path, body: Callable[[Controller, str], Awaitable[None]], *, ca_dir: str = "pki"
+) -> None:
+    """Run BODY(core, address) with an enrollment port whose certificate is from CA_DIR."""
+
+    async def run() -> None:
+        core = make_controller(tmp_path)
+        presented_by = CertificateAuthority.load_or_create(tmp_path / ca_dir)
+        server = grpc.aio.server()
+        agent_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+            EnrollmentServicer(core.enrollment), server
+        )
+        port = server.add_secure_port(
+            "127.0.0.1:0", server_credentials(presented_by, require_client=False)
+        )
+        await server.start()
+        try:
+            await body(core, f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
+def test_enroll_stores_0600_credentials_and_returns_token_labels(tmp_path: Path) -> None:
+    state = tmp_path / "agent"
+
+    async def body(core: Controller, address: str) -> None:
+        token, _ = core.enrollment.create_token({"app": "web"}, 600, 1, actor="operator:t")
+        credentials, labels = await enroll(address, token, "web", "web", state)
+        assert labels == {"app": "web"}
+        assert load_credentials(state) == credentials
+        for name in ("agent.key", "agent.crt", "ca.crt"):
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        with pytest.raises(EnrollmentError, match="already used") as raised:
+            await enroll(address, token, "web2", "web2", tmp_path / "agent2")
+        assert not raised.value.retryable
+
+    with_enrollment_server(tmp_path, body)
+
+
+def test_token_is_not_sent_to_a_server_of_another_ca(tmp_path: Path) -> None:
+    # The enrollment port presents a certificate from an impostor CA (a man in the middle):
+    # the agent must stop before sending the token, so the token stays unused.
+    async def body(core: Controller, address: str) -> None:
+        token, _ = core.enrollment.create_token({}, 600, 1, actor="operator:t")
+        with pytest.raises(EnrollmentError, match="not sending the token"):
+            await enroll(address, token, "web", "web", tmp_path / "agent")
+        stored = core.enrollment.tokens()[0]
+        assert stored.used == 0
+        assert load_credentials(tmp_path / "agent") is None
+
+    with_enrollment_server(tmp_path, body, ca_dir="impostor-pki")
+
+
+def test_unreachable_controller_is_retryable_and_bad_token_is_not(tmp_path: Path) -> None:
+    async def body() -> None:
+        with pytest.raises(EnrollmentError) as raised:
+            await enroll("127.0.0.1:1", "0" * 12 + "." + "a" * 43 + "." + "0" * 64, "w", "w",
+                         tmp_path)  # fmt: skip
+        assert raised.value.retryable
+        with pytest.raises(EnrollmentError, match="token") as bad:
+            await enroll("127.0.0.1:1", "not-a-token", "w", "w", tmp_path)
+        assert not bad.value.retryable
+
+    asyncio.run(body())
+
+
+def test_renewed_certificate_replaces_the_old_only_when_it_matches(tmp_path: Path) -> None:
+    async def body(core: Controller, address: str) -> None:
+        token, _ = core.enrollment.create_token({}, 600, 1, actor="operator:t")
+        first, _ = await enroll(address, token, "web", "web", tmp_path / "s")
+        link = ControllerLink(
+            address, agent_id="web", state_dir=tmp_path / "s", enforcer=None,  # type: ignore[arg-type]
+            make_hello=agent_pb2.Hello, discover=list, heartbeat_interval=5,
+            address_poll_interval=2,
+        )  # fmt: skip
+        ca = CertificateAuthority.load_or_create(tmp_path / "pki")
+        # Unasked-for certificate: ignored.
+        stray = ca.issue_agent(make_csr(generate_key(), "web"), "web", timedelta(hours=1))
+        link._store_renewed(cert_pem(stray))
+        assert load_credentials(tmp_path / "s") == first
+        # Asked for, but for another key: refused.
+        link._renewal_key = generate_key()
+        link._store_renewed(cert_pem(stray))
+        assert load_credentials(tmp_path / "s") == first
+        # The real answer to our CSR: stored.
+        key = generate_key()
+        link._renewal_key = key
+        issued = ca.issue_agent(make_csr(key, "web"), "web", timedelta(hours=1))
+        link._store_renewed(cert_pem(issued))
+        renewed = load_credentials(tmp_path / "s")
+        assert renewed is not None
+        assert renewed.key_pem == key_pem(key)
+        assert renewed.cert_pem == cert_pem(issued)
+
+    with_enrollment_server(tmp_path, body)
