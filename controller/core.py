@@ -34,6 +34,9 @@ from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore,
 log = logging.getLogger(__name__)
 
 KINDS = ("Policy", "IPList")
+# Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
+MAX_DOCUMENTS = 1000
+MAX_DOCUMENT_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Controller:
         self, documents: Sequence[str], *, actor: str, dry_run: bool = False
     ) -> tuple[list[ResourceChange], int]:
         """Validate and store every document or none; recompile affected agents."""
+        _check_sizes(documents)
         try:
             resources = parse_documents(documents)
         except ValidationFailed as exc:
@@ -361,6 +365,22 @@ class Controller:
                 )
             )
         )
+
+
+def _check_sizes(documents: Sequence[str]) -> None:
+    """Refuse oversized input before parsing it."""
+    if len(documents) > MAX_DOCUMENTS:
+        raise InvalidArgument(
+            [f"documents: {len(documents)} in one apply; at most {MAX_DOCUMENTS}, split the file"]
+        )
+    problems = [
+        f"document {index}: {len(text.encode()) / 1024:.0f} KiB; a resource may be at most "
+        f"{MAX_DOCUMENT_BYTES // 1024} KiB"
+        for index, text in enumerate(documents, start=1)
+        if len(text.encode()) > MAX_DOCUMENT_BYTES
+    ]
+    if problems:
+        raise InvalidArgument(problems)
 
 
 def _address_problems(addresses: Sequence[str], field: str) -> list[str]:

@@ -7,10 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 from controller.core import Controller
-from controller.errors import ControllerError
+from controller.errors import ControllerError, InvalidArgument
 from controller.server.auth import agent_caller
 from controller.server.errors import status_for
 from controller.sessions import AgentSession
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 # An agent that opens a stream must say hello promptly; a silent peer is dropped.
 HELLO_TIMEOUT_S = 10.0
+NOT_AN_AGENT_MESSAGE = "message: not a valid bulkhead.v1.AgentMessage (corrupt or foreign bytes)"
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -34,6 +36,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
         except (TimeoutError, StopAsyncIteration):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected hello first")
+        except DecodeError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, NOT_AN_AGENT_MESSAGE)
         if first.WhichOneof("body") != "hello":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -80,6 +84,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         except ControllerError as exc:
             log.warning("agent %s: %s; closing its stream", session.agent_id, exc)
             session.failure = exc
+        except DecodeError:
+            log.warning("agent %s sent undecodable bytes; closing its stream", session.agent_id)
+            session.failure = InvalidArgument([NOT_AN_AGENT_MESSAGE])
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         except Exception:
