@@ -16,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -28,7 +26,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
+from bulkhead.v1 import contract
+from bulkhead.v1.contract import AGENT_ID_RULE, EnrollmentToken, is_valid_agent_id
 
 KEY_FILE = "agent.key"
 CERT_FILE = "agent.crt"
@@ -37,21 +36,9 @@ _FILES = (KEY_FILE, CERT_FILE, CA_FILE)  # the key first: its rename commits a s
 _PENDING = ".new"
 RENEW_AFTER_FRACTION = 2 / 3
 
-_TOKEN_ID = re.compile(r"[0-9a-f]{12}")
-_SECRET = re.compile(r"[A-Za-z0-9_-]{43}")
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
-
 
 class IdentityError(Exception):
     """The agent's credentials or enrollment token are unusable; the message names which."""
-
-
-class EnrollmentToken(NamedTuple):
-    """A NamedTuple so callers may unpack it: ``token_id, secret, fingerprint = ...``."""
-
-    token_id: str
-    secret: str
-    ca_fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -128,23 +115,11 @@ def verify_issued_by(leaf_pem: bytes, ca_pem: bytes) -> bool:
 
 
 def parse_token(text: str) -> EnrollmentToken:
-    """Split and check ``<id>.<secret>.<ca-fingerprint>``; errors never echo the secret."""
-    parts = text.strip().split(".")
-    if len(parts) != 3:
-        raise IdentityError(
-            "enrollment token must be <id>.<secret>.<ca-fingerprint>, "
-            f"found {len(parts)} part(s) separated by '.'"
-        )
-    token_id, secret, fingerprint = parts
-    if _TOKEN_ID.fullmatch(token_id) is None:
-        raise IdentityError("enrollment token id (first part) must be 12 lowercase hex characters")
-    if _SECRET.fullmatch(secret) is None:
-        raise IdentityError("enrollment token secret (second part) must be 43 base64url characters")
-    if _FINGERPRINT.fullmatch(fingerprint) is None:
-        raise IdentityError(
-            "enrollment token CA fingerprint (third part) must be 64 lowercase hex characters"
-        )
-    return EnrollmentToken(token_id, secret, fingerprint)
+    """Split and check a token (format in bulkhead.v1.contract); IdentityError if malformed."""
+    try:
+        return contract.parse_token(text)
+    except contract.TokenFormatError as exc:
+        raise IdentityError(str(exc)) from exc
 
 
 def save_credentials(directory: Path, creds: AgentCredentials) -> None:

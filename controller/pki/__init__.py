@@ -5,6 +5,7 @@ Pure logic over the ``cryptography`` library: no gRPC, no store. Errors: ``PkiEr
 
 from __future__ import annotations
 
+from bulkhead.v1.contract import EnrollmentToken
 from controller.pki.authority import CertificateAuthority, cert_pem
 from controller.pki.errors import PkiError
 from controller.pki.files import write_private_files
@@ -19,7 +20,6 @@ from controller.pki.identity import (
     identity_from_pem,
 )
 from controller.pki.tokens import (
-    EnrollmentToken,
     new_token,
     parse_token,
     secret_digest,

@@ -1,11 +1,12 @@
 """The parts of the contract that are code rather than messages, shared by agent and
-controller (which never import each other): the ruleset hash and the rules for agent ids
-and labels. See PROTOCOL.md beside this file."""
+controller (which never import each other): the ruleset hash, the rules for agent ids
+and labels, and the enrollment token format. See PROTOCOL.md beside this file."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from typing import NamedTuple
 
 from bulkhead.v1 import ruleset_pb2
 
@@ -41,3 +42,46 @@ def is_valid_label_key(text: str) -> bool:
 
 def is_valid_label_value(text: str) -> bool:
     return _LABEL_VALUE.fullmatch(text) is not None
+
+
+# Enrollment tokens: <id>.<secret>.<ca fingerprint>. The id (12 lowercase hex) names the
+# token in the controller's store, which keeps only the sha256 of the secret (32 random
+# bytes, base64url without padding: 43 characters); the fingerprint (sha256 of the CA
+# certificate's DER, lowercase hex) lets the agent pin the CA before it trusts anything.
+TOKEN_ID_PATTERN = re.compile(r"[0-9a-f]{12}")
+TOKEN_SECRET_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
+FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{64}")
+
+
+class TokenFormatError(ValueError):
+    """The text is not an enrollment token; the message names the part (never the secret)."""
+
+
+class EnrollmentToken(NamedTuple):
+    token_id: str
+    secret: str
+    ca_fingerprint: str
+
+
+def parse_token(text: str) -> EnrollmentToken:
+    """Split and check a token; errors never echo the secret."""
+    parts = text.strip().split(".")
+    if len(parts) != 3:
+        raise TokenFormatError(
+            "enrollment token must be <id>.<secret>.<ca-fingerprint>, "
+            f"found {len(parts)} part(s) separated by '.'"
+        )
+    token_id, secret, fingerprint = parts
+    if TOKEN_ID_PATTERN.fullmatch(token_id) is None:
+        raise TokenFormatError(
+            "enrollment token id (first part) must be 12 lowercase hex characters"
+        )
+    if TOKEN_SECRET_PATTERN.fullmatch(secret) is None:
+        raise TokenFormatError(
+            "enrollment token secret (second part) must be 43 base64url characters"
+        )
+    if FINGERPRINT_PATTERN.fullmatch(fingerprint) is None:
+        raise TokenFormatError(
+            "enrollment token CA fingerprint (third part) must be 64 lowercase hex characters"
+        )
+    return EnrollmentToken(token_id, secret, fingerprint)
