@@ -64,7 +64,9 @@ class AgentConfig(BaseModel):
     mode: Mode = Mode.ENFORCE
     failsafe: FailsafeConfig = Field(default_factory=FailsafeConfig)
     state_dir: Path = DEFAULT_STATE_DIR
-    dataplane: Literal["nftables"] = "nftables"
+    # auto: nftables, unless the host's own iptables is the legacy one (agent.dataplane.select).
+    dataplane: Literal["auto", "nftables", "iptables"] = "auto"
+    allow_iptables_on_nft_host: bool = False
     heartbeat_interval: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     address_poll_interval: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
 

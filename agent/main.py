@@ -16,8 +16,8 @@ from agent.addresses import discover_addresses
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, split_host_port
 from agent.dataplane.backend import DataplaneError
 from agent.dataplane.baseline import Baseline, Endpoint, Mode
-from agent.dataplane.libnftables import LibNftables
-from agent.dataplane.nftables import NftablesBackend, render
+from agent.dataplane.nftables import render
+from agent.dataplane.select import choose_backend, detect_iptables_flavour, make_backend
 from agent.enforcer import Enforcer
 from agent.enroll import EnrollmentError, enroll
 from agent.identity import AgentCredentials, IdentityError, load_credentials
@@ -106,18 +106,36 @@ async def obtain_credentials(config: AgentConfig) -> AgentCredentials:
             await asyncio.sleep(delay)
 
 
-def _baseline_message(config: AgentConfig) -> agent_pb2.Baseline:
+def selected_dataplane(config: AgentConfig) -> str:
+    try:
+        return choose_backend(
+            config.dataplane,
+            detect_iptables_flavour(),
+            allow_iptables_on_nft_host=config.allow_iptables_on_nft_host,
+        )
+    except DataplaneError as exc:
+        raise AgentStartError(str(exc)) from exc
+
+
+def _baseline_message(config: AgentConfig, dataplane: str) -> agent_pb2.Baseline:
     return agent_pb2.Baseline(
         failsafe_inbound=config.failsafe.inbound,
         failsafe_outbound=config.failsafe.outbound,
         controller=config.controller,
+        dataplane=dataplane,
     )
 
 
 async def run_agent(config: AgentConfig) -> None:
     _refuse_outside_netns()
     baseline = build_baseline(config)
-    enforcer = Enforcer(NftablesBackend(LibNftables()), baseline, config.state_dir)
+    dataplane = selected_dataplane(config)
+    try:
+        backend = make_backend(dataplane)
+    except (DataplaneError, ImportError, OSError) as exc:
+        raise AgentStartError(f"dataplane {dataplane}: cannot start ({exc})") from exc
+    log.info("dataplane: %s (configured: %s)", dataplane, config.dataplane)
+    enforcer = Enforcer(backend, baseline, config.state_dir)
     try:
         enforcer.restore()
     except DataplaneError as exc:
@@ -134,7 +152,7 @@ async def run_agent(config: AgentConfig) -> None:
             applied_revision=enforcer.applied_revision,
             applied_hash=enforcer.applied_hash,
             mode=mode,
-            baseline=_baseline_message(config),
+            baseline=_baseline_message(config, dataplane),
             agent_version=AGENT_VERSION,
         )
 
@@ -249,10 +267,16 @@ def enroll_command(config_path: Path, token: str, enrollment: str | None) -> Non
 @main.command("uninstall-rules")
 @click.pass_obj
 def uninstall_rules(config_path: Path) -> None:
-    """Remove the bulkhead table (and nothing else) from this host's nftables."""
+    """Remove what the agent owns in its dataplane (and nothing else)."""
     try:
         _refuse_outside_netns()
-        NftablesBackend(LibNftables()).remove()
-    except (AgentStartError, DataplaneError) as exc:
+        config = load_config(config_path)
+        dataplane = selected_dataplane(config)
+        make_backend(dataplane).remove()
+    except (AgentStartError, ConfigError, DataplaneError) as exc:
         _fail(str(exc))
-    click.echo("removed table inet bulkhead")
+        return
+    owned = (
+        "table inet bulkhead" if dataplane == "nftables" else "BULKHEAD-* chains and bh4/bh6 ipsets"
+    )
+    click.echo(f"removed {owned}")

@@ -55,7 +55,7 @@ CONTROLLER_ADDRESS = f"{OPS_V4}:{CONTROLLER_PORT}"
 MODES = ("enforce", "visibility")
 DATAPLANES = ("nftables", "iptables")
 # Dataplanes the agent of this version can run; the lab names the others but refuses them.
-AVAILABLE_DATAPLANES = ("nftables",)
+AVAILABLE_DATAPLANES = ("nftables", "iptables")
 MAX_LISTEN_PORTS = 32
 
 

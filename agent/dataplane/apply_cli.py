@@ -3,10 +3,11 @@
 Tests (and operators debugging a lab) use it to drive the real backend inside a
 namespace without moving their own process: ``ip netns exec NS python -m
 agent.dataplane.apply_cli < request.json``. The request is an object with
-``command`` (apply, remove, is_present, cut) and, as the command needs them,
-``ruleset`` (the Ruleset in protobuf's JSON mapping), ``baseline`` (see
-baseline_to_json) and ``local_addresses``. The reply on stdout is a JSON object;
-failures print ``{"error": ...}`` and exit with status 1.
+``command`` (apply, remove, is_present, cut), optionally ``backend`` (nftables, the
+default, or iptables) and, as the command needs them, ``ruleset`` (the Ruleset in
+protobuf's JSON mapping), ``baseline`` (see baseline_to_json) and
+``local_addresses``. The reply on stdout is a JSON object; failures print
+``{"error": ...}`` and exit with status 1.
 """
 
 from __future__ import annotations
@@ -17,29 +18,38 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from agent.dataplane.backend import Backend
 from agent.dataplane.baseline import Baseline, baseline_from_json
 from agent.dataplane.conntrack import cut_disallowed
-from agent.dataplane.libnftables import LibNftables
-from agent.dataplane.nftables import NftablesBackend
+from agent.dataplane.select import make_backend
 from bulkhead.v1 import ruleset_pb2
+
+BACKENDS = ("nftables", "iptables")
 
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
     """Carry out one request and return the reply object."""
     command = request.get("command")
     if command == "remove":
-        NftablesBackend(LibNftables()).remove()
+        _backend(request).remove()
         return {"ok": True}
     if command == "is_present":
-        return {"present": NftablesBackend(LibNftables()).is_present()}
+        return {"present": _backend(request).is_present()}
     ruleset, baseline = _ruleset(request), _baseline(request)
     if command == "apply":
-        NftablesBackend(LibNftables()).apply(ruleset, baseline)
+        _backend(request).apply(ruleset, baseline)
         return {"ok": True}
     if command == "cut":
         local = request.get("local_addresses", [])
         return {"cut": cut_disallowed(ruleset, baseline, [str(address) for address in local])}
     raise ValueError(f"command: {command!r} is not apply, remove, is_present or cut")
+
+
+def _backend(request: dict[str, Any]) -> Backend:
+    name = request.get("backend", "nftables")
+    if name not in BACKENDS:
+        raise ValueError(f"backend: {name!r} is not one of {', '.join(BACKENDS)}")
+    return make_backend(name)
 
 
 def _ruleset(request: dict[str, Any]) -> ruleset_pb2.Ruleset:

@@ -122,6 +122,7 @@ def _baseline_grid(baseline: agent_pb2.Baseline) -> Table:
             ("failsafe inbound", ", ".join(baseline.failsafe_inbound) or "-"),
             ("failsafe outbound", ", ".join(baseline.failsafe_outbound) or "-"),
             ("controller", baseline.controller or "-"),
+            ("dataplane", baseline.dataplane or "-"),
             ("always", _IMPLICIT_BASELINE),
         ]
     )

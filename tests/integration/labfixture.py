@@ -112,6 +112,90 @@ class Lab:
         sock.connect((self.state.host(target).ipv4, port))
         return sock
 
+    def rules_present(self, host: str) -> bool:
+        """Whether Bulkhead's rules are loaded on HOST, whichever the dataplane."""
+        if self.state.dataplane == "iptables":
+            return ":BULKHEAD-INPUT" in self.netns_run(host, "iptables-legacy-save")
+        return bool(self.nft_table(host)["nftables"])
+
+    def foreign_rules(self, host: str) -> str:
+        """A listing of the rules someone else put on HOST (see add_foreign_rules)."""
+        if self.state.dataplane == "iptables":
+            listing = self.netns_run(host, "iptables-legacy-save", "-t", "filter")
+            return "\n".join(
+                line for line in listing.splitlines()
+                if "FOREIGN" in line or ("-A INPUT" in line and "9999" in line)
+            )  # fmt: skip
+        return self.netns_run(host, "nft", "list", "table", "inet", "foreign")
+
+    def add_foreign_rules(self, host: str) -> None:
+        if self.state.dataplane == "iptables":
+            self.netns_run(host, "iptables-legacy", "-N", "FOREIGN")
+            self.netns_run(
+                host,
+                "iptables-legacy",
+                "-A",
+                "FOREIGN",
+                "-p",
+                "tcp",
+                "--dport",
+                "9999",
+                "-j",
+                "RETURN",
+            )
+            self.netns_run(
+                host,
+                "iptables-legacy",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "9999",
+                "-j",
+                "FOREIGN",
+            )
+            return
+        self.netns_run(
+            host, "nft",
+            "add table inet foreign; add chain inet foreign c; "
+            "add rule inet foreign c tcp dport 9999 counter",
+        )  # fmt: skip
+
+    def remove_foreign_rules(self, host: str) -> None:
+        if self.state.dataplane == "iptables":
+            for args in (("-D", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "FOREIGN"),
+                         ("-F", "FOREIGN"), ("-X", "FOREIGN")):  # fmt: skip
+                self.netns_run(host, "iptables-legacy", *args, check=False)
+            return
+        self.netns_run(host, "nft", "delete", "table", "inet", "foreign", check=False)
+
+    def would_deny_packets(self, host: str) -> int:
+        """Packets counted by the visibility-mode would-deny rules on HOST."""
+        if self.state.dataplane == "iptables":
+            total = 0
+            for chain in ("BULKHEAD-INPUT", "BULKHEAD-OUTPUT"):
+                listing = self.netns_run(host, "iptables-legacy", "-L", chain, "-v", "-x", "-n")
+                total += sum(
+                    int(line.split()[0]) for line in listing.splitlines() if "would-deny" in line
+                )
+            return total
+        table = self.nft_table(host)["nftables"]
+        assert isinstance(table, list)
+        return sum(
+            expr["counter"]["packets"]
+            for item in table
+            if "rule" in item and "would-deny" in item["rule"].get("comment", "")
+            for expr in item["rule"]["expr"]
+            if "counter" in expr
+        )
+
+    def netns_run(self, host: str, *argv: str, check: bool = True) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.state.host(host).netns, *argv],
+            capture_output=True, text=True, check=check, timeout=10,
+        ).stdout  # fmt: skip
+
     def nft_table(self, host: str) -> dict[str, object]:
         out = subprocess.run(
             ["ip", "netns", "exec", self.state.host(host).netns,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bulkhead.v1 import ruleset_pb2 as bulkhead_dot_v1_dot_ruleset__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62ulkhead/v1/agent.proto\x12\x0b\x62ulkhead.v1\x1a\x19\x62ulkhead/v1/ruleset.proto\"\x0e\n\x0cGetCARequest\"\x1f\n\rGetCAResponse\x12\x0e\n\x06\x63\x61_pem\x18\x01 \x01(\t\"S\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\"\xa1\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.bulkhead.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x10RenewCertificate\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\",\n\x11\x43\x65rtificateIssued\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\"S\n\x08\x42\x61seline\x12\x18\n\x10\x66\x61ilsafe_inbound\x18\x01 \x03(\t\x12\x19\n\x11\x66\x61ilsafe_outbound\x18\x02 \x03(\t\x12\x12\n\ncontroller\x18\x03 \x01(\t\"\xae\x02\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.bulkhead.v1.Hello.LabelsEntry\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x18\n\x10\x61pplied_revision\x18\x05 \x01(\x04\x12\x14\n\x0c\x61pplied_hash\x18\x06 \x01(\t\x12\x1f\n\x04mode\x18\x07 \x01(\x0e\x32\x11.bulkhead.v1.Mode\x12\'\n\x08\x62\x61seline\x18\x08 \x01(\x0b\x32\x15.bulkhead.v1.Baseline\x12\x15\n\ragent_version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\"\"\n\rAddressUpdate\x12\x11\n\taddresses\x18\x01 \x03(\t\"@\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xea\x01\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.bulkhead.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.bulkhead.v1.HeartbeatH\x00\x12/\n\taddresses\x18\x03 \x01(\x0b\x32\x1a.bulkhead.v1.AddressUpdateH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.bulkhead.v1.AckH\x00\x12.\n\x05renew\x18\x05 \x01(\x0b\x32\x1d.bulkhead.v1.RenewCertificateH\x00\x42\x06\n\x04\x62ody\"W\n\x0ePolicySnapshot\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12%\n\x07ruleset\x18\x03 \x01(\x0b\x32\x14.bulkhead.v1.Ruleset\"(\n\x06InSync\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"\xab\x01\n\x11\x43ontrollerMessage\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.bulkhead.v1.PolicySnapshotH\x00\x12&\n\x07in_sync\x18\x02 \x01(\x0b\x32\x13.bulkhead.v1.InSyncH\x00\x12\x35\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0b\x32\x1e.bulkhead.v1.CertificateIssuedH\x00\x42\x06\n\x04\x62ody*C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODE_VISIBILITY\x10\x01\x12\x10\n\x0cMODE_ENFORCE\x10\x02\x32X\n\x0c\x41gentService\x12H\n\x07\x43onnect\x12\x19.bulkhead.v1.AgentMessage\x1a\x1e.bulkhead.v1.ControllerMessage(\x01\x30\x01\x32\x96\x01\n\x11\x45nrollmentService\x12>\n\x05GetCA\x12\x19.bulkhead.v1.GetCARequest\x1a\x1a.bulkhead.v1.GetCAResponse\x12\x41\n\x06\x45nroll\x12\x1a.bulkhead.v1.EnrollRequest\x1a\x1b.bulkhead.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62ulkhead/v1/agent.proto\x12\x0b\x62ulkhead.v1\x1a\x19\x62ulkhead/v1/ruleset.proto\"\x0e\n\x0cGetCARequest\"\x1f\n\rGetCAResponse\x12\x0e\n\x06\x63\x61_pem\x18\x01 \x01(\t\"S\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\"\xa1\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.bulkhead.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x10RenewCertificate\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\",\n\x11\x43\x65rtificateIssued\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\"f\n\x08\x42\x61seline\x12\x18\n\x10\x66\x61ilsafe_inbound\x18\x01 \x03(\t\x12\x19\n\x11\x66\x61ilsafe_outbound\x18\x02 \x03(\t\x12\x12\n\ncontroller\x18\x03 \x01(\t\x12\x11\n\tdataplane\x18\x04 \x01(\t\"\xae\x02\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.bulkhead.v1.Hello.LabelsEntry\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x18\n\x10\x61pplied_revision\x18\x05 \x01(\x04\x12\x14\n\x0c\x61pplied_hash\x18\x06 \x01(\t\x12\x1f\n\x04mode\x18\x07 \x01(\x0e\x32\x11.bulkhead.v1.Mode\x12\'\n\x08\x62\x61seline\x18\x08 \x01(\x0b\x32\x15.bulkhead.v1.Baseline\x12\x15\n\ragent_version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\"\"\n\rAddressUpdate\x12\x11\n\taddresses\x18\x01 \x03(\t\"@\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xea\x01\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.bulkhead.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.bulkhead.v1.HeartbeatH\x00\x12/\n\taddresses\x18\x03 \x01(\x0b\x32\x1a.bulkhead.v1.AddressUpdateH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.bulkhead.v1.AckH\x00\x12.\n\x05renew\x18\x05 \x01(\x0b\x32\x1d.bulkhead.v1.RenewCertificateH\x00\x42\x06\n\x04\x62ody\"W\n\x0ePolicySnapshot\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12%\n\x07ruleset\x18\x03 \x01(\x0b\x32\x14.bulkhead.v1.Ruleset\"(\n\x06InSync\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"\xab\x01\n\x11\x43ontrollerMessage\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.bulkhead.v1.PolicySnapshotH\x00\x12&\n\x07in_sync\x18\x02 \x01(\x0b\x32\x13.bulkhead.v1.InSyncH\x00\x12\x35\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0b\x32\x1e.bulkhead.v1.CertificateIssuedH\x00\x42\x06\n\x04\x62ody*C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODE_VISIBILITY\x10\x01\x12\x10\n\x0cMODE_ENFORCE\x10\x02\x32X\n\x0c\x41gentService\x12H\n\x07\x43onnect\x12\x19.bulkhead.v1.AgentMessage\x1a\x1e.bulkhead.v1.ControllerMessage(\x01\x30\x01\x32\x96\x01\n\x11\x45nrollmentService\x12>\n\x05GetCA\x12\x19.bulkhead.v1.GetCARequest\x1a\x1a.bulkhead.v1.GetCAResponse\x12\x41\n\x06\x45nroll\x12\x1a.bulkhead.v1.EnrollRequest\x1a\x1b.bulkhead.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLRESPONSE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=1517
-  _globals['_MODE']._serialized_end=1584
+  _globals['_MODE']._serialized_start=1536
+  _globals['_MODE']._serialized_end=1603
   _globals['_GETCAREQUEST']._serialized_start=67
   _globals['_GETCAREQUEST']._serialized_end=81
   _globals['_GETCARESPONSE']._serialized_start=83
@@ -53,27 +53,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CERTIFICATEISSUED']._serialized_start=402
   _globals['_CERTIFICATEISSUED']._serialized_end=446
   _globals['_BASELINE']._serialized_start=448
-  _globals['_BASELINE']._serialized_end=531
-  _globals['_HELLO']._serialized_start=534
-  _globals['_HELLO']._serialized_end=836
+  _globals['_BASELINE']._serialized_end=550
+  _globals['_HELLO']._serialized_start=553
+  _globals['_HELLO']._serialized_end=855
   _globals['_HELLO_LABELSENTRY']._serialized_start=318
   _globals['_HELLO_LABELSENTRY']._serialized_end=363
-  _globals['_HEARTBEAT']._serialized_start=838
-  _globals['_HEARTBEAT']._serialized_end=871
-  _globals['_ADDRESSUPDATE']._serialized_start=873
-  _globals['_ADDRESSUPDATE']._serialized_end=907
-  _globals['_ACK']._serialized_start=909
-  _globals['_ACK']._serialized_end=973
-  _globals['_AGENTMESSAGE']._serialized_start=976
-  _globals['_AGENTMESSAGE']._serialized_end=1210
-  _globals['_POLICYSNAPSHOT']._serialized_start=1212
-  _globals['_POLICYSNAPSHOT']._serialized_end=1299
-  _globals['_INSYNC']._serialized_start=1301
-  _globals['_INSYNC']._serialized_end=1341
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1344
-  _globals['_CONTROLLERMESSAGE']._serialized_end=1515
-  _globals['_AGENTSERVICE']._serialized_start=1586
-  _globals['_AGENTSERVICE']._serialized_end=1674
-  _globals['_ENROLLMENTSERVICE']._serialized_start=1677
-  _globals['_ENROLLMENTSERVICE']._serialized_end=1827
+  _globals['_HEARTBEAT']._serialized_start=857
+  _globals['_HEARTBEAT']._serialized_end=890
+  _globals['_ADDRESSUPDATE']._serialized_start=892
+  _globals['_ADDRESSUPDATE']._serialized_end=926
+  _globals['_ACK']._serialized_start=928
+  _globals['_ACK']._serialized_end=992
+  _globals['_AGENTMESSAGE']._serialized_start=995
+  _globals['_AGENTMESSAGE']._serialized_end=1229
+  _globals['_POLICYSNAPSHOT']._serialized_start=1231
+  _globals['_POLICYSNAPSHOT']._serialized_end=1318
+  _globals['_INSYNC']._serialized_start=1320
+  _globals['_INSYNC']._serialized_end=1360
+  _globals['_CONTROLLERMESSAGE']._serialized_start=1363
+  _globals['_CONTROLLERMESSAGE']._serialized_end=1534
+  _globals['_AGENTSERVICE']._serialized_start=1605
+  _globals['_AGENTSERVICE']._serialized_end=1693
+  _globals['_ENROLLMENTSERVICE']._serialized_start=1696
+  _globals['_ENROLLMENTSERVICE']._serialized_end=1846
 # @@protoc_insertion_point(module_scope)

@@ -69,14 +69,16 @@ class CertificateIssued(_message.Message):
     def __init__(self, certificate_pem: _Optional[str] = ...) -> None: ...
 
 class Baseline(_message.Message):
-    __slots__ = ("failsafe_inbound", "failsafe_outbound", "controller")
+    __slots__ = ("failsafe_inbound", "failsafe_outbound", "controller", "dataplane")
     FAILSAFE_INBOUND_FIELD_NUMBER: _ClassVar[int]
     FAILSAFE_OUTBOUND_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_FIELD_NUMBER: _ClassVar[int]
+    DATAPLANE_FIELD_NUMBER: _ClassVar[int]
     failsafe_inbound: _containers.RepeatedScalarFieldContainer[str]
     failsafe_outbound: _containers.RepeatedScalarFieldContainer[str]
     controller: str
-    def __init__(self, failsafe_inbound: _Optional[_Iterable[str]] = ..., failsafe_outbound: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ...) -> None: ...
+    dataplane: str
+    def __init__(self, failsafe_inbound: _Optional[_Iterable[str]] = ..., failsafe_outbound: _Optional[_Iterable[str]] = ..., controller: _Optional[str] = ..., dataplane: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("agent_id", "hostname", "labels", "addresses", "applied_revision", "applied_hash", "mode", "baseline", "agent_version")

@@ -1,0 +1,32 @@
+"""The legacy-iptables dataplane backend: our own chains in the filter tables, peers in ipsets.
+
+Modules: ``plan`` (what gets loaded: rule lines per family, ipsets, names), ``render``
+(ruleset -> plan, pure), ``commands`` (running the tools), ``ipsets`` (set swaps),
+``tables`` (one family's filter table), ``backend`` (IptablesBackend).
+"""
+
+from agent.dataplane.iptables.backend import IptablesBackend
+from agent.dataplane.iptables.commands import CommandRunner, SubprocessRunner
+from agent.dataplane.iptables.plan import (
+    INPUT_CHAIN,
+    OUTPUT_CHAIN,
+    FamilyRules,
+    IpSet,
+    IptablesPlan,
+    ipset_name,
+)
+from agent.dataplane.iptables.render import NFLOG_GROUP, render_iptables
+
+__all__ = [
+    "INPUT_CHAIN",
+    "NFLOG_GROUP",
+    "OUTPUT_CHAIN",
+    "CommandRunner",
+    "FamilyRules",
+    "IpSet",
+    "IptablesBackend",
+    "IptablesPlan",
+    "SubprocessRunner",
+    "ipset_name",
+    "render_iptables",
+]
