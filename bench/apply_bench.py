@@ -132,7 +132,7 @@ def make_ruleset(hosts: int, networks: int) -> pb.Ruleset:
     return ruleset
 
 
-def _timed(action: Callable[[], object]) -> float:
+def timed(action: Callable[[], object]) -> float:
     gc.collect()  # so one run does not pay for the garbage of the previous one
     started = time.perf_counter()
     action()
@@ -145,14 +145,14 @@ def measure_python(scenario: Scenario) -> dict[str, Any]:
     ruleset = make_ruleset(scenario.hosts, scenario.networks)
     document = render(ruleset, BASELINE)
     return {
-        "render": [_timed(lambda: render(ruleset, BASELINE)) for _ in range(scenario.runs)],
-        "load": [_timed(lambda: load_ruleset(ruleset)) for _ in range(scenario.runs)],
-        "encode": [_timed(lambda: json.dumps(document)) for _ in range(scenario.runs)],
+        "render": [timed(lambda: render(ruleset, BASELINE)) for _ in range(scenario.runs)],
+        "load": [timed(lambda: load_ruleset(ruleset)) for _ in range(scenario.runs)],
+        "encode": [timed(lambda: json.dumps(document)) for _ in range(scenario.runs)],
         "payload_bytes": len(json.dumps(document).encode()),
     }
 
 
-def _refuse_foreign_namespace() -> None:
+def refuse_foreign_namespace() -> None:
     # Rules loaded into the root namespace could cut the machine off.
     here = subprocess.run(
         ["ip", "netns", "identify"], check=True, capture_output=True, text=True, timeout=60
@@ -163,7 +163,7 @@ def _refuse_foreign_namespace() -> None:
 
 def measure_inside(scenario: Scenario) -> dict[str, Any]:
     """Full apply and re-apply timings; call only inside a namespace of our own."""
-    _refuse_foreign_namespace()
+    refuse_foreign_namespace()
     ruleset = make_ruleset(scenario.hosts, scenario.networks)
     # One context for every call, as the agent keeps one for its lifetime.
     with LibNftables() as nft:
@@ -172,9 +172,9 @@ def measure_inside(scenario: Scenario) -> dict[str, Any]:
         for _ in range(scenario.runs):
             backend.remove()
             time.sleep(SETTLE_SECONDS)
-            full.append(_timed(lambda: backend.apply(ruleset, BASELINE)))
+            full.append(timed(lambda: backend.apply(ruleset, BASELINE)))
             time.sleep(SETTLE_SECONDS)
-            replace.append(_timed(lambda: backend.apply(ruleset, BASELINE)))
+            replace.append(timed(lambda: backend.apply(ruleset, BASELINE)))
         listing = nft.json_cmd({"nftables": [{"list": {"table": TABLE}}]})
         backend.remove()
     sets = [item["set"] for item in listing["nftables"] if "set" in item]
@@ -222,7 +222,7 @@ def measure_kernel(scenario: Scenario) -> dict[str, Any]:
     return result
 
 
-def _ms(seconds: Sequence[float]) -> str:
+def ms(seconds: Sequence[float]) -> str:
     return f"{statistics.median(seconds) * 1e3:,.1f} / {min(seconds) * 1e3:,.1f}"
 
 
@@ -247,15 +247,15 @@ def results_table(rows: Sequence[tuple[Scenario, dict[str, Any]]], markdown: boo
             f"{scenario.hosts:,} + {scenario.networks:,}",
             str(scenario.runs),
             f"{result['payload_bytes'] / 1e3:,.0f}",
-            _ms(result["render"]),
-            _ms(result["load"]),
-            _ms(result["encode"]),
+            ms(result["render"]),
+            ms(result["load"]),
+            ms(result["encode"]),
         ]
         if kernel:
             python = statistics.median(result["render"]) + statistics.median(result["encode"])
             cells += [
-                _ms(result["full"]),
-                _ms(result["replace"]),
+                ms(result["full"]),
+                ms(result["replace"]),
                 _per_element_us(result["full"], scenario.elements),
                 _per_element_us(result["replace"], scenario.elements),
                 f"{python / statistics.median(result['full']):.0%}",
@@ -272,14 +272,14 @@ def _scenarios(sizes: Sequence[int], runs: int, large_runs: int) -> list[Scenari
     ]
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)
 
 
-def _sizes(text: str) -> list[int]:
-    sizes = [_positive(part) for part in text.split(",")]
+def sizes(text: str) -> list[int]:
+    sizes = [positive(part) for part in text.split(",")]
     if max(sizes) > MAX_HOSTS:
         raise argparse.ArgumentTypeError(f"at most {MAX_HOSTS:,} hosts fit the lab ranges")
     return sizes
@@ -287,14 +287,14 @@ def _sizes(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=_sizes, default=list(SIZES), help="host counts, 1,2,3")
-    parser.add_argument("--runs", type=_positive, default=RUNS)
-    parser.add_argument("--large-runs", type=_positive, default=LARGE_RUNS)
+    parser.add_argument("--sizes", type=sizes, default=list(SIZES), help="host counts, 1,2,3")
+    parser.add_argument("--runs", type=positive, default=RUNS)
+    parser.add_argument("--large-runs", type=positive, default=LARGE_RUNS)
     parser.add_argument("--render-only", action="store_true", help="no kernel, no root needed")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     # The child's side: one scenario, timings printed as JSON.
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--hosts", type=_positive, default=SIZES[0], help=argparse.SUPPRESS)
+    parser.add_argument("--hosts", type=positive, default=SIZES[0], help=argparse.SUPPRESS)
     parser.add_argument("--networks", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
