@@ -56,6 +56,33 @@ class EnrollResponse(_message.Message):
     labels: _containers.ScalarMap[str, str]
     def __init__(self, certificate_pem: _Optional[str] = ..., ca_pem: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class TamperEvent(_message.Message):
+    __slots__ = ("detected_unix_ms", "description", "repaired", "repair_seconds")
+    DETECTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    detected_unix_ms: int
+    description: str
+    repaired: bool
+    repair_seconds: float
+    def __init__(self, detected_unix_ms: _Optional[int] = ..., description: _Optional[str] = ..., repaired: _Optional[bool] = ..., repair_seconds: _Optional[float] = ...) -> None: ...
+
+class ConfigChange(_message.Message):
+    __slots__ = ("labels", "mode")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.ScalarMap[str, str]
+    mode: Mode
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+
 class RenewCertificate(_message.Message):
     __slots__ = ("csr_pem",)
     CSR_PEM_FIELD_NUMBER: _ClassVar[int]
@@ -134,18 +161,22 @@ class Ack(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "addresses", "ack", "renew")
+    __slots__ = ("hello", "heartbeat", "addresses", "ack", "renew", "tamper", "config")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     RENEW_FIELD_NUMBER: _ClassVar[int]
+    TAMPER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     addresses: AddressUpdate
     ack: Ack
     renew: RenewCertificate
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., addresses: _Optional[_Union[AddressUpdate, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., renew: _Optional[_Union[RenewCertificate, _Mapping]] = ...) -> None: ...
+    tamper: TamperEvent
+    config: ConfigChange
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., addresses: _Optional[_Union[AddressUpdate, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., renew: _Optional[_Union[RenewCertificate, _Mapping]] = ..., tamper: _Optional[_Union[TamperEvent, _Mapping]] = ..., config: _Optional[_Union[ConfigChange, _Mapping]] = ...) -> None: ...
 
 class PolicySnapshot(_message.Message):
     __slots__ = ("revision", "hash", "ruleset")
