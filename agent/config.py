@@ -62,11 +62,17 @@ class AgentConfig(BaseModel):
     hostname: str = Field(default_factory=socket.gethostname)
     labels: dict[str, str] = Field(default_factory=dict)
     mode: Mode = Mode.ENFORCE
+    # Drop-in label files (*.yaml mappings), watched like the config; default:
+    # labels.d beside the config file.
+    labels_dir: Path | None = None
     failsafe: FailsafeConfig = Field(default_factory=FailsafeConfig)
     state_dir: Path = DEFAULT_STATE_DIR
     # auto: nftables, unless the host's own iptables is the legacy one (agent.dataplane.select).
     dataplane: Literal["auto", "nftables", "iptables"] = "auto"
     allow_iptables_on_nft_host: bool = False
+    # After each apply the controller must be reachable over a new connection within this
+    # many seconds, or the previous ruleset is put back. 0 turns the check off.
+    commit_confirm_seconds: float = Field(default=10.0, ge=0, le=300, allow_inf_nan=False)
     heartbeat_interval: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     address_poll_interval: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
 

@@ -31,11 +31,14 @@ class Enforcer:
         state_dir: Path,
         *,
         cut_flows: FlowCutter = cut_disallowed,
+        confirm: Callable[[], bool] = lambda: True,
     ) -> None:
         self._backend = backend
         self._baseline = baseline
         self._state_dir = state_dir
         self._cut_flows = cut_flows
+        # Commit-confirm: can the agent still reach its controller after an apply?
+        self._confirm = confirm
         self.current: AppliedSnapshot | None = None
 
     @property
@@ -89,6 +92,13 @@ class Enforcer:
             self._backend.apply(snapshot.ruleset, self._baseline)
         except DataplaneError as exc:
             return self._failed(snapshot, str(exc))
+        if not self._confirm():
+            self._roll_back()
+            return self._failed(
+                snapshot,
+                "rolled back: after applying it the controller could not be reached over a "
+                "new connection (commit-confirm)",
+            )
         self.current = AppliedSnapshot(snapshot.revision, digest, snapshot.ruleset)
         # Persisted only after the kernel accepted it: the file never runs ahead of reality.
         try:
@@ -106,6 +116,22 @@ class Enforcer:
                     log.info("cut %d connection(s) no longer allowed", cut)
         log.info("applied revision %d (%s)", snapshot.revision, digest[:12])
         return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
+
+    def set_baseline(self, baseline: Baseline) -> None:
+        """A new local baseline (e.g. the mode changed): re-apply what is enforced with it."""
+        self._baseline = baseline
+        current = self.current.ruleset if self.current else ruleset_pb2.Ruleset()
+        self._backend.apply(current, baseline)
+        log.info("re-applied revision %d with the %s baseline", self.applied_revision,
+                 baseline.mode.value)  # fmt: skip
+
+    def _roll_back(self) -> None:
+        """Put the previous ruleset back (the baseline alone if there was none)."""
+        previous = self.current.ruleset if self.current else ruleset_pb2.Ruleset()
+        try:
+            self._backend.apply(previous, self._baseline)
+        except DataplaneError as exc:
+            log.critical("rollback failed, the new ruleset stays: %s", exc)
 
     def _failed(self, snapshot: agent_pb2.PolicySnapshot, reason: str) -> agent_pb2.Ack:
         log.error("revision %d not applied: %s", snapshot.revision, reason)

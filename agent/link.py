@@ -97,6 +97,7 @@ class ControllerLink:
         self._address_poll_interval = address_poll_interval
         self.addresses: list[str] = []
         self._stream_up_at: float | None = None
+        self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         # The key of a renewal in flight: the certificate that comes back must match it.
         self._renewal_key: ec.EllipticCurvePrivateKey | None = None
 
@@ -122,8 +123,17 @@ class ControllerLink:
             log.info("reconnecting in %.1fs", delay)
             await asyncio.sleep(delay)
 
+    def report(self, message: agent_pb2.AgentMessage) -> bool:
+        """Send MESSAGE on the current stream; False if there is none (the next hello
+        carries the agent's state anyway)."""
+        if self._outbox is None:
+            return False
+        self._outbox.put_nowait(message)
+        return True
+
     async def _run_once(self) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
+        self._outbox = outbox
         self.addresses = await asyncio.to_thread(self._discover)
         hello = self._make_hello()
         hello.addresses[:] = self.addresses
@@ -153,6 +163,7 @@ class ControllerLink:
                     self._stream_up_at = self._stream_up_at or time.monotonic()
                     await self._handle(message, outbox)
             finally:
+                self._outbox = None
                 for task in helpers:
                     task.cancel()
 

@@ -14,6 +14,7 @@ import click
 
 from agent.addresses import discover_addresses
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, split_host_port
+from agent.confirm import controller_reachable
 from agent.dataplane.backend import DataplaneError
 from agent.dataplane.baseline import Baseline, Endpoint, Mode
 from agent.dataplane.nftables import render
@@ -22,6 +23,7 @@ from agent.enforcer import Enforcer
 from agent.enroll import EnrollmentError, enroll
 from agent.identity import AgentCredentials, IdentityError, load_credentials
 from agent.link import Backoff, ControllerLink
+from agent.reload import HostSettings, host_settings, watch_settings
 from agent.state import StateCorrupt, load_snapshot
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 
@@ -63,13 +65,13 @@ def _refuse_outside_netns() -> None:
         )
 
 
-def build_baseline(config: AgentConfig) -> Baseline:
+def build_baseline(config: AgentConfig, mode: Mode | None = None) -> Baseline:
     endpoints = {
         Endpoint(*split_host_port(config.controller)),
         Endpoint(*split_host_port(config.enrollment_address())),
     }
     return Baseline(
-        mode=config.mode,
+        mode=mode or config.mode,
         failsafe_inbound=config.failsafe.inbound_specs(),
         failsafe_outbound=config.failsafe.outbound_specs(),
         controllers=tuple(sorted(endpoints, key=lambda e: (e.address, e.port))),
@@ -126,32 +128,41 @@ def _baseline_message(config: AgentConfig, dataplane: str) -> agent_pb2.Baseline
     )
 
 
-async def run_agent(config: AgentConfig) -> None:
+async def run_agent(config: AgentConfig, config_path: Path) -> None:
     _refuse_outside_netns()
-    baseline = build_baseline(config)
+    try:
+        _, settings = host_settings(config_path)  # the config's labels plus the drop-ins
+    except ConfigError as exc:
+        raise AgentStartError(str(exc)) from exc
+    baseline = build_baseline(config, settings.mode)
     dataplane = selected_dataplane(config)
     try:
         backend = make_backend(dataplane)
     except (DataplaneError, ImportError, OSError) as exc:
         raise AgentStartError(f"dataplane {dataplane}: cannot start ({exc})") from exc
     log.info("dataplane: %s (configured: %s)", dataplane, config.dataplane)
-    enforcer = Enforcer(backend, baseline, config.state_dir)
+    main_endpoint = (Endpoint(*split_host_port(config.controller)),)
+    enforcer = Enforcer(
+        backend,
+        baseline,
+        config.state_dir,
+        confirm=lambda: controller_reachable(main_endpoint, config.commit_confirm_seconds),
+    )
     try:
         enforcer.restore()
     except DataplaneError as exc:
         raise AgentStartError(f"cannot program nftables: {exc}") from exc
     # After restore: the baseline lets the agent reach the enrollment port, nothing else.
     await obtain_credentials(config)
-    mode = agent_pb2.MODE_ENFORCE if config.mode is Mode.ENFORCE else agent_pb2.MODE_VISIBILITY
 
     def make_hello() -> agent_pb2.Hello:
         return agent_pb2.Hello(
             agent_id=config.agent_id,
             hostname=config.hostname,
-            labels=config.labels,
+            labels=settings.labels,
             applied_revision=enforcer.applied_revision,
             applied_hash=enforcer.applied_hash,
-            mode=mode,
+            mode=_wire_mode(settings.mode),
             baseline=_baseline_message(config, dataplane),
             agent_version=AGENT_VERSION,
         )
@@ -166,7 +177,17 @@ async def run_agent(config: AgentConfig) -> None:
         heartbeat_interval=config.heartbeat_interval,
         address_poll_interval=config.address_poll_interval,
     )
+
+    async def apply_settings(new: HostSettings) -> None:
+        nonlocal settings
+        if new.mode is not settings.mode:
+            await asyncio.to_thread(enforcer.set_baseline, build_baseline(config, new.mode))
+        settings = new
+        change = agent_pb2.ConfigChange(labels=new.labels, mode=_wire_mode(new.mode))
+        link.report(agent_pb2.AgentMessage(config=change))
+
     task = asyncio.create_task(link.run_forever())
+    reload = asyncio.create_task(watch_settings(config_path, settings, apply_settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,6 +199,11 @@ async def run_agent(config: AgentConfig) -> None:
         raise AgentStartError(f"the controller link stopped: {task.exception()!r}")
     log.info("stopping; the last policy stays enforced")
     task.cancel()
+    reload.cancel()
+
+
+def _wire_mode(mode: Mode) -> agent_pb2.Mode:
+    return agent_pb2.MODE_ENFORCE if mode is Mode.ENFORCE else agent_pb2.MODE_VISIBILITY
 
 
 def _setup_logging(level: str) -> None:
@@ -214,7 +240,7 @@ def main(ctx: click.Context, config_path: Path, log_level: str) -> None:
     _setup_logging(log_level)
     try:
         config = load_config(config_path)
-        asyncio.run(run_agent(config))
+        asyncio.run(run_agent(config, config_path))
     except (ConfigError, AgentStartError) as exc:
         _fail(str(exc))
 
@@ -265,13 +291,22 @@ def enroll_command(config_path: Path, token: str, enrollment: str | None) -> Non
 
 
 @main.command("uninstall-rules")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.pass_obj
-def uninstall_rules(config_path: Path) -> None:
-    """Remove what the agent owns in its dataplane (and nothing else)."""
+def uninstall_rules(config_path: Path, yes: bool) -> None:
+    """Remove what the agent owns in its dataplane (and nothing else), leaving this host
+    without Bulkhead's protection: for decommissioning a host. Stop the agent first."""
     try:
         _refuse_outside_netns()
         config = load_config(config_path)
         dataplane = selected_dataplane(config)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise AgentStartError("refusing to remove the rules without --yes (no terminal)")
+            click.confirm(
+                f"Remove Bulkhead's {dataplane} rules? This host will no longer be segmented",
+                abort=True,
+            )
         make_backend(dataplane).remove()
     except (AgentStartError, ConfigError, DataplaneError) as exc:
         _fail(str(exc))

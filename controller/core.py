@@ -34,6 +34,7 @@ from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore,
 log = logging.getLogger(__name__)
 
 KINDS = ("Policy", "IPList")
+DEFAULT_OFFLINE_AFTER_S = 3600.0
 # Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
 MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
@@ -47,9 +48,21 @@ class ResourceChange:
 
 
 class Controller:
-    def __init__(self, store: SqliteStore, enrollment: Enrollment) -> None:
+    def __init__(
+        self,
+        store: SqliteStore,
+        enrollment: Enrollment,
+        *,
+        offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
+        offline_isolation: bool = False,
+    ) -> None:
         self._store = store
         self.enrollment = enrollment
+        self._offline_after_ms = int(offline_after_s * 1000)
+        # With isolation, an offline agent's addresses leave its peers' sets: an address
+        # that changes hands must not inherit the old workload's access.
+        self._offline_isolation = offline_isolation
+        self._isolated: frozenset[str] = frozenset()
         self._sessions: dict[str, AgentSession] = {}
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
@@ -244,15 +257,13 @@ class Controller:
         session = AgentSession(agent.agent_id)
         self._sessions[agent.agent_id] = session
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
-        # Only labels and addresses feed the compiler; an unchanged agent costs no recompile.
+        # Only labels and addresses (and, with isolation, being offline) feed the compiler;
+        # an unchanged agent costs no recompile.
         changed = (
             known is None
             or not agent.desired_hash
-            or before
-            != (
-                agent.labels,
-                agent.addresses,
-            )
+            or before != (agent.labels, agent.addresses)
+            or agent.agent_id in self._isolated
         )
         pushed = self._recompile() if changed else set()
         if agent.agent_id not in pushed:
@@ -300,6 +311,19 @@ class Controller:
         log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
         self._recompile()
 
+    def config_changed(self, agent_id: str, change: agent_pb2.ConfigChange) -> None:
+        """The host's own labels or mode changed (its config or labels drop-ins)."""
+        problems = _label_problems(change.labels, "config.labels")
+        if problems:
+            raise InvalidArgument(problems)
+        agent = self._require_agent(agent_id)
+        agent.reported_labels = dict(change.labels)
+        agent.mode = change.mode
+        with self._store.transaction():
+            self._store.put_agent(agent)
+        log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
+        self._recompile()
+
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
         agent = self._require_agent(agent_id)
         if ack.ok:
@@ -322,10 +346,33 @@ class Controller:
 
     # -- compilation -------------------------------------------------------------------
 
+    def is_offline(self, agent: AgentRecord, at_ms: int | None = None) -> bool:
+        """Not connected and silent for longer than the offline threshold."""
+        silent_ms = (at_ms if at_ms is not None else now_ms()) - agent.last_seen_ms
+        return not self.is_connected(agent.agent_id) and silent_ms > self._offline_after_ms
+
+    def check_offline(self) -> set[str]:
+        """Re-evaluate which agents are offline (called periodically); with isolation,
+        recompile when that changes. Returns the offline agents."""
+        at = now_ms()
+        offline = {a.agent_id for a in self._store.list_agents() if self.is_offline(a, at)}
+        if self._offline_isolation and frozenset(offline) != self._isolated:
+            log.warning("offline agents now %s; recompiling their peers", sorted(offline) or "none")
+            self._recompile()
+        return offline
+
     def _recompile(self) -> set[str]:
         """Recompile every agent; push to those whose ruleset hash changed. Returns them."""
         agents = self._store.list_agents()
-        workloads = [Workload(a.agent_id, a.labels, tuple(a.addresses)) for a in agents]
+        at = now_ms()
+        isolated = frozenset(
+            a.agent_id for a in agents if self._offline_isolation and self.is_offline(a, at)
+        )
+        self._isolated = isolated
+        workloads = [
+            Workload(a.agent_id, a.labels, () if a.agent_id in isolated else tuple(a.addresses))
+            for a in agents
+        ]
         rulesets = compile_rulesets(
             workloads, list(self._iplists.values()), list(self._policies.values())
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -17,10 +18,11 @@ from controller.store.sqlite_store import SqliteStore
 CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", CONTROLLER_NAME)]
 
 
-def make_controller(directory: Path) -> Controller:
+def make_controller(directory: Path, **options: Any) -> Controller:
+    directory.mkdir(parents=True, exist_ok=True)
     store = SqliteStore(directory / "c.db")
     ca = CertificateAuthority.load_or_create(directory / "pki")
-    return Controller(store, Enrollment(store, ca))
+    return Controller(store, Enrollment(store, ca), **options)
 
 
 def server_credentials(

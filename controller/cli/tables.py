@@ -55,7 +55,7 @@ def agents_table(agents: Sequence[admin_pb2.AgentSummary]) -> Table:
             cell(labels_text(agent.labels)),
             cell(truncated(list(agent.addresses))),
             cell(mode_text(agent.mode)),
-            cell("revoked" if agent.revoked else yes_no(agent.connected)),
+            cell(_connection_state(agent)),
             cell(revisions_text(agent)),
         )
     return table
@@ -138,6 +138,15 @@ def compact_json(text: str) -> str:
     except ValueError:
         return " ".join(text.split())
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _connection_state(agent: admin_pb2.AgentSummary) -> str:
+    """revoked, offline (silent past the controller's threshold), yes or no."""
+    if agent.revoked:
+        return "revoked"
+    if agent.offline:
+        return "offline"
+    return yes_no(agent.connected)
 
 
 def _cut(text: str, limit: int) -> str:

@@ -145,6 +145,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             last_seen_unix_ms=agent.last_seen_ms,
             revoked=self._core.is_revoked(agent.agent_id),
             certificate_not_after_unix_ms=expiry,
+            offline=self._core.is_offline(agent),
         )
 
 

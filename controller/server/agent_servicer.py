@@ -73,6 +73,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     )
                 elif kind == "ack":
                     self._core.acknowledged(session.agent_id, message.ack)
+                elif kind == "config":
+                    self._core.config_changed(session.agent_id, message.config)
                 elif kind == "renew":
                     pem = self._core.enrollment.renew(
                         session.agent_id, message.renew.csr_pem.encode()

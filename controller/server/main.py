@@ -16,7 +16,7 @@ import click
 import grpc
 
 from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
-from controller.core import Controller
+from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
 from controller.pki import (
     CertificateAuthority,
@@ -77,6 +77,14 @@ def _lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+async def _watch_offline(core: Controller, offline_after_s: float) -> None:
+    """Re-evaluate offline agents often enough to notice within a quarter of the threshold."""
+    interval = max(1.0, min(30.0, offline_after_s / 4))
+    while True:
+        await asyncio.sleep(interval)
+        core.check_offline()
+
+
 def enrollment_address(listen: str) -> str:
     """The default enrollment address: the main one with the next port."""
     host, _, port = listen.rpartition(":")
@@ -111,12 +119,19 @@ async def serve(
     ca_cert: Path | None = None,
     ca_key: Path | None = None,
     agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
+    offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
+    offline_isolation: bool = False,
 ) -> None:
     _lock_state_dir(state_dir)
     store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
     enrollment = Enrollment(store, ca, agent_cert_ttl=agent_cert_ttl)
     try:
-        core = Controller(store, enrollment)
+        core = Controller(
+            store,
+            enrollment,
+            offline_after_s=offline_after_s,
+            offline_isolation=offline_isolation,
+        )
     except RuntimeError as exc:  # stored resources that no longer validate
         raise StartupError(str(exc)) from exc
     # A fresh server certificate each start: nothing long-lived to steal besides the CA.
@@ -150,7 +165,9 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    offline_watch = asyncio.create_task(_watch_offline(core, offline_after_s))
     await stop.wait()
+    offline_watch.cancel()
     log.info("shutting down")
     await server.stop(grace=2)
     store.close()
@@ -197,6 +214,18 @@ def _setup_logging(level: str) -> None:
     help="Lifetime of agent certificates in seconds; agents renew at two thirds.",
 )
 @click.option(
+    "--offline-after",
+    type=click.FloatRange(1, 30 * 24 * 3600),
+    default=DEFAULT_OFFLINE_AFTER_S,
+    show_default=True,
+    help="Seconds of silence after which an agent is shown offline.",
+)
+@click.option(
+    "--offline-isolation",
+    is_flag=True,
+    help="Take offline agents' addresses out of their peers' sets.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -212,6 +241,8 @@ def main(  # noqa: PLR0917 - click passes options positionally
     ca_cert: Path | None,
     ca_key: Path | None,
     agent_cert_ttl: int,
+    offline_after: float,
+    offline_isolation: bool,
     log_level: str,
 ) -> None:
     """Run the Bulkhead controller (or one of the commands below)."""
@@ -231,6 +262,8 @@ def main(  # noqa: PLR0917 - click passes options positionally
                 ca_cert=ca_cert,
                 ca_key=ca_key,
                 agent_cert_ttl=timedelta(seconds=agent_cert_ttl),
+                offline_after_s=offline_after,
+                offline_isolation=offline_isolation,
             )
         )  # fmt: skip
     except StartupError as exc:

@@ -263,3 +263,37 @@ def test_in_sync_for_a_ruleset_we_do_not_enforce_forces_a_resync(tmp_path: Path)
     outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
     with pytest.raises(ResyncNeeded):
         asyncio.run(link._handle(message, outbox))
+
+
+def test_commit_confirm_rolls_back_a_ruleset_that_cuts_off_the_controller(tmp_path: Path) -> None:
+    backend = RecordingBackend()
+    reachable = iter([True, False])
+    enforcer = Enforcer(
+        backend, ENFORCE, tmp_path, cut_flows=Cuts(), confirm=lambda: next(reachable)
+    )
+    assert enforcer.apply(snapshot(7), []).ok
+    newer = sample_ruleset()
+    newer.rules[0].ports[0].first = newer.rules[0].ports[0].last = 6000
+    bad = agent_pb2.PolicySnapshot(revision=8, hash=ruleset_hash(newer), ruleset=newer)
+    ack = enforcer.apply(bad, [])
+    assert not ack.ok
+    assert "rolled back" in ack.error
+    assert backend.loaded == sample_ruleset(), "the previous ruleset must be back"
+    assert enforcer.applied_revision == 7
+    saved = load_snapshot(tmp_path)
+    assert saved is not None
+    assert saved.revision == 7
+
+
+def test_controller_reachable_needs_a_new_connection(tmp_path: Path) -> None:
+    import socket
+
+    from agent.confirm import controller_reachable
+    from agent.dataplane.baseline import Endpoint
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert controller_reachable([Endpoint("127.0.0.1", port)], within=1.0)
+    assert not controller_reachable([Endpoint("127.0.0.1", port)], within=0.3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,44 @@ def test_token_labels_win_over_labels_the_host_reports(core: Controller, tmp_pat
     core.enrollment.enroll(text, "newhost", make_csr(generate_key(), "newhost"), "newhost")
     core.connect("newhost", hello("newhost", "db", "198.18.0.20"))
     assert core.agent("newhost").labels == {"app": "web"}
+
+
+def _silence(core: Controller, session: AgentSession) -> None:
+    core.disconnect(session)
+    time.sleep(0.12)  # past the 0.1 s threshold these tests use
+
+
+def test_offline_agents_are_shown_and_isolated_only_when_asked(tmp_path: Path) -> None:
+    for isolation in (False, True):
+        core = make_controller(tmp_path / str(isolation), offline_after_s=0.1,
+                               offline_isolation=isolation)  # fmt: skip
+        sessions = connect_three(core)
+        core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
+        take(sessions["db"])
+        _silence(core, sessions["web"])
+        assert core.check_offline() == {"web"}
+        assert core.is_offline(core.agent("web"))
+        pushed = take(sessions["db"])
+        if isolation:
+            assert pushed is not None, "db must drop the offline web's address"
+            assert list(pushed.snapshot.ruleset.sets[0].hosts) == []
+        else:
+            assert pushed is None, "without isolation nothing changes for db"
+        # web comes back: its address returns to db's set.
+        core.connect(*for_agent(hello("web", "web", "198.18.0.10")))
+        if isolation:
+            back = take(sessions["db"])
+            assert back is not None
+            assert list(back.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10"]
+
+
+def test_host_label_change_recompiles_its_peers(core: Controller) -> None:
+    sessions = connect_three(core)
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
+    take(sessions["db"])
+    core.config_changed("other", agent_pb2.ConfigChange(labels={"app": "web"}))
+    db = take(sessions["db"])
+    assert db is not None
+    assert sorted(db.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
+    with pytest.raises(InvalidArgument, match=r"config\.labels"):
+        core.config_changed("other", agent_pb2.ConfigChange(labels={"bad key": "x"}))
