@@ -91,9 +91,15 @@ async def enroll(
         ) as channel:
             reply = await _STUB(channel).GetCA(agent_pb2.GetCARequest(), timeout=TIMEOUT_S)
         ca_pem = reply.ca_pem.encode()
-        if ca_fingerprint(ca_pem) != token.ca_fingerprint:
+        try:
+            fingerprint = ca_fingerprint(ca_pem)
+        except IdentityError as exc:
             raise EnrollmentError(
-                f"the controller at {address} has CA {ca_fingerprint(ca_pem)[:16]}..., but the "
+                f"the controller at {address} sent an unusable CA: {exc}"
+            ) from exc
+        if fingerprint != token.ca_fingerprint:
+            raise EnrollmentError(
+                f"the controller at {address} has CA {fingerprint[:16]}..., but the "
                 f"token pins {token.ca_fingerprint[:16]}...: not sending the token. Is this the "
                 "right controller, and the token from it?"
             )

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +43,8 @@ BACKOFF_MAX_S = 30.0
 # A stream must stay up this long before the backoff starts again from its minimum, so two
 # hosts cloned with one agent id cannot kick each other off several times a second.
 STABLE_STREAM_S = 5.0
+# Tamper reports (agent/tamper.py) kept while there is no stream; the oldest are dropped.
+TAMPER_BACKLOG_MAX = 100
 # Pings notice a controller that vanished without closing the connection.
 CHANNEL_OPTIONS = [
     # The controller is verified by this name (its certificate always carries it),
@@ -100,6 +103,8 @@ class ControllerLink:
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
         # The key of a renewal in flight: the certificate that comes back must match it.
         self._renewal_key: ec.EllipticCurvePrivateKey | None = None
+        self._renewed: AgentCredentials | None = None
+        self._tamper_backlog: deque[agent_pb2.TamperEvent] = deque(maxlen=TAMPER_BACKLOG_MAX)
 
     async def run_forever(self) -> None:
         backoff = Backoff()
@@ -131,6 +136,23 @@ class ControllerLink:
         self._outbox.put_nowait(message)
         return True
 
+    # -- tamper reports (agent/tamper.py) -------------------------------------------------
+    async def report_tamper(self, event: agent_pb2.TamperEvent) -> None:
+        """Send a tamper event now if the stream is up, else once it is (at most
+        TAMPER_BACKLOG_MAX of them wait; the oldest are dropped)."""
+        self._tamper_backlog.append(event)
+        self._send_tamper_backlog()
+
+    def _send_tamper_backlog(self) -> None:
+        # Up means the controller answered our hello; before that a message could be lost.
+        if self._outbox is None or self._stream_up_at is None:
+            return
+        while self._tamper_backlog:
+            event = self._tamper_backlog.popleft()
+            self._outbox.put_nowait(agent_pb2.AgentMessage(tamper=event))
+
+    # -- end tamper reports ----------------------------------------------------------------
+
     async def _run_once(self) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         self._outbox = outbox
@@ -143,6 +165,13 @@ class ControllerLink:
         if credentials is None:
             raise IdentityError(f"no credentials in {self._state_dir}; enroll this host again")
         self._renewal_key = None
+        self._renewed = None
+        if credentials.not_after <= datetime.now(UTC):
+            # The handshake would fail with an opaque "socket closed"; say what is wrong.
+            raise IdentityError(
+                f"this agent's certificate expired at {credentials.not_after}; revoke it on "
+                "the controller (bulkhead agent revoke ID) and enroll again with a new token"
+            )
         channel_credentials = grpc.ssl_channel_credentials(
             credentials.ca_pem, credentials.key_pem, credentials.cert_pem
         )
@@ -161,6 +190,7 @@ class ControllerLink:
             try:
                 async for message in call:
                     self._stream_up_at = self._stream_up_at or time.monotonic()
+                    self._send_tamper_backlog()  # tamper reports waiting for a stream
                     await self._handle(message, outbox)
             finally:
                 self._outbox = None
@@ -194,6 +224,8 @@ class ControllerLink:
         lifetime = (credentials.not_after - credentials.not_before).total_seconds()
         check_every = max(1.0, min(60.0, lifetime / 20))
         while True:
+            # The newest certificate on disk, so a renewal done on this stream counts.
+            credentials = self._renewed or credentials
             if self._renewal_key is None and credentials.needs_renewal(datetime.now(UTC)):
                 self._renewal_key = generate_key()
                 csr = make_csr(self._renewal_key, self._agent_id).decode()
@@ -213,6 +245,7 @@ class ControllerLink:
             log.error("the renewed certificate does not match our key or CA; keeping the old one")
             return
         save_credentials(self._state_dir, renewed)
+        self._renewed = renewed
         log.info(
             "certificate renewed; valid until %s (used from the next connection)", renewed.not_after
         )

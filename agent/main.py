@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from agent import sdnotify
 from agent.addresses import discover_addresses
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, split_host_port
 from agent.confirm import controller_reachable
@@ -22,9 +23,11 @@ from agent.dataplane.select import choose_backend, detect_iptables_flavour, make
 from agent.enforcer import Enforcer
 from agent.enroll import EnrollmentError, enroll
 from agent.identity import AgentCredentials, IdentityError, load_credentials
+from agent.install import install_service
 from agent.link import Backoff, ControllerLink
 from agent.reload import HostSettings, host_settings, watch_settings
 from agent.state import StateCorrupt, load_snapshot
+from agent.tamper import TamperGuard
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 log = logging.getLogger("bulkhead.agent")
@@ -141,9 +144,11 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     except (DataplaneError, ImportError, OSError) as exc:
         raise AgentStartError(f"dataplane {dataplane}: cannot start ({exc})") from exc
     log.info("dataplane: %s (configured: %s)", dataplane, config.dataplane)
+    # Tamper guard: every apply goes through guard.backend, so it knows what to repair to.
+    guard = TamperGuard.for_dataplane(dataplane, backend)
     main_endpoint = (Endpoint(*split_host_port(config.controller)),)
     enforcer = Enforcer(
-        backend,
+        guard.backend,
         baseline,
         config.state_dir,
         confirm=lambda: controller_reachable(main_endpoint, config.commit_confirm_seconds),
@@ -152,6 +157,12 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         enforcer.restore()
     except DataplaneError as exc:
         raise AgentStartError(f"cannot program nftables: {exc}") from exc
+    # systemd (Type=notify): ready once the first ruleset is in the kernel.
+    sdnotify.ready(f"enforcing revision {enforcer.applied_revision} ({dataplane})")
+    watchdog = sdnotify.start_watchdog()
+    # Tamper guard: repairs from now on; reports go to the link once it exists (before the
+    # first enrollment there is no one to tell, and the repair is logged either way).
+    guarding = asyncio.create_task(guard.watch())
     # After restore: the baseline lets the agent reach the enrollment port, nothing else.
     await obtain_credentials(config)
 
@@ -186,6 +197,7 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         change = agent_pb2.ConfigChange(labels=new.labels, mode=_wire_mode(new.mode))
         link.report(agent_pb2.AgentMessage(config=change))
 
+    guard.report_to(link.report_tamper)  # tamper guard: report from now on
     task = asyncio.create_task(link.run_forever())
     reload = asyncio.create_task(watch_settings(config_path, settings, apply_settings))
     stop = asyncio.Event()
@@ -198,8 +210,12 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     if task.done():
         raise AgentStartError(f"the controller link stopped: {task.exception()!r}")
     log.info("stopping; the last policy stays enforced")
+    sdnotify.stopping()
+    if watchdog is not None:
+        watchdog.cancel()
     task.cancel()
     reload.cancel()
+    guarding.cancel()  # tamper guard; the rules stay
 
 
 def _wire_mode(mode: Mode) -> agent_pb2.Mode:
@@ -315,3 +331,6 @@ def uninstall_rules(config_path: Path, yes: bool) -> None:
         "table inet bulkhead" if dataplane == "nftables" else "BULKHEAD-* chains and bh4/bh6 ipsets"
     )
     click.echo(f"removed {owned}")
+
+
+main.add_command(install_service)

@@ -94,7 +94,7 @@ async def watch_settings(
 
     def relevant(path: str) -> bool:
         candidate = Path(path)
-        return candidate == config_path or (
+        return candidate in (config_path, drop_ins) or (
             candidate.parent == drop_ins and candidate.suffix == ".yaml"
         )
 
@@ -104,7 +104,8 @@ async def watch_settings(
     observer = Observer()
     handler = _Events(relevant, notify)
     observer.schedule(handler, str(config_path.parent), recursive=False)
-    if drop_ins.is_dir():
+    watching_drop_ins = drop_ins.is_dir()
+    if watching_drop_ins:
         observer.schedule(handler, str(drop_ins), recursive=False)
     observer.start()
     try:
@@ -112,6 +113,10 @@ async def watch_settings(
             await wake.wait()
             await asyncio.sleep(DEBOUNCE_S)
             wake.clear()
+            if not watching_drop_ins and drop_ins.is_dir():
+                # Created after the agent started: watch it from now on.
+                observer.schedule(handler, str(drop_ins), recursive=False)
+                watching_drop_ins = True
             try:
                 _, settings = host_settings(config_path)
             except ConfigError as exc:

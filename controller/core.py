@@ -38,6 +38,7 @@ DEFAULT_OFFLINE_AFTER_S = 3600.0
 # Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
 MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
+TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,7 @@ class Controller:
             session.failure = Unauthenticated(f"agent '{agent_id}': certificate revoked")
             session.close()
         log.warning("agent %s revoked by %s (%d certificate(s))", agent_id, actor, count)
+        self._recompile()  # its addresses leave every peer's sets
         return count
 
     def heartbeat(self, agent_id: str) -> None:
@@ -323,6 +325,31 @@ class Controller:
             self._store.put_agent(agent)
         log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
         self._recompile()
+
+    # -- tamper reports (agent/tamper.py) -------------------------------------------------
+    def tampered(self, agent_id: str, event: agent_pb2.TamperEvent) -> None:
+        """The agent found its rules changed behind its back (and says if it repaired them)."""
+        description = event.description[:TAMPER_DESCRIPTION_MAX]
+        with self._store.transaction():
+            self._store.add_audit(
+                f"agent:{agent_id}", "agent.tamper", f"agent/{agent_id}",
+                {"description": description, "repaired": event.repaired,
+                 "repair_seconds": event.repair_seconds,
+                 "detected_unix_ms": event.detected_unix_ms},
+            )  # fmt: skip
+        log.warning(
+            "agent %s: rules tampered with (%s); %s", agent_id, description,
+            f"repaired in {event.repair_seconds:.3f} s" if event.repaired else "NOT repaired",
+        )  # fmt: skip
+
+    def tamper_events(self, agent_id: str, limit: int = 100) -> list[AuditRecord]:
+        """The agent's latest tamper reports, oldest first."""
+        records = self._store.list_audit(0, 10_000)
+        target = f"agent/{agent_id}"
+        found = [r for r in records if r.action == "agent.tamper" and r.target == target]
+        return found[-limit:]
+
+    # -- end tamper reports ----------------------------------------------------------------
 
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
         agent = self._require_agent(agent_id)
@@ -365,8 +392,12 @@ class Controller:
         """Recompile every agent; push to those whose ruleset hash changed. Returns them."""
         agents = self._store.list_agents()
         at = now_ms()
+        # Revoked agents always lose their peers' access; offline ones with isolation on.
         isolated = frozenset(
-            a.agent_id for a in agents if self._offline_isolation and self.is_offline(a, at)
+            a.agent_id
+            for a in agents
+            if self.enrollment.is_agent_revoked(a.agent_id)
+            or (self._offline_isolation and self.is_offline(a, at))
         )
         self._isolated = isolated
         workloads = [

@@ -108,10 +108,12 @@ class Enrollment:
             raise InvalidArgument([f"agent_id: {agent_id!r} must be {AGENT_ID_RULE}"])
         token = self._usable_token(token_text)
         identity = agent_identity(agent_id)
-        if self._store.live_certificates(identity, now_ms()):
+        # Expired is not enough: a host that was off for a day must not have its id (and
+        # the operator's labels for it) taken over by whoever holds any token.
+        if self._store.has_certificates(identity) and not self._store.agent_revoked(identity):
             raise Conflict(
-                f"agent id '{agent_id}' is already enrolled with a valid certificate; "
-                f"revoke it first (bulkhead agent revoke {agent_id})"
+                f"agent id '{agent_id}' is already enrolled; revoke it first "
+                f"(bulkhead agent revoke {agent_id}) to enroll it again"
             )
         certificate = self._issue(csr_pem, agent_id)
         token.used += 1
@@ -122,7 +124,8 @@ class Enrollment:
                 agent_id=agent_id, hostname=hostname, first_seen_ms=now_ms()
             )
             # Token labels are the operator's word: they win over what the host reports.
-            agent.label_overrides.update(token.labels)
+            # A re-enrolled id starts from its new token, not from the old holder's labels.
+            agent.label_overrides = dict(token.labels)
             self._store.put_agent(agent)
             self._store.add_audit(
                 f"agent:{agent_id}", "agent.enrolled", f"agent/{agent_id}",
@@ -132,8 +135,14 @@ class Enrollment:
         log.info("agent %s enrolled with token %s", agent_id, token.token_id)
         return cert_pem(certificate), dict(token.labels)
 
-    def renew(self, agent_id: str, csr_pem: bytes) -> bytes:
-        """A fresh certificate for an agent that holds a valid one (checked by the caller)."""
+    def renew(self, agent_id: str, csr_pem: bytes, presented: x509.Certificate) -> bytes:
+        """A fresh certificate for an agent whose stream was opened with PRESENTED, provided
+        that one is still on record, unrevoked and unexpired (a long-lived stream must not
+        outlive its certificate by renewing, nor a revocation that raced the request)."""
+        if not self.is_trusted(presented, agent_identity(agent_id)):
+            raise Unauthenticated(f"agent '{agent_id}': certificate revoked; not renewed")
+        if presented.not_valid_after_utc.timestamp() * 1000 <= now_ms():
+            raise Unauthenticated(f"agent '{agent_id}': certificate expired; enroll again")
         certificate = self._issue(csr_pem, agent_id)
         with self._store.transaction():
             self._record(certificate, agent_identity(agent_id))
@@ -151,8 +160,19 @@ class Enrollment:
             )
         return count
 
-    def is_revoked(self, serial: int) -> bool:
-        return self._store.is_certificate_revoked(format(serial, "x"))
+    def is_trusted(self, certificate: x509.Certificate, uri: str) -> bool:
+        """Issued by this controller to URI (on record) and not revoked. The CA signature
+        alone is not enough: with an operator-supplied CA, other certificates of that CA
+        must not become Bulkhead identities, and a lost record must not revive anything."""
+        return self._store.certificate_status(format(certificate.serial_number, "x")) == (
+            uri,
+            False,
+        )
+
+    def record_certificate(self, certificate: x509.Certificate, uri: str) -> None:
+        """Put a certificate issued outside enrollment (an operator's) on record."""
+        with self._store.transaction():
+            self._record(certificate, uri)
 
     def is_agent_revoked(self, agent_id: str) -> bool:
         return self._store.agent_revoked(agent_identity(agent_id))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from lab.errors import PlumbingError, SpecError
 from lab.iproute import NETNS_DIR
 from lab.spec import OPS_NAME, OPS_V4, OPS_V6
 from lab.state import LabState, lab_dir, load_state
+from lab.topology import UPLINK
 
 _CLONE_NEWNET = 0x40000000
 _BANNER_BYTES = 256
@@ -77,6 +80,26 @@ def _check_timeout(timeout: float) -> None:
         raise SpecError(f"--timeout: {timeout} must be above 0 and at most {MAX_TIMEOUT:.0f} s")
 
 
+def require_lab_route(address: str) -> None:
+    """Refuse to send from the root namespace unless ADDRESS is reached through the lab's
+    uplink. Without the lab (or with its uplink down) the machine's default route would
+    carry lab addresses off the machine, and test traffic must never leave it."""
+    try:
+        done = subprocess.run(
+            ["ip", "-j", "route", "get", address], capture_output=True, text=True, timeout=5,
+            check=False,
+        )  # fmt: skip
+        routes = json.loads(done.stdout or "[]")
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        raise PlumbingError(f"cannot check the route to {address}: {exc}") from exc
+    device = routes[0].get("dev") if routes else None
+    if device != UPLINK:
+        raise PlumbingError(
+            f"refusing to probe {address} from the root namespace: it would go out via "
+            f"{device or 'no route'}, not the lab's {UPLINK} (is the lab up?)"
+        )
+
+
 def probe_tcp_address(
     netns: str | None, address: str, port: int, *, timeout: float = DEFAULT_TIMEOUT
 ) -> ProbeResult:
@@ -89,6 +112,8 @@ def probe_tcp_address(
         sock.settimeout(timeout)
         return sock
 
+    if netns is None:
+        require_lab_route(address)
     sock = in_netns(netns, connect)
     deadline = time.monotonic() + timeout
     with sock:
@@ -119,6 +144,8 @@ def probe_udp_address(
         sock.settimeout(timeout)
         return sock
 
+    if netns is None:
+        require_lab_route(address)
     with in_netns(netns, open_socket) as sock:
         try:
             sock.connect((address, port))

@@ -11,7 +11,13 @@ import grpc
 from agent.identity import generate_key, key_pem, make_csr
 from controller.core import Controller
 from controller.enrollment import Enrollment
-from controller.pki import CONTROLLER_NAME, CertificateAuthority, cert_pem
+from controller.pki import (
+    CONTROLLER_NAME,
+    CertificateAuthority,
+    cert_pem,
+    certificate_from_pem,
+    identity_from_certificate,
+)
 from controller.store.sqlite_store import SqliteStore
 
 # Clients verify the controller by this name, whatever address they dial.
@@ -34,14 +40,25 @@ def server_credentials(
     )
 
 
-def agent_credentials(ca: CertificateAuthority, agent_id: str) -> grpc.ChannelCredentials:
+def agent_credentials(
+    ca: CertificateAuthority, agent_id: str, core: Controller | None = None
+) -> grpc.ChannelCredentials:
+    """An agent certificate; put on CORE's record (as enrollment does) when given."""
     key = generate_key()
     certificate = ca.issue_agent(make_csr(key, agent_id), agent_id, timedelta(hours=1))
+    if core is not None:
+        core.enrollment.record_certificate(certificate, identity_from_certificate(certificate).uri)
     return grpc.ssl_channel_credentials(ca.certificate_pem, key_pem(key), cert_pem(certificate))
 
 
-def operator_credentials(ca: CertificateAuthority, name: str, role: str) -> grpc.ChannelCredentials:
+def operator_credentials(
+    ca: CertificateAuthority, name: str, role: str, core: Controller | None = None
+) -> grpc.ChannelCredentials:
+    """An operator certificate; put on CORE's record (as admin-cert does) when given."""
     cert, key = ca.issue_operator(name, role, timedelta(hours=1))
+    if core is not None:
+        certificate = certificate_from_pem(cert)
+        core.enrollment.record_certificate(certificate, identity_from_certificate(certificate).uri)
     return grpc.ssl_channel_credentials(ca.certificate_pem, key, cert)
 
 

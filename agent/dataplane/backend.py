@@ -34,3 +34,8 @@ class Backend(Protocol):
 
     def is_present(self) -> bool:
         """Whether the agent's rules are currently loaded."""
+
+    def state_fingerprint(self) -> str:
+        """A digest of what the kernel holds for the agent right now, blind to what changes
+        legitimately (counters); fingerprint.ABSENT if nothing. Two equal fingerprints mean
+        nobody changed anything in between (see agent/dataplane/fingerprint.py)."""

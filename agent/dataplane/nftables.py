@@ -10,11 +10,13 @@ however many peers it has.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable
 from typing import Any
 
 from agent.dataplane.baseline import Baseline, Endpoint, Mode, PortSpec
-from agent.dataplane.libnftables import JsonDocument, NftRunner
+from agent.dataplane.fingerprint import ABSENT, compose
+from agent.dataplane.libnftables import JsonDocument, NftError, NftRunner
 from agent.dataplane.model import (
     AddressGroup,
     CompiledRuleset,
@@ -107,6 +109,63 @@ class NftablesBackend:
             and item.get("table", {}).get("name") == TABLE
             for item in listing.get("nftables", [])
         )
+
+    def state_fingerprint(self) -> str:
+        """Our table as the kernel holds it, counters left out (see fingerprint.py)."""
+        try:
+            listing = self._runner.json_cmd({"nftables": [{"list": {"table": dict(_TABLE)}}]})
+        except NftError:
+            if not self.is_present():
+                return ABSENT
+            raise
+        return compose(table_components(listing))
+
+
+# What changes without anyone touching the table: counters count, quotas fill up.
+_VOLATILE = {"counter": ("packets", "bytes"), "quota": ("used",)}
+
+
+def table_components(listing: JsonDocument) -> dict[str, object]:
+    """`list table` output as fingerprint components: the table, each chain with its rules
+    in order, each set with its elements. Handles stay in: a rule deleted and added back
+    is a change."""
+    components: dict[str, list[object]] = {}
+    for item in listing.get("nftables", []):
+        for kind, body in _stable(item).items():
+            if kind == "metainfo":
+                continue
+            if kind == "table":
+                name = f"table {FAMILY} {TABLE}"
+            elif kind == "rule":
+                name = f"chain {body.get('chain')}"
+            else:
+                name = f"{kind} {body.get('name')}"
+            components.setdefault(name, []).append(_set_content(body) if kind == "set" else body)
+    return dict(components)
+
+
+def _stable(value: Any) -> Any:
+    """VALUE without its counter values, recursively."""
+    if isinstance(value, list):
+        return [_stable(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    stable: dict[str, Any] = {}
+    for key, item in value.items():
+        content = _stable(item)
+        if key in _VOLATILE and isinstance(content, dict):
+            content = {k: v for k, v in content.items() if k not in _VOLATILE[key]}
+        stable[key] = content
+    return stable
+
+
+def _set_content(body: dict[str, Any]) -> dict[str, Any]:
+    # Elements are a set: the kernel's listing order is no change. A dynamic set is filled
+    # by the packet path, so only its definition is ours.
+    content = {key: value for key, value in body.items() if key != "elem"}
+    if "dynamic" not in body.get("flags", []):
+        content["elem"] = sorted(body.get("elem", []), key=lambda e: json.dumps(e, sort_keys=True))
+    return content
 
 
 def set_name(group: str, suffix: str) -> str:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
@@ -32,6 +33,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         request_iterator: AsyncIterator[agent_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ControllerMessage],
     ) -> AsyncIterator[agent_pb2.ControllerMessage]:
+        # Who is calling comes first and only from the certificate: an untrusted peer
+        # gets nothing, not even a read of its first message.
+        try:
+            agent_id, certificate = agent_caller(context, self._core.enrollment)
+        except ControllerError as exc:
+            await context.abort(status_for(exc), str(exc))
         try:
             first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_S)
         except (TimeoutError, StopAsyncIteration):
@@ -44,11 +51,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 f"first message must be hello, got {first.WhichOneof('body') or 'nothing'}",
             )
         try:
-            agent_id = agent_caller(context, self._core.enrollment)
             session = self._core.connect(agent_id, first.hello)
         except ControllerError as exc:
             await context.abort(status_for(exc), str(exc))
-        reader = asyncio.create_task(self._read(session, request_iterator))
+        reader = asyncio.create_task(self._read(session, certificate, request_iterator))
         try:
             while (message := await session.next_message()) is not None:
                 yield message
@@ -59,7 +65,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(status_for(session.failure), str(session.failure))
 
     async def _read(
-        self, session: AgentSession, requests: AsyncIterator[agent_pb2.AgentMessage]
+        self,
+        session: AgentSession,
+        certificate: x509.Certificate,
+        requests: AsyncIterator[agent_pb2.AgentMessage],
     ) -> None:
         """Dispatch what the agent sends until its side of the stream ends."""
         try:
@@ -75,9 +84,11 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     self._core.acknowledged(session.agent_id, message.ack)
                 elif kind == "config":
                     self._core.config_changed(session.agent_id, message.config)
+                elif kind == "tamper":
+                    self._core.tampered(session.agent_id, message.tamper)
                 elif kind == "renew":
                     pem = self._core.enrollment.renew(
-                        session.agent_id, message.renew.csr_pem.encode()
+                        session.agent_id, message.renew.csr_pem.encode(), certificate
                     )
                     issued = agent_pb2.CertificateIssued(certificate_pem=pem.decode())
                     session.send(agent_pb2.ControllerMessage(certificate=issued))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from controller.enrollment import Enrollment
 from controller.errors import PermissionDenied, Unauthenticated
@@ -21,6 +22,13 @@ VIEWER = "viewer"
 
 def caller(context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment) -> Identity:
     """The identity of the peer's certificate; Unauthenticated if there is none to trust."""
+    return caller_certificate(context, enrollment)[0]
+
+
+def caller_certificate(
+    context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment
+) -> tuple[Identity, x509.Certificate]:
+    """The identity and the certificate the peer presented, once both are trusted."""
     pem = next(iter(context.auth_context().get("x509_pem_cert") or []), None)
     if pem is None:
         raise Unauthenticated(
@@ -32,17 +40,21 @@ def caller(context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment) 
         identity = identity_from_certificate(certificate)
     except PkiError as exc:
         raise Unauthenticated(f"client certificate: {exc}") from exc
-    if enrollment.is_revoked(certificate.serial_number):
-        raise Unauthenticated(f"{identity.uri}: certificate revoked")
-    return identity
+    if not enrollment.is_trusted(certificate, identity.uri):
+        raise Unauthenticated(
+            f"{identity.uri}: certificate revoked or not issued by this controller"
+        )
+    return identity, certificate
 
 
-def agent_caller(context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment) -> str:
-    """The agent id of an agent caller."""
-    identity = caller(context, enrollment)
+def agent_caller(
+    context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment
+) -> tuple[str, x509.Certificate]:
+    """The agent id of an agent caller, and the certificate it connected with."""
+    identity, certificate = caller_certificate(context, enrollment)
     if identity.kind != "agent":
         raise PermissionDenied(f"{identity.uri} is not an agent")
-    return identity.name
+    return identity.name, certificate
 
 
 def operator_caller(

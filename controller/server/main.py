@@ -16,10 +16,13 @@ import click
 import grpc
 
 from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
+from controller import sdnotify
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
 from controller.pki import (
+    OPERATOR_ROLES,
     CertificateAuthority,
+    Identity,
     PkiError,
     certificate_from_pem,
     identity_from_certificate,
@@ -85,6 +88,16 @@ async def _watch_offline(core: Controller, offline_after_s: float) -> None:
         core.check_offline()
 
 
+def _host_port(value: str | None, option: str) -> str | None:
+    """Check HOST:PORT on the command line (IPv6 as [ADDR]:PORT)."""
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65535:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT", param_hint=option)
+    return value
+
+
 def enrollment_address(listen: str) -> str:
     """The default enrollment address: the main one with the next port."""
     host, _, port = listen.rpartition(":")
@@ -135,7 +148,10 @@ async def serve(
     except RuntimeError as exc:  # stored resources that no longer validate
         raise StartupError(str(exc)) from exc
     # A fresh server certificate each start: nothing long-lived to steal besides the CA.
-    server_cert, server_key = ca.issue_server(sans)
+    try:
+        server_cert, server_key = ca.issue_server(sans)
+    except PkiError as exc:
+        raise StartupError(f"--san: {exc}") from exc
     server = grpc.aio.server(options=SERVER_OPTIONS)
     _add_agent_service(AgentServicer(core), server)
     _add_enrollment_service(EnrollmentServicer(enrollment), server)
@@ -161,6 +177,9 @@ async def serve(
         "listening on %s (mTLS) and %s (enrollment), CA %s, state in %s",
         listen, enroll_listen, ca.fingerprint[:16], state_dir,
     )  # fmt: skip
+    # systemd (Type=notify): ready once both ports listen.
+    sdnotify.ready(f"listening on {listen} and {enroll_listen}")
+    watchdog = sdnotify.start_watchdog()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -169,6 +188,9 @@ async def serve(
     await stop.wait()
     offline_watch.cancel()
     log.info("shutting down")
+    sdnotify.stopping()
+    if watchdog is not None:
+        watchdog.cancel()
     await server.stop(grace=2)
     store.close()
 
@@ -190,10 +212,15 @@ def _setup_logging(level: str) -> None:
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--listen", default=DEFAULT_LISTEN, show_default=True, help="HOST:PORT for mTLS clients."
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    callback=lambda _ctx, _param, value: _host_port(value, "--listen"),
+    help="HOST:PORT for mTLS clients.",
 )
 @click.option(
     "--enroll-listen",
+    callback=lambda _ctx, _param, value: _host_port(value, "--enroll-listen"),
     help="HOST:PORT where hosts without a certificate enroll [default: the --listen port + 1].",
 )
 @_STATE_DIR_OPTION
@@ -282,10 +309,21 @@ def main(  # noqa: PLR0917 - click passes options positionally
     help="Directory for operator.crt, operator.key and ca.crt (point BULKHEAD_CREDENTIALS here).",
 )
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
-def admin_cert(state_dir: Path, name: str, role: str, out: Path, days: int) -> None:
-    """Issue an operator certificate for the `bulkhead` CLI (run on the controller host)."""
+@click.option("--ca-cert", type=click.Path(dir_okay=False, path_type=Path), help="Your own CA.")
+@click.option("--ca-key", type=click.Path(dir_okay=False, path_type=Path))
+def admin_cert(  # noqa: PLR0917 - click passes options positionally
+    state_dir: Path,
+    name: str,
+    role: str,
+    out: Path,
+    days: int,
+    ca_cert: Path | None,
+    ca_key: Path | None,
+) -> None:
+    """Issue an operator certificate for the `bulkhead` CLI (run on the controller host,
+    with the same --ca-cert/--ca-key as the controller if it uses your own CA)."""
     try:
-        store, ca = open_state(state_dir, ca_cert=None, ca_key=None)
+        store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
         cert_pem, key_pem = ca.issue_operator(name, role, timedelta(days=days))
         certificate = certificate_from_pem(cert_pem)
         with store.transaction():
@@ -306,3 +344,29 @@ def admin_cert(state_dir: Path, name: str, role: str, out: Path, days: int) -> N
         sys.exit(1)
     click.echo(f"wrote {out}/operator.crt, operator.key, ca.crt ({role} '{name}', {days} days)")
     click.echo(f"use it with: export BULKHEAD_CREDENTIALS={out}")
+
+
+@main.command("revoke-operator")
+@_STATE_DIR_OPTION
+@click.option("--name", required=True, help="The operator whose certificates to revoke.")
+def revoke_operator(state_dir: Path, name: str) -> None:
+    """Revoke every certificate issued to an operator (run on the controller host); the
+    running controller refuses them from the next call on."""
+    try:
+        store, _ = open_state(state_dir, ca_cert=None, ca_key=None)
+        with store.transaction():
+            count = sum(
+                store.revoke_certificates(Identity("operator", name, role).uri)
+                for role in OPERATOR_ROLES
+            )
+            store.add_audit(
+                "local:revoke-operator", "operator.revoked", f"operator/{name}",
+                {"certificates": count},
+            )  # fmt: skip
+    except (StartupError, PkiError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if count == 0:
+        click.echo(f"error: no live certificates for operator '{name}'", err=True)
+        sys.exit(1)
+    click.echo(f"revoked {count} certificate(s) of operator '{name}'")

@@ -288,11 +288,12 @@ class SqliteStore:
         )
         return cur.rowcount
 
-    def is_certificate_revoked(self, serial: str) -> bool:
+    def certificate_status(self, serial: str) -> tuple[str, bool] | None:
+        """(identity, revoked) of a recorded certificate, None if never recorded."""
         row = self._db.execute(
-            "SELECT revoked FROM certificates WHERE serial=?", (serial,)
+            "SELECT identity, revoked FROM certificates WHERE serial=?", (serial,)
         ).fetchone()
-        return bool(row and row["revoked"])
+        return (row["identity"], bool(row["revoked"])) if row else None
 
     def live_certificates(self, identity: str, at_ms: int) -> list[tuple[str, int]]:
         """(serial, not_after_ms) of IDENTITY's certificates that are unrevoked and unexpired."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,6 +118,23 @@ class Lab:
         if self.state.dataplane == "iptables":
             return ":BULKHEAD-INPUT" in self.netns_run(host, "iptables-legacy-save")
         return bool(self.nft_table(host)["nftables"])
+
+    def rules_fingerprint(self, host: str) -> str:
+        """Bulkhead's rules and sets on HOST without counters, to compare before/after."""
+        if self.state.dataplane == "iptables":
+            saved = "".join(
+                self.netns_run(host, tool, "-t", "filter")
+                for tool in ("iptables-legacy-save", "ip6tables-legacy-save")
+            )
+            ours = [line for line in saved.splitlines() if "BULKHEAD" in line]
+            # initval is a random hash seed drawn at each apply, not part of the policy.
+            saved_sets = re.sub(r" initval 0x[0-9a-f]+", "", self.netns_run(host, "ipset", "save"))
+            sets = saved_sets.splitlines()
+            return "\n".join(
+                ours + sorted(line for line in sets if " bh4-" in line or " bh6-" in line)
+            )
+        listing = self.netns_run(host, "nft", "list", "table", "inet", "bulkhead", check=False)
+        return re.sub(r"counter packets \d+ bytes \d+", "counter", listing)
 
     def foreign_rules(self, host: str) -> str:
         """A listing of the rules someone else put on HOST (see add_foreign_rules)."""

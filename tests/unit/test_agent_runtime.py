@@ -46,6 +46,9 @@ class RecordingBackend:
     def is_present(self) -> bool:
         return self.loaded is not None
 
+    def state_fingerprint(self) -> str:  # the Backend protocol (tamper detection)
+        return str(self.loaded)
+
 
 def sample_ruleset() -> ruleset_pb2.Ruleset:
     return ruleset_pb2.Ruleset(

@@ -316,3 +316,40 @@ def test_host_label_change_recompiles_its_peers(core: Controller) -> None:
     assert sorted(db.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
     with pytest.raises(InvalidArgument, match=r"config\.labels"):
         core.config_changed("other", agent_pb2.ConfigChange(labels={"bad key": "x"}))
+
+
+def test_revoking_an_agent_takes_its_addresses_out_of_its_peers_sets(core: Controller) -> None:
+    from agent.identity import generate_key, make_csr
+
+    sessions = connect_three(core)
+    token, _ = core.enrollment.create_token({}, 600, 1, actor=OPERATOR)
+    core.enrollment.enroll(token, "web", make_csr(generate_key(), "web"), "web")
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
+    before = take(sessions["db"])
+    assert before is not None
+    assert list(before.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10"]
+    core.revoke_agent("web", actor=OPERATOR)
+    after = take(sessions["db"])
+    assert after is not None, "db must be told to stop trusting web's address"
+    assert list(after.snapshot.ruleset.sets[0].hosts) == []
+
+
+def test_an_expired_enrollment_cannot_be_taken_over_with_another_token(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from agent.identity import generate_key, make_csr
+    from controller.enrollment import Enrollment
+    from controller.pki import CertificateAuthority
+    from controller.store.sqlite_store import SqliteStore
+
+    store = SqliteStore(tmp_path / "c.db")
+    enrollment = Enrollment(
+        store, CertificateAuthority.load_or_create(tmp_path / "pki"),
+        agent_cert_ttl=timedelta(seconds=1),
+    )  # fmt: skip
+    first, _ = enrollment.create_token({"app": "db"}, 600, 1, actor=OPERATOR)
+    enrollment.enroll(first, "db", make_csr(generate_key(), "db"), "db")
+    time.sleep(1.2)  # db's certificate has expired; db is not revoked
+    second, _ = enrollment.create_token({"app": "web"}, 600, 1, actor=OPERATOR)
+    with pytest.raises(Conflict, match="already enrolled; revoke it first"):
+        enrollment.enroll(second, "db", make_csr(generate_key(), "db"), "mallory")

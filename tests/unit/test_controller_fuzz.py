@@ -202,7 +202,9 @@ def test_undecodable_bytes_on_the_wire_change_nothing(payload: bytes) -> None:
             await server.start()
             try:
                 async with grpc.aio.secure_channel(
-                    f"127.0.0.1:{port}", agent_credentials(ca, "fuzz"), options=CHANNEL_OPTIONS
+                    f"127.0.0.1:{port}",
+                    agent_credentials(ca, "fuzz", core),
+                    options=CHANNEL_OPTIONS,
                 ) as channel:
                     raw = channel.stream_stream(
                         "/bulkhead.v1.AgentService/Connect",

@@ -53,7 +53,10 @@ class Running:
         return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
     def admin(self, role: str = "admin") -> grpc.aio.Channel:
-        return self.channel(operator_credentials(self.ca, "alice", role))
+        return self.channel(operator_credentials(self.ca, "alice", role, self.core))
+
+    def agent(self, agent_id: str) -> grpc.aio.Channel:
+        return self.channel(agent_credentials(self.ca, agent_id, self.core))
 
 
 async def start(tmp_path: Path) -> tuple[grpc.aio.Server, Running]:
@@ -116,7 +119,7 @@ async def expect_status(call: object, code: grpc.StatusCode) -> str:
 
 @scenario
 async def test_stream_snapshot_ack_and_admin_view(r: Running) -> None:
-    async with r.admin() as admin_channel, r.channel(agent_credentials(r.ca, "db")) as channel:
+    async with r.admin() as admin_channel, r.agent("db") as channel:
         admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
         await admin.Apply(admin_pb2.ApplyRequest(documents=[json.dumps(POLICY)]))
         outbox = Outbox(hello("db", "db", "198.18.0.11"))
@@ -194,7 +197,7 @@ async def test_viewer_reads_but_cannot_change_and_agents_cannot_administer(r: Ru
             admin.CreateToken(admin_pb2.CreateTokenRequest(ttl_seconds=60, uses=1)),
             grpc.StatusCode.PERMISSION_DENIED,
         )
-    async with r.channel(agent_credentials(r.ca, "web")) as channel:
+    async with r.agent("web") as channel:
         await expect_status(
             admin_pb2_grpc.AdminServiceStub(channel).ListAgents(admin_pb2.ListAgentsRequest()),
             grpc.StatusCode.PERMISSION_DENIED,
@@ -306,7 +309,7 @@ async def test_enrolling_an_id_that_is_already_live_is_refused(r: Running) -> No
 
 @scenario
 async def test_first_message_must_be_hello(r: Running) -> None:
-    async with r.channel(agent_credentials(r.ca, "db")) as channel:
+    async with r.agent("db") as channel:
         beat = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(sent_unix_ms=1))
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect(Outbox(beat).drain())
         details = await expect_status(call.read(), grpc.StatusCode.INVALID_ARGUMENT)
@@ -334,7 +337,7 @@ async def test_invalid_apply_is_invalid_argument_with_field(r: Running) -> None:
 
 @scenario
 async def test_bad_address_update_ends_the_stream_with_the_reason(r: Running) -> None:
-    async with r.channel(agent_credentials(r.ca, "db")) as channel:
+    async with r.agent("db") as channel:
         bad = agent_pb2.AgentMessage(addresses=agent_pb2.AddressUpdate(addresses=["not-an-ip"]))
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect(
             Outbox(hello("db", "db", "198.18.0.11"), bad).drain()
@@ -362,3 +365,15 @@ def test_second_controller_cannot_share_the_port(tmp_path: Path) -> None:
             await first.stop(None)
 
     asyncio.run(body())
+
+
+@scenario
+async def test_a_ca_signed_certificate_never_recorded_is_refused(r: Running) -> None:
+    # Signed by the controller's CA but never issued through it (e.g. an organisation CA
+    # given with --ca-cert that also signs other things): no Bulkhead identity.
+    async with r.channel(operator_credentials(r.ca, "stranger", "admin")) as channel:
+        details = await expect_status(
+            admin_pb2_grpc.AdminServiceStub(channel).ListAgents(admin_pb2.ListAgentsRequest()),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        assert "not issued by this controller" in details

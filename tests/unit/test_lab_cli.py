@@ -67,3 +67,16 @@ def test_probe_timeout_is_bounded(timeout: float) -> None:
 
 def test_listener_banner_names_host_port_and_protocol() -> None:
     assert banner("db", 5432, "tcp") == "db:5432/tcp\n"
+
+
+def test_probes_from_the_root_namespace_never_leave_the_machine() -> None:
+    # With no lab up, a lab address routes via the machine's default route: refuse.
+    from lab.errors import PlumbingError
+    from lab.iproute import link_exists
+    from lab.probe import probe_tcp_address
+    from lab.topology import UPLINK
+
+    if link_exists(UPLINK):
+        pytest.skip("a lab is up; its route is legitimate")
+    with pytest.raises(PlumbingError, match="refusing to probe"):
+        probe_tcp_address(None, "198.18.0.11", 5433, timeout=0.2)

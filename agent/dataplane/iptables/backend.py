@@ -18,11 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from agent.dataplane.baseline import Baseline
+from agent.dataplane.fingerprint import compose
 from agent.dataplane.iptables.commands import CommandRunner, SubprocessRunner
-from agent.dataplane.iptables.ipsets import Ipsets, destroy_script, swap_script
-from agent.dataplane.iptables.plan import FAMILIES, Family
+from agent.dataplane.iptables.ipsets import IPSET, Ipsets, destroy_script, swap_script
+from agent.dataplane.iptables.plan import CHAIN_PREFIX, FAMILIES, Family, is_our_set
 from agent.dataplane.iptables.render import render_iptables
-from agent.dataplane.iptables.tables import LegacyFilterTable, apply_script, removal_script
+from agent.dataplane.iptables.tables import (
+    FilterState,
+    LegacyFilterTable,
+    apply_script,
+    removal_script,
+)
 from bulkhead.v1 import ruleset_pb2
 
 
@@ -36,6 +42,7 @@ class IptablesBackend:
     ) -> None:
         runner = runner or SubprocessRunner()
         names = table_names or {}
+        self._runner = runner
         self._ipsets = Ipsets(runner)
         self._tables = [LegacyFilterTable(family, runner, names.get(family)) for family in FAMILIES]
 
@@ -60,3 +67,54 @@ class IptablesBackend:
 
     def is_present(self) -> bool:
         return all(table.is_loaded() and table.state().is_hooked() for table in self._tables)
+
+    def state_fingerprint(self) -> str:
+        """Our chains' rules, the jumps into them with their positions, and our ipsets'
+        members, as the kernel holds them (saved without -c: no counters)."""
+        components: dict[str, object] = {}
+        for table in self._tables:
+            if table.is_loaded():  # saving a table that is not loaded would create it
+                components.update(filter_components(table.family, table.state()))
+        components.update(ipset_components(self._runner.run([IPSET, "save"])))
+        return compose(components)
+
+
+def filter_components(family: Family, state: FilterState) -> dict[str, object]:
+    """One family's fingerprint components: each of our chains with its rules in order, and
+    per other chain the rules that jump into ours, with their positions (first is ours)."""
+    label = f"ipv{family}"
+    ours = state.our_chains()
+    components: dict[str, object] = {
+        f"{label} chain {chain}": state.chain_rules(chain) for chain in ours
+    }
+    jumps = set(state.jumps_into(set(ours)))
+    for owner in dict.fromkeys(owner for owner, line in state.rules if line in jumps):
+        if owner.startswith(CHAIN_PREFIX):
+            continue
+        positions = [
+            [index, line] for index, line in enumerate(state.chain_rules(owner)) if line in jumps
+        ]
+        components[f"{label} jump from {owner}"] = positions
+    return components
+
+
+def ipset_components(saved: str) -> dict[str, object]:
+    """Our ipsets from `ipset save` output: type and options, and members in sorted order.
+
+    The `initval` option is a random hash seed drawn each time a set is created (so at every
+    apply, which swaps in fresh sets); it says nothing about what the set matches.
+    """
+    sets: dict[str, tuple[list[str], list[str]]] = {}
+    for line in saved.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "create" and is_our_set(words[1]):
+            options = words[2:]
+            if "initval" in options:
+                at = options.index("initval")
+                del options[at : at + 2]
+            sets[words[1]] = (options, [])
+        elif len(words) >= 3 and words[0] == "add" and words[1] in sets:
+            sets[words[1]][1].append(" ".join(words[2:]))
+    return {
+        f"ipset {name}": [options, sorted(members)] for name, (options, members) in sets.items()
+    }
