@@ -393,11 +393,12 @@ class Controller:
         agents = self._store.list_agents()
         at = now_ms()
         # Revoked agents always lose their peers' access; offline ones with isolation on.
+        # (One query for the revoked: this runs on every change, for every agent.)
+        revoked = self.enrollment.revoked_agents()
         isolated = frozenset(
             a.agent_id
             for a in agents
-            if self.enrollment.is_agent_revoked(a.agent_id)
-            or (self._offline_isolation and self.is_offline(a, at))
+            if a.agent_id in revoked or (self._offline_isolation and self.is_offline(a, at))
         )
         self._isolated = isolated
         workloads = [

@@ -174,6 +174,13 @@ class Enrollment:
         with self._store.transaction():
             self._record(certificate, uri)
 
+    def revoked_agents(self) -> set[str]:
+        """Every agent id whose certificates are all revoked, in one query."""
+        return {
+            identity.removeprefix(AGENT_URI_PREFIX)
+            for identity in self._store.fully_revoked_identities(AGENT_URI_PREFIX)
+        }
+
     def is_agent_revoked(self, agent_id: str) -> bool:
         return self._store.agent_revoked(agent_identity(agent_id))
 

@@ -312,6 +312,15 @@ class SqliteStore:
         ).fetchone()
         return bool(row["total"]) and row["revoked"] == row["total"]
 
+    def fully_revoked_identities(self, prefix: str) -> set[str]:
+        """Identities starting with PREFIX that had certificates, all of them revoked."""
+        rows = self._db.execute(
+            "SELECT identity FROM certificates WHERE substr(identity, 1, ?) = ? "
+            "GROUP BY identity HAVING SUM(revoked) = COUNT(*)",
+            (len(prefix), prefix),
+        ).fetchall()
+        return {r["identity"] for r in rows}
+
     def has_certificates(self, identity: str) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM certificates WHERE identity=? LIMIT 1", (identity,)
