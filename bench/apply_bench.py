@@ -203,11 +203,9 @@ def bench_namespace() -> Iterator[str]:
         _ip("netns", "del", name)
 
 
-def measure_kernel(scenario: Scenario) -> dict[str, Any]:
-    """Run measure_inside in a child process inside a namespace created for it."""
-    child_argv = [sys.executable, str(Path(__file__).resolve()), "--inside"]
-    child_argv += [f"--hosts={scenario.hosts}", f"--networks={scenario.networks}"]
-    child_argv.append(f"--runs={scenario.runs}")
+def run_inside(script: Path, args: Sequence[str], label: str) -> dict[str, Any]:
+    """Run SCRIPT --inside ARGS in a child process inside a namespace made for it; its JSON."""
+    child_argv = [sys.executable, str(script.resolve()), "--inside", *args]
     with bench_namespace() as name:
         child = subprocess.run(
             ["ip", "netns", "exec", name, *child_argv],
@@ -217,9 +215,15 @@ def measure_kernel(scenario: Scenario) -> dict[str, Any]:
             check=False,
         )
     if child.returncode != 0:
-        sys.exit(f"benchmark child failed ({child.returncode}): {child.stderr.strip()[-2000:]}")
+        sys.exit(f"{label} child failed ({child.returncode}): {child.stderr.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(child.stdout)
     return result
+
+
+def measure_kernel(scenario: Scenario) -> dict[str, Any]:
+    """Run measure_inside in a child process inside a namespace created for it."""
+    args = [f"--hosts={scenario.hosts}", f"--networks={scenario.networks}"]
+    return run_inside(Path(__file__), [*args, f"--runs={scenario.runs}"], "benchmark")
 
 
 def ms(seconds: Sequence[float]) -> str:

@@ -51,11 +51,11 @@ from bench.apply_bench import (  # noqa: E402
     CHILD_TIMEOUT,
     SETTLE_SECONDS,
     Scenario,
-    bench_namespace,
     make_ruleset,
     ms,
     positive,
     refuse_foreign_namespace,
+    run_inside,
     sizes,
     timed,
 )
@@ -197,20 +197,8 @@ def measure_inside(backend_name: str, scenario: Scenario) -> dict[str, Any]:
 
 def measure_kernel(backend_name: str, scenario: Scenario) -> dict[str, Any]:
     """Run measure_inside in a child process inside a namespace created for it."""
-    child_argv = [sys.executable, str(Path(__file__).resolve()), "--inside"]
-    child_argv += [f"--backend={backend_name}", f"--hosts={scenario.hosts}"]
-    child_argv.append(f"--runs={scenario.runs}")
-    with bench_namespace() as name:
-        child = subprocess.run(
-            ["ip", "netns", "exec", name, *child_argv],
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT,
-            check=False,
-        )
-    if child.returncode != 0:
-        sys.exit(f"{backend_name} child failed ({child.returncode}): {child.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(child.stdout)
+    args = [f"--backend={backend_name}", f"--hosts={scenario.hosts}", f"--runs={scenario.runs}"]
+    result = run_inside(Path(__file__), args, backend_name)
     if result["loaded"] != scenario.hosts:
         sys.exit(f"{backend_name}: {result['loaded']} addresses loaded, not {scenario.hosts}")
     return result
