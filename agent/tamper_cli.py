@@ -3,7 +3,8 @@
 Tests (and operators trying tamper detection in a lab) run it as ``ip netns exec NS
 python -m agent.tamper_cli < request.json``. The request is an object with ``backend``
 (nftables, the default, or iptables), ``ruleset`` (protobuf's JSON mapping), ``baseline``
-(see baseline_to_json) and ``seconds`` to guard (at most MAX_SECONDS). Standard output
+(see baseline_to_json), ``seconds`` to guard (at most MAX_SECONDS) and ``own_table``
+(default true; false leaves an nftables table unowned, as kernels before 6.9 do). Standard output
 gets JSON lines: ``{"ready": true, "fingerprint": ...}`` once the ruleset is applied and
 guarded, then ``{"event": {...}, "fingerprint": ...}`` per TamperEvent (the fingerprint
 recorded after the repair), and ``{"done": true}`` at the end. A failure prints
@@ -43,7 +44,10 @@ def _guard(request: dict[str, Any]) -> tuple[TamperGuard, float]:
         raise ValueError(f"seconds: {seconds!r} is not a number in (0, {MAX_SECONDS:g}]")
     ruleset = json_format.ParseDict(request.get("ruleset", {}), ruleset_pb2.Ruleset())
     baseline = baseline_from_json(json.dumps(request.get("baseline")))
-    guard = TamperGuard.for_dataplane(name, make_backend(name))
+    own_table = request.get("own_table", True)
+    if not isinstance(own_table, bool):
+        raise ValueError(f"own_table: {own_table!r} is not true or false")
+    guard = TamperGuard.for_dataplane(name, make_backend(name, own_table=own_table))
     guard.backend.apply(ruleset, baseline)
     return guard, float(seconds)
 

@@ -7,16 +7,19 @@ shared library ourselves. Only the handful of calls a JSON batch needs are bound
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import threading
 from typing import Any, Protocol
 
+from agent.dataplane import nft_ownership
 from agent.dataplane.backend import DataplaneError
 
 LIBRARY_NAME = "libnftables.so.1"
 # From <nftables/libnftables.h>.
 _NFT_CTX_DEFAULT = 0
 _NFT_CTX_OUTPUT_JSON = 1 << 4
+_NFT_CTX_OUTPUT_TERSE = 1 << 11  # listings without set elements
 
 JsonDocument = dict[str, Any]
 
@@ -85,22 +88,59 @@ class LibNftables:
             self.close()
             raise NftError("cannot buffer libnftables output")
 
-    def json_cmd(self, document: JsonDocument) -> JsonDocument:
-        """Run one JSON document as one batch; return nft's JSON output ({} if none)."""
+    def json_cmd(self, document: JsonDocument, *, terse: bool = False) -> JsonDocument:
+        """Run one JSON document as one batch; return nft's JSON output ({} if none).
+
+        TERSE leaves set elements out of listings (and out of the kernel round trip)."""
         payload = json.dumps(document).encode("utf-8")
         with self._lock:
-            if self._ctx is None:
-                raise NftError("libnftables context is closed")
-            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, payload)
+            ctx = self._live_context()
+            flags = self._lib.nft_ctx_output_get_flags(ctx)
+            if terse:
+                self._lib.nft_ctx_output_set_flags(ctx, flags | _NFT_CTX_OUTPUT_TERSE)
+            try:
+                rc = self._lib.nft_run_cmd_from_buffer(ctx, payload)
+            finally:
+                if terse:
+                    self._lib.nft_ctx_output_set_flags(ctx, flags)
             # Reading a buffer also resets it, so both are read on every run.
-            output = _read_buffer(self._lib.nft_ctx_get_output_buffer(self._ctx))
-            error = _read_buffer(self._lib.nft_ctx_get_error_buffer(self._ctx))
+            output = _read_buffer(self._lib.nft_ctx_get_output_buffer(ctx))
+            error = _read_buffer(self._lib.nft_ctx_get_error_buffer(ctx))
         if rc != 0:
             raise NftError(error.strip() or f"libnftables failed with status {rc}")
         if not output.strip():
             return {}
         parsed: JsonDocument = json.loads(output)
         return parsed
+
+    def claim_table(self, name: str, *, replace: bool = False) -> None:
+        """Make table inet NAME owned by this context's socket and persistent.
+
+        See nft_ownership: the owner is the socket libnftables sends our batches on."""
+        with self._lock:
+            nft_ownership.claim_table(self._netlink_fd(), name, replace=replace)
+
+    def table_flags(self, name: str) -> int | None:
+        """The flags of table inet NAME, or None when it does not exist."""
+        with self._lock:
+            return nft_ownership.table_flags(self._netlink_fd(), name)
+
+    def _netlink_fd(self) -> int:
+        # struct nft_ctx starts with `struct mnl_socket *nf_sock`, and struct mnl_socket
+        # with `int fd` (libnftables 1.0.x, libmnl 1.0.x). Checked before use: a layout
+        # change makes this refuse rather than write to a stranger's descriptor.
+        ctx = self._live_context()
+        sock = ctypes.c_void_p.from_address(ctx).value
+        if not sock:
+            raise nft_ownership.OwnershipError("libnftables has no netlink socket", errno.EBADF)
+        fd = ctypes.c_int.from_address(sock).value
+        nft_ownership.check_netfilter_socket(fd)
+        return fd
+
+    def _live_context(self) -> int:
+        if self._ctx is None:
+            raise NftError("libnftables context is closed")
+        return self._ctx
 
     def close(self) -> None:
         """Free the context; later calls raise NftError."""

@@ -9,10 +9,13 @@ however many peers it has.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
+from typing import Protocol as Interface
 
 from agent.dataplane.baseline import Baseline, Endpoint, Mode, PortSpec
 from agent.dataplane.fingerprint import ABSENT, compose
@@ -25,6 +28,7 @@ from agent.dataplane.model import (
     Protocol,
     load_ruleset,
 )
+from agent.dataplane.nft_ownership import OwnershipError
 from bulkhead.v1 import ruleset_pb2
 
 FAMILY = "inet"
@@ -61,16 +65,35 @@ _SET_KINDS = (
 )
 
 
-def render(ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> JsonDocument:
-    """The complete libnftables JSON document that replaces our table with this policy."""
+@dataclass(frozen=True)
+class TableObjects:
+    """The chains and sets an owned table holds now, which a replacing batch deletes."""
+
+    chains: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+
+
+def render(
+    ruleset: ruleset_pb2.Ruleset, baseline: Baseline, replacing: TableObjects | None = None
+) -> JsonDocument:
+    """The complete libnftables JSON document that replaces our table with this policy.
+
+    Without REPLACING the table itself is deleted and created again; an owned table
+    (nft_ownership) must stay, so its content is emptied instead: rules flushed, then
+    the chains and sets in REPLACING deleted, all in the same transaction."""
     compiled = load_ruleset(ruleset)
-    commands: list[JsonDocument] = [
-        {"metainfo": {"json_schema_version": 1}},
+    commands: list[JsonDocument] = [{"metainfo": {"json_schema_version": 1}}]
+    if replacing is None:
         # add + delete + add: one transaction that works whether or not the table exists.
-        {"add": {"table": dict(_TABLE)}},
-        {"delete": {"table": dict(_TABLE)}},
-        {"add": {"table": dict(_TABLE)}},
-    ]
+        commands += [
+            {"add": {"table": dict(_TABLE)}},
+            {"delete": {"table": dict(_TABLE)}},
+            {"add": {"table": dict(_TABLE)}},
+        ]
+    else:
+        commands.append({"flush": {"table": dict(_TABLE)}})
+        commands += [{"delete": {"chain": {**_IN_TABLE, "name": c}}} for c in replacing.chains]
+        commands += [{"delete": {"set": {**_IN_TABLE, "name": s}}} for s in replacing.sets]
     commands.extend(_set_commands(compiled))
     commands.extend(_chain_commands(baseline.mode))
     commands.extend(_baseline_input(baseline))
@@ -79,30 +102,88 @@ def render(ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> JsonDocument:
     return {"nftables": commands}
 
 
-def removal_document() -> JsonDocument:
-    """Delete our table, and only ours, in one batch that succeeds if it is absent."""
-    return {
-        "nftables": [
-            {"metainfo": {"json_schema_version": 1}},
-            {"add": {"table": dict(_TABLE)}},
-            {"delete": {"table": dict(_TABLE)}},
-        ]
-    }
+class TableOwner(Interface):
+    """A runner that can also own the table (LibNftables; see nft_ownership)."""
+
+    def claim_table(self, name: str, *, replace: bool = False) -> None: ...
+
+    def table_flags(self, name: str) -> int | None: ...
+
+    def json_cmd(self, document: JsonDocument, *, terse: bool = False) -> JsonDocument: ...
 
 
 class NftablesBackend:
-    """The Backend for nftables; `apply` is the only writer of the table."""
+    """The Backend for nftables; `apply` is the only writer of the table.
 
-    def __init__(self, runner: NftRunner) -> None:
+    With an OWNER, every apply first makes sure the table is ours (owner + persist flags,
+    created, taken back after a restart, or converted from an unflagged table) and then
+    replaces its content; on a kernel without the flags it falls back to replacing the
+    unowned table, and tamper repair (agent/tamper.py) is the only protection left."""
+
+    def __init__(self, runner: NftRunner, owner: TableOwner | None = None) -> None:
         self._runner = runner
+        self._owner = owner
+
+    @property
+    def owns_table(self) -> bool:
+        """Whether applies keep the table owned (False once the kernel said it cannot)."""
+        return self._owner is not None
 
     def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
-        self._runner.json_cmd(render(ruleset, baseline))
+        document = render(ruleset, baseline)  # a bad ruleset fails before the kernel is asked
+        if self._owner is not None and self._claim(self._owner):
+            document = render(ruleset, baseline, replacing=self._objects(self._owner))
+        self._runner.json_cmd(document)
 
     def remove(self) -> None:
-        self._runner.json_cmd(removal_document())
+        if not self.is_present():
+            return
+        # `delete table` alone: an owned or orphaned persistent table refuses a flagless
+        # `add table`. The kernel lets only the owner (or anyone, once the owner is gone)
+        # delete an owned table.
+        try:
+            self._runner.json_cmd({"nftables": [{"delete": {"table": dict(_TABLE)}}]})
+        except NftError as exc:
+            if "Operation not permitted" in str(exc):
+                raise NftError(
+                    f"table {FAMILY} {TABLE} is owned by a running bulkhead-agent; stop the agent"
+                    " first"
+                ) from exc
+            raise
+
+    def _claim(self, owner: TableOwner) -> bool:
+        try:
+            owner.claim_table(TABLE)
+            return True
+        except OwnershipError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+        if self.is_present():
+            # An unflagged table (an older agent's, or the kernel cannot flag tables):
+            # replace it by an owned one in one transaction, guarded until filled.
+            try:
+                owner.claim_table(TABLE, replace=True)
+                return True
+            except OwnershipError as exc:
+                if exc.errno != errno.EOPNOTSUPP:
+                    raise
+        self._owner = None  # this kernel has no owned tables: plain replacement from now on
+        return False
+
+    def _objects(self, owner: TableOwner) -> TableObjects:
+        # Terse: sets without their elements, which may be 100k long.
+        listing = owner.json_cmd({"nftables": [{"list": {"table": dict(_TABLE)}}]}, terse=True)
+        found: dict[str, list[str]] = {"chain": [], "set": []}
+        for item in listing.get("nftables", []):
+            for kind, names in found.items():
+                if kind in item:
+                    names.append(item[kind]["name"])
+        return TableObjects(tuple(found["chain"]), tuple(found["set"]))
 
     def is_present(self) -> bool:
+        if self._owner is not None:
+            # Not through a listing: nft 1.0.6 prints an orphaned table as broken JSON.
+            return self._owner.table_flags(TABLE) is not None
         listing = self._runner.json_cmd({"nftables": [{"list": {"tables": None}}]})
         return any(
             item.get("table", {}).get("family") == FAMILY

@@ -51,8 +51,11 @@ def choose_backend(wanted: str, flavour: Flavour, *, allow_iptables_on_nft_host:
     return wanted
 
 
-def make_backend(name: str) -> Backend:
-    """The backend object for NAME ('nftables' or 'iptables')."""
+def make_backend(name: str, *, own_table: bool = True) -> Backend:
+    """The backend object for NAME ('nftables' or 'iptables').
+
+    OWN_TABLE=False leaves the nftables table unowned, as on kernels before 6.9 (tests of
+    tamper repair use it: an owned table cannot be tampered with)."""
     if name == "iptables":
         # Imported only when chosen: a host on nftables never needs the iptables tools.
         from agent.dataplane.iptables import IptablesBackend
@@ -61,4 +64,5 @@ def make_backend(name: str) -> Backend:
     from agent.dataplane.libnftables import LibNftables
     from agent.dataplane.nftables import NftablesBackend
 
-    return NftablesBackend(LibNftables())
+    nft = LibNftables()
+    return NftablesBackend(nft, owner=nft if own_table else None)

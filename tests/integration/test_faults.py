@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,8 +81,18 @@ class Watch:
                 self.allowed_ok.append(time.monotonic())
 
 
+class Refused(Exception):
+    """The kernel refused the tampering: the agent owns its nftables table."""
+
+
 def _nft(lab: Lab, command: str) -> None:
-    lab.netns_run("db", "nft", command)
+    result = subprocess.run(
+        ["ip", "netns", "exec", lab.state.host("db").netns, "nft", command],
+        capture_output=True, text=True, check=False, timeout=10,
+    )  # fmt: skip
+    if result.returncode != 0:
+        assert "Operation not permitted" in result.stderr, result.stderr
+        raise Refused(result.stderr.strip())
 
 
 def _db_set(lab: Lab) -> str:
@@ -158,13 +169,13 @@ FAULTS: dict[str, Callable[[Lab], None]] = {
 
 # Faults that change Bulkhead's rules in the kernel; the others take a process away.
 TAMPERING = {"table flushed", "accept-all inserted", "set emptied"}
-# Tampering that opens the host until the agent repairs it. An accept inserted into our
-# chain is final there: with nftables the monitor-triggered repair takes ~10-30 ms (the
-# table's owner+persist flags would forbid the insert outright, but Debian 12's nft 1.0.6
-# cannot set them). Legacy x_tables send no change events, so the agent polls every
-# 0.5 s, and a flushed chain falls through to the host's INPUT policy until then.
+# Tampering that opens the host until the agent repairs it. With nftables none: the
+# agent owns its table (owner + persist flags) and the kernel refuses every change from
+# another process. Legacy x_tables have no owner and send no change events: the agent
+# polls every 0.5 s, and until then an inserted accept is final in our chain and a
+# flushed chain falls through to the host's INPUT policy.
 OPENING_TAMPERS = {
-    "nftables": {"accept-all inserted"},
+    "nftables": set[str](),
     "iptables": {"accept-all inserted", "table flushed"},
 }
 
@@ -175,7 +186,11 @@ def test_fault_never_opens_the_denied_port_and_heals(lab: Lab, fault: str) -> No
     with Watch(lab) as watch:
         time.sleep(0.3)
         injected = time.monotonic()
-        FAULTS[fault](lab)
+        refused = None
+        try:
+            FAULTS[fault](lab)
+        except Refused as exc:
+            refused = str(exc).splitlines()[0]
         healed = None
         while time.monotonic() - injected < RECOVERY_LIMIT:
             if lab.rules_fingerprint("db") == before:
@@ -200,10 +215,13 @@ def test_fault_never_opens_the_denied_port_and_heals(lab: Lab, fault: str) -> No
             f"first {watch.denied_ok[0] - injected:.3f} s after the fault"
         )
     assert any(t >= recovered_from for t in watch.allowed_ok), f"{fault}: allowed never recovered"
-    outcome = (
-        f"rules repaired after {healed:.3f} s"
-        if fault in TAMPERING
-        else "rules unchanged in the kernel (fail closed)"
-    )
+    if lab.state.dataplane == "nftables" and fault in TAMPERING:
+        assert refused is not None, f"{fault}: the kernel let another process change our table"
+    if refused is not None:
+        outcome = f"refused by the kernel ({refused})"
+    elif fault in TAMPERING:
+        outcome = f"rules repaired after {healed:.3f} s"
+    else:
+        outcome = "rules unchanged in the kernel (fail closed)"
     denied = window or ", 0 denied successes"
     print(f"\n[{lab.state.dataplane}] {fault}: {outcome}, {watch.probes} probe rounds{denied}")

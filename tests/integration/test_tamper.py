@@ -74,9 +74,9 @@ def namespace(tag: str) -> Iterator[Namespace]:
 class GuardProcess:
     """agent.tamper_cli running in a namespace; its JSON lines read by a thread."""
 
-    def __init__(self, ns: Namespace, backend: str) -> None:
+    def __init__(self, ns: Namespace, backend: str, own_table: bool = False) -> None:
         request = json.loads(CASE.read_text())
-        request.update(backend=backend, seconds=GUARD_SECONDS)
+        request.update(backend=backend, seconds=GUARD_SECONDS, own_table=own_table)
         self._process = ns.popen([PYTHON, "-m", "agent.tamper_cli"])
         assert self._process.stdin is not None
         self._process.stdin.write(json.dumps(request))
@@ -191,19 +191,54 @@ def _components(fingerprint: str) -> set[str]:
     return {line for line in fingerprint.splitlines() if not line.startswith("table ")}
 
 
+def _resolve(ns: Namespace, tamper: Tamper) -> list[list[str]]:
+    return [
+        [word.replace("{failsafe}", nft_rule_handle(ns, "input", "failsafe tcp/22"))
+         if word == "{failsafe}" else word for word in command]
+        for command in tamper.commands
+    ]  # fmt: skip
+
+
+NFT_TAMPERS = [t for t in TAMPERS if t.backend == "nftables"]
+
+
+@pytest.mark.parametrize("tamper", NFT_TAMPERS, ids=lambda t: t.kind)
+def test_an_owned_table_refuses_tampering(tamper: Tamper) -> None:
+    """The default on this kernel: the table's owner flag makes the kernel refuse changes
+    from any other process, so there is nothing to repair and no moment of exposure."""
+    with namespace(tamper.kind[:6]) as ns:
+        guard = GuardProcess(ns, "nftables", own_table=True)
+        try:
+            ready = guard.next_line(READY_TIMEOUT_S)
+            assert ready.get("ready"), ready
+            applied = our_state(ns, "nftables")
+            assert "flags owner" in applied
+            refusals = [
+                ns.run(command, stdin=tamper.stdin, check=False) for command in _resolve(ns, tamper)
+            ]
+            time.sleep(QUIET_S)
+            events = guard.pending()
+            state = our_state(ns, "nftables")
+        finally:
+            guard.stop()
+    for refusal in refusals:
+        assert refusal.returncode != 0
+        assert "Operation not permitted" in refusal.stderr
+    assert state == applied
+    assert events == [], "nothing changed, so nothing may be reported"
+
+
 @pytest.mark.parametrize("tamper", TAMPERS, ids=lambda t: f"{t.backend}-{t.kind}")
 def test_tampering_is_repaired_and_reported(tamper: Tamper) -> None:
+    """Repair where the kernel cannot refuse: iptables, and nftables tables without the
+    owner flag (kernels before 6.9)."""
     with namespace(tamper.kind[:6]) as ns:
         guard = GuardProcess(ns, tamper.backend)
         try:
             ready = guard.next_line(READY_TIMEOUT_S)
             assert ready.get("ready"), ready
             applied = our_state(ns, tamper.backend)
-            commands = [
-                [word.replace("{failsafe}", nft_rule_handle(ns, "input", "failsafe tcp/22"))
-                 if word == "{failsafe}" else word for word in command]
-                for command in tamper.commands
-            ]  # fmt: skip
+            commands = _resolve(ns, tamper)
             started = time.monotonic()
             for command in commands:
                 ns.run(command, stdin=tamper.stdin)

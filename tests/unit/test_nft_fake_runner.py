@@ -9,7 +9,7 @@ import pytest
 from agent.dataplane.backend import Backend, RulesetError
 from agent.dataplane.baseline import Baseline, Mode
 from agent.dataplane.libnftables import JsonDocument, NftError
-from agent.dataplane.nftables import NftablesBackend, removal_document, render
+from agent.dataplane.nftables import NftablesBackend, render
 from bulkhead.v1 import ruleset_pb2 as pb
 
 BASELINE = Baseline(Mode.ENFORCE)
@@ -61,12 +61,27 @@ def test_nft_errors_reach_the_caller() -> None:
         NftablesBackend(runner).apply(pb.Ruleset(), BASELINE)
 
 
-def test_remove_deletes_only_our_table_and_tolerates_its_absence() -> None:
-    runner = RecordingRunner()
+def test_remove_deletes_only_our_table() -> None:
+    runner = RecordingRunner(reply=listing(TABLE))
     NftablesBackend(runner).remove()
-    assert runner.batches == [removal_document()]
-    commands = runner.batches[0]["nftables"][1:]
-    assert commands == [{"add": {"table": TABLE}}, {"delete": {"table": TABLE}}]
+    assert runner.batches[-1] == {"nftables": [{"delete": {"table": TABLE}}]}
+
+
+def test_remove_of_an_absent_table_changes_nothing() -> None:
+    runner = RecordingRunner(reply=listing({"family": "inet", "name": "other"}))
+    NftablesBackend(runner).remove()
+    assert all("delete" not in str(batch) for batch in runner.batches)
+
+
+def test_remove_while_the_agent_owns_the_table_says_to_stop_it() -> None:
+    class OwnedElsewhere(RecordingRunner):
+        def json_cmd(self, document: JsonDocument) -> JsonDocument:
+            if "delete" in str(document):
+                raise NftError("Error: Could not process rule: Operation not permitted")
+            return listing(TABLE)
+
+    with pytest.raises(NftError, match="owned by a running bulkhead-agent; stop the agent"):
+        NftablesBackend(OwnedElsewhere()).remove()
 
 
 @pytest.mark.parametrize(
