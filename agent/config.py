@@ -75,6 +75,15 @@ class AgentConfig(BaseModel):
     commit_confirm_seconds: float = Field(default=10.0, ge=0, le=300, allow_inf_nan=False)
     heartbeat_interval: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     address_poll_interval: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
+    # Observation (agent/observe): flows and the socket-to-process table. At most
+    # flow_capacity flows wait for the controller; beyond that the oldest are dropped.
+    observe: bool = True
+    flow_capacity: int = Field(default=10_000, ge=100, le=1_000_000)
+    flow_report_interval: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
+    snapshot_interval: float = Field(default=5.0, ge=0.5, le=3600, allow_inf_nan=False)
+    # Prometheus metrics over HTTP at ADDRESS:PORT (e.g. 127.0.0.1:9471); off when unset.
+    # Default-deny blocks remote scrapes unless a policy or failsafe port allows them.
+    metrics_listen: str | None = None
 
     @field_validator("agent_id")
     @classmethod
@@ -94,7 +103,7 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"{key}: {label!r}: label values are {LABEL_VALUE_RULE}")
         return value
 
-    @field_validator("controller", "enrollment")
+    @field_validator("controller", "enrollment", "metrics_listen")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is not None:

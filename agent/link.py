@@ -31,6 +31,8 @@ from agent.identity import (
     save_credentials,
     verify_issued_by,
 )
+from agent.observe.observer import Observer
+from agent.observe.wire import FLOW_BATCH, connection_message, flow_message
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ BACKOFF_MAX_S = 30.0
 STABLE_STREAM_S = 5.0
 # Tamper reports (agent/tamper.py) kept while there is no stream; the oldest are dropped.
 TAMPER_BACKLOG_MAX = 100
+FLOW_REPORT_INTERVAL_S = 2.0
 # Pings notice a controller that vanished without closing the connection.
 CHANNEL_OPTIONS = [
     # The controller is verified by this name (its certificate always carries it),
@@ -89,6 +92,8 @@ class ControllerLink:
         discover: Callable[[], list[str]],
         heartbeat_interval: float,
         address_poll_interval: float,
+        observer: Observer | None = None,
+        flow_report_interval: float = FLOW_REPORT_INTERVAL_S,
     ) -> None:
         self._target = target
         self._agent_id = agent_id
@@ -105,6 +110,9 @@ class ControllerLink:
         self._renewal_key: ec.EllipticCurvePrivateKey | None = None
         self._renewed: AgentCredentials | None = None
         self._tamper_backlog: deque[agent_pb2.TamperEvent] = deque(maxlen=TAMPER_BACKLOG_MAX)
+        self._observer = observer
+        self._flow_report_interval = flow_report_interval
+        self.flows_reported = 0
 
     async def run_forever(self) -> None:
         backoff = Backoff()
@@ -187,6 +195,8 @@ class ControllerLink:
                 asyncio.create_task(self._watch_addresses(outbox)),
                 asyncio.create_task(self._renewals(outbox, credentials)),
             ]
+            if self._observer is not None:
+                helpers.append(asyncio.create_task(self._report_flows(outbox, self._observer)))
             try:
                 async for message in call:
                     self._stream_up_at = self._stream_up_at or time.monotonic()
@@ -207,6 +217,12 @@ class ControllerLink:
             await outbox.put(agent_pb2.AgentMessage(ack=ack))
         elif kind == "certificate":
             self._store_renewed(message.certificate.certificate_pem.encode())
+        elif kind == "connections_request":
+            await outbox.put(
+                agent_pb2.AgentMessage(
+                    connections=await self._connection_table(message.connections_request)
+                )
+            )
         elif kind == "in_sync":
             if message.in_sync.hash != self._enforcer.applied_hash:
                 raise ResyncNeeded(
@@ -249,6 +265,39 @@ class ControllerLink:
         log.info(
             "certificate renewed; valid until %s (used from the next connection)", renewed.not_after
         )
+
+    async def _report_flows(
+        self, outbox: asyncio.Queue[agent_pb2.AgentMessage], observer: Observer
+    ) -> None:
+        """Send pending flows in bounded batches, once the controller has answered hello.
+        Flows wait in the observer's bounded table while there is no stream; a batch
+        queued when a stream breaks is lost with it (at most FLOW_BATCH flows)."""
+        while True:
+            await asyncio.sleep(self._flow_report_interval)
+            if self._stream_up_at is None or outbox.qsize() > 0:
+                continue  # not up yet, or the controller is not keeping up
+            while batch := observer.table.take(FLOW_BATCH):
+                report = agent_pb2.FlowReport(
+                    flows=[flow_message(record) for record in batch],
+                    dropped=observer.table.dropped,
+                )
+                await outbox.put(agent_pb2.AgentMessage(flows=report))
+                self.flows_reported += len(batch)
+
+    async def _connection_table(
+        self, request: agent_pb2.ConnectionsRequest
+    ) -> agent_pb2.ConnectionTable:
+        table = agent_pb2.ConnectionTable(request_id=request.request_id)
+        if self._observer is None:
+            table.error = "observation is off on this agent (observe: false)"
+            return table
+        try:
+            connections = await asyncio.to_thread(self._observer.connection_table)
+        except OSError as exc:
+            table.error = f"cannot read the socket tables: {exc}"
+            return table
+        table.connections.extend(connection_message(c) for c in connections)
+        return table
 
     async def _heartbeats(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
         while True:

@@ -16,7 +16,7 @@ from agent import sdnotify
 from agent.addresses import discover_addresses
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, split_host_port
 from agent.confirm import controller_reachable
-from agent.dataplane.backend import DataplaneError
+from agent.dataplane.backend import Backend, DataplaneError
 from agent.dataplane.baseline import Baseline, Endpoint, Mode
 from agent.dataplane.nftables import render
 from agent.dataplane.select import choose_backend, detect_iptables_flavour, make_backend
@@ -25,6 +25,8 @@ from agent.enroll import EnrollmentError, enroll
 from agent.identity import AgentCredentials, IdentityError, load_credentials
 from agent.install import install_service
 from agent.link import Backoff, ControllerLink
+from agent.metrics import AgentMetrics, TimedBackend
+from agent.observe.observer import Observer
 from agent.reload import HostSettings, host_settings, watch_settings
 from agent.state import StateCorrupt, load_snapshot
 from agent.tamper import TamperGuard
@@ -131,6 +133,17 @@ def _baseline_message(config: AgentConfig, dataplane: str) -> agent_pb2.Baseline
     )
 
 
+def _open_backend(config: AgentConfig, metrics: AgentMetrics) -> tuple[str, Backend]:
+    """The configured dataplane's name and backend, its applies timed into METRICS."""
+    dataplane = selected_dataplane(config)
+    try:
+        backend = make_backend(dataplane)
+    except (DataplaneError, ImportError, OSError) as exc:
+        raise AgentStartError(f"dataplane {dataplane}: cannot start ({exc})") from exc
+    log.info("dataplane: %s (configured: %s)", dataplane, config.dataplane)
+    return dataplane, TimedBackend(backend, metrics.apply_seconds)
+
+
 async def run_agent(config: AgentConfig, config_path: Path) -> None:
     _refuse_outside_netns()
     try:
@@ -138,12 +151,8 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from exc
     baseline = build_baseline(config, settings.mode)
-    dataplane = selected_dataplane(config)
-    try:
-        backend = make_backend(dataplane)
-    except (DataplaneError, ImportError, OSError) as exc:
-        raise AgentStartError(f"dataplane {dataplane}: cannot start ({exc})") from exc
-    log.info("dataplane: %s (configured: %s)", dataplane, config.dataplane)
+    metrics = AgentMetrics()
+    dataplane, backend = _open_backend(config, metrics)
     # Tamper guard: every apply goes through guard.backend, so it knows what to repair to.
     guard = TamperGuard.for_dataplane(dataplane, backend)
     main_endpoint = (Endpoint(*split_host_port(config.controller)),)
@@ -178,6 +187,9 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
             agent_version=AGENT_VERSION,
         )
 
+    observer = (
+        Observer(lambda: link.addresses, capacity=config.flow_capacity) if config.observe else None
+    )
     link = ControllerLink(
         config.controller,
         agent_id=config.agent_id,
@@ -187,7 +199,11 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         discover=discover_addresses,
         heartbeat_interval=config.heartbeat_interval,
         address_poll_interval=config.address_poll_interval,
+        observer=observer,
+        flow_report_interval=config.flow_report_interval,
     )
+    loop = asyncio.get_running_loop()
+    observing = _start_observing(observer, loop, config, metrics, link)
 
     async def apply_settings(new: HostSettings) -> None:
         nonlocal settings
@@ -201,7 +217,6 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     task = asyncio.create_task(link.run_forever())
     reload = asyncio.create_task(watch_settings(config_path, settings, apply_settings))
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     stopping = asyncio.create_task(stop.wait())
@@ -216,6 +231,60 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     task.cancel()
     reload.cancel()
     guarding.cancel()  # tamper guard; the rules stay
+    if observing is not None:
+        observing.cancel()
+
+
+def _start_observing(
+    observer: Observer | None,
+    loop: asyncio.AbstractEventLoop,
+    config: AgentConfig,
+    metrics: AgentMetrics,
+    link: ControllerLink,
+) -> asyncio.Task[None] | None:
+    """Start the observer (if on) and the metrics endpoint (if configured)."""
+    _register_metrics(metrics, link, observer)
+    if config.metrics_listen is not None:
+        host, port = split_host_port(config.metrics_listen)
+        metrics.serve(host, port)
+        log.info("metrics on http://%s/metrics", config.metrics_listen)
+    if observer is None:
+        return None
+    observer.start(loop)
+    task = asyncio.create_task(observer.run(config.snapshot_interval))
+    task.add_done_callback(lambda _: observer.close(loop))
+    return task
+
+
+def _register_metrics(
+    metrics: AgentMetrics, link: ControllerLink, observer: Observer | None
+) -> None:
+    metrics.counter(
+        "bulkhead_agent_flows_reported",
+        "Flows sent to the controller.",
+        lambda: link.flows_reported,
+    )
+    if observer is not None:
+        metrics.counter(
+            "bulkhead_agent_connections_seen",
+            "Connections counted (events and snapshots).",
+            lambda: observer.connections_seen,
+        )
+        metrics.counter(
+            "bulkhead_agent_flows_dropped",
+            "Flows discarded because the pending table was full.",
+            lambda: observer.table.dropped,
+        )
+        metrics.counter(
+            "bulkhead_agent_denied_packets",
+            "Packets default-deny dropped or (visibility) would have dropped.",
+            lambda: observer.denied_packets,
+        )
+        metrics.gauge(
+            "bulkhead_agent_flows_pending",
+            "Flows waiting to be reported.",
+            lambda: len(observer.table),
+        )
 
 
 def _wire_mode(mode: Mode) -> agent_pb2.Mode:

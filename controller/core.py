@@ -16,6 +16,7 @@ from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id, ruleset_hash
 from controller.enrollment import Enrollment
 from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
+from controller.observations import Observations, Workloads
 from controller.policy import (
     IPList,
     Policy,
@@ -68,6 +69,7 @@ class Controller:
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
+        self.observations = Observations(store.flow_store(), self.workloads)
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
 
@@ -210,6 +212,23 @@ class Controller:
 
     def agent(self, agent_id: str) -> AgentRecord:
         return self._require_agent(agent_id)
+
+    def session(self, agent_id: str) -> AgentSession | None:
+        """The agent's live stream, if it is connected."""
+        return self._sessions.get(agent_id)
+
+    def workloads(self) -> Workloads:
+        """Labels and addresses of every workload, and the IP lists: for flow resolution."""
+        agents = self._store.list_agents()
+        return Workloads(
+            labels={a.agent_id: a.labels for a in agents},
+            owners={address: a.agent_id for a in agents for address in a.addresses},
+            iplists=[
+                (network, iplist.metadata.labels)
+                for iplist in self._iplists.values()
+                for network in iplist.spec.cidrs
+            ],
+        )
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._sessions

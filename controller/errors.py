@@ -29,6 +29,10 @@ class Conflict(ControllerError):
     pass
 
 
+class Unavailable(ControllerError):
+    """Something the request needs (e.g. a connected agent) is not there right now."""
+
+
 class Unauthenticated(ControllerError):
     pass
 

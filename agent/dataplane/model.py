@@ -17,6 +17,12 @@ from typing import TypeVar
 from agent.dataplane.backend import RulesetError
 from bulkhead.v1 import ruleset_pb2
 
+# Both backends send the packets default-deny drops (or, in visibility mode, would drop)
+# to this NFLOG group with one of these prefixes; agent/observe reads them as denied flows.
+NFLOG_GROUP = 1001
+DENY_PREFIX = "bulkhead-deny"
+WOULD_DENY_PREFIX = "bulkhead-would-deny"
+
 SET_NAME = re.compile(r"[a-z][a-z0-9_]{0,30}")
 
 IPv4Network = ipaddress.IPv4Network

@@ -21,6 +21,9 @@ from agent.dataplane.baseline import Baseline, Endpoint, Mode, PortSpec
 from agent.dataplane.fingerprint import ABSENT, compose
 from agent.dataplane.libnftables import JsonDocument, NftError, NftRunner
 from agent.dataplane.model import (
+    DENY_PREFIX,
+    NFLOG_GROUP,
+    WOULD_DENY_PREFIX,
     AddressGroup,
     CompiledRuleset,
     Direction,
@@ -386,9 +389,11 @@ def _controller(endpoint: Endpoint) -> JsonDocument:
 
 def _tail(chain: str, direction: Direction, mode: Mode) -> list[JsonDocument]:
     if mode is Mode.ENFORCE:
-        default = _rule(chain, [{"counter": None}, _verdict("drop")], comment="default-deny")
+        log = {"log": {"group": NFLOG_GROUP, "prefix": DENY_PREFIX}}
+        default = _rule(chain, [{"counter": None}, log, _verdict("drop")], comment="default-deny")
     else:
-        default = _rule(chain, [{"counter": None}], comment="would-deny")
+        log = {"log": {"group": NFLOG_GROUP, "prefix": WOULD_DENY_PREFIX}}
+        default = _rule(chain, [{"counter": None}, log], comment="would-deny")
     return [_rule(chain, [{"jump": {"target": POLICY_CHAINS[direction]}}]), default]
 
 

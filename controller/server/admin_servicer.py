@@ -129,6 +129,24 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
         return admin_pb2.ListAuditResponse(entries=[_audit_entry(e) for e in entries])
 
+    async def ListFlows(self, request: admin_pb2.ListFlowsRequest, context: Context) -> Any:
+        flows, truncated = await self._run(
+            context, lambda _: self._core.observations.list_flows(request), write=False
+        )
+        return admin_pb2.ListFlowsResponse(flows=flows, truncated=truncated)
+
+    async def GetConnections(
+        self, request: admin_pb2.GetConnectionsRequest, context: Context
+    ) -> Any:
+        agent = await self._run(context, lambda _: self._core.agent(request.agent_id), write=False)
+        try:
+            return await self._core.observations.connections(
+                agent.agent_id, self._core.session(agent.agent_id)
+            )
+        except ControllerError as exc:
+            await context.abort(status_for(exc), str(exc))
+            raise  # unreachable: abort raises
+
     def _summary(self, agent: AgentRecord) -> admin_pb2.AgentSummary:
         expiry = self._core.enrollment.certificate_expiry_ms(agent.agent_id)
         return admin_pb2.AgentSummary(

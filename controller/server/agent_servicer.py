@@ -86,6 +86,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     self._core.config_changed(session.agent_id, message.config)
                 elif kind == "tamper":
                     self._core.tampered(session.agent_id, message.tamper)
+                elif kind == "flows":
+                    self._core.observations.record(session.agent_id, message.flows)
+                elif kind == "connections":
+                    self._core.observations.answered(session.agent_id, message.connections)
                 elif kind == "renew":
                     pem = self._core.enrollment.renew(
                         session.agent_id, message.renew.csr_pem.encode(), certificate

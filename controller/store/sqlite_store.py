@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.store.flow_store import FlowStore
+
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -178,6 +180,10 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def flow_store(self, **limits: int) -> FlowStore:
+        """The flows table, on this store's connection (see flow_store.py)."""
+        return FlowStore(self._db, **limits)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

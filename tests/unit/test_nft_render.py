@@ -88,15 +88,16 @@ def test_visibility_never_drops() -> None:
         "table": "bulkhead",
         "chain": "input",
         "comment": "would-deny",
-        "expr": [{"counter": None}],
+        "expr": [{"counter": None}, {"log": {"group": 1001, "prefix": "bulkhead-would-deny"}}],
     }
 
 
-def test_enforce_ends_each_base_chain_with_a_counted_drop() -> None:
+def test_enforce_ends_each_base_chain_with_a_counted_logged_drop() -> None:
     document = render(*load_case("web_db"))
+    log = {"log": {"group": 1001, "prefix": "bulkhead-deny"}}  # read by agent/observe
     for chain in ("input", "output"):
         last = [r for r in rules(document) if r["chain"] == chain][-1]
-        assert last["expr"] == [{"counter": None}, {"drop": None}]
+        assert last["expr"] == [{"counter": None}, log, {"drop": None}]
         assert last["comment"] == "default-deny"
 
 

@@ -15,7 +15,8 @@ from agent.dataplane.iptables.plan import (
     IptablesPlan,
     ipset_name,
 )
-from agent.dataplane.iptables.render import NFLOG_GROUP, render_iptables
+from agent.dataplane.iptables.render import render_iptables
+from agent.dataplane.model import NFLOG_GROUP
 
 __all__ = [
     "INPUT_CHAIN",

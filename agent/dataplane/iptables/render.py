@@ -27,6 +27,9 @@ from agent.dataplane.iptables.plan import (
     save_string,
 )
 from agent.dataplane.model import (
+    DENY_PREFIX,
+    NFLOG_GROUP,
+    WOULD_DENY_PREFIX,
     AddressGroup,
     CompiledRuleset,
     Direction,
@@ -43,9 +46,6 @@ from bulkhead.v1 import ruleset_pb2
 # accept in our table never overrides another table's drop either. Bulkhead only narrows.
 ALLOW = "RETURN"
 
-NFLOG_GROUP = 1001
-DENY_PREFIX = "bulkhead-deny"
-WOULD_DENY_PREFIX = "bulkhead-would-deny"
 COMMENT_MAX_BYTES = 255  # XT_MAX_COMMENT_LEN less the terminating NUL
 MULTIPORT_MAX = 15  # XT_MULTI_PORTS; a range takes two of them
 

@@ -280,3 +280,79 @@ class ListAuditResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[AuditEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[AuditEntry, _Mapping]]] = ...) -> None: ...
+
+class ListFlowsRequest(_message.Message):
+    __slots__ = ("workload", "labels", "verdicts", "since_unix_ms", "limit")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    workload: str
+    labels: _containers.ScalarMap[str, str]
+    verdicts: _containers.RepeatedScalarFieldContainer[_agent_pb2.Verdict]
+    since_unix_ms: int
+    limit: int
+    def __init__(self, workload: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., verdicts: _Optional[_Iterable[_Union[_agent_pb2.Verdict, str]]] = ..., since_unix_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class FlowEndpoint(_message.Message):
+    __slots__ = ("workload", "address", "labels", "process", "pid")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    workload: str
+    address: str
+    labels: _containers.ScalarMap[str, str]
+    process: str
+    pid: int
+    def __init__(self, workload: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., process: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class FlowEntry(_message.Message):
+    __slots__ = ("source", "destination", "port", "protocol", "verdict", "count", "first_seen_unix_ms", "last_seen_unix_ms")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    source: FlowEndpoint
+    destination: FlowEndpoint
+    port: int
+    protocol: str
+    verdict: _agent_pb2.Verdict
+    count: int
+    first_seen_unix_ms: int
+    last_seen_unix_ms: int
+    def __init__(self, source: _Optional[_Union[FlowEndpoint, _Mapping]] = ..., destination: _Optional[_Union[FlowEndpoint, _Mapping]] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., verdict: _Optional[_Union[_agent_pb2.Verdict, str]] = ..., count: _Optional[int] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ListFlowsResponse(_message.Message):
+    __slots__ = ("flows", "truncated")
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    flows: _containers.RepeatedCompositeFieldContainer[FlowEntry]
+    truncated: bool
+    def __init__(self, flows: _Optional[_Iterable[_Union[FlowEntry, _Mapping]]] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class GetConnectionsRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from bulkhead.v1 import admin_pb2 as bulkhead_dot_v1_dot_admin__pb2
+from bulkhead.v1 import agent_pb2 as bulkhead_dot_v1_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -89,6 +90,16 @@ class AdminServiceStub:
                 request_serializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.ListFlows = channel.unary_unary(
+                '/bulkhead.v1.AdminService/ListFlows',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.ListFlowsRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListFlowsResponse.FromString,
+                _registered_method=True)
+        self.GetConnections = channel.unary_unary(
+                '/bulkhead.v1.AdminService/GetConnections',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.GetConnectionsRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_agent__pb2.ConnectionTable.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -162,6 +173,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFlows(self, request, context):
+        """Observed flows, resolved to workloads (viewer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConnections(self, request, context):
+        """One connected agent's live socket-to-process table, asked for now (viewer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +244,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.FromString,
                     response_serializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'ListFlows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFlows,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.ListFlowsRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.ListFlowsResponse.SerializeToString,
+            ),
+            'GetConnections': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConnections,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.GetConnectionsRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_agent__pb2.ConnectionTable.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +553,60 @@ class AdminService:
             '/bulkhead.v1.AdminService/ListAudit',
             bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
             bulkhead_dot_v1_dot_admin__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFlows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/ListFlows',
+            bulkhead_dot_v1_dot_admin__pb2.ListFlowsRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.ListFlowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/GetConnections',
+            bulkhead_dot_v1_dot_admin__pb2.GetConnectionsRequest.SerializeToString,
+            bulkhead_dot_v1_dot_agent__pb2.ConnectionTable.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,9 +13,31 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_UNSPECIFIED: _ClassVar[Mode]
     MODE_VISIBILITY: _ClassVar[Mode]
     MODE_ENFORCE: _ClassVar[Mode]
+
+class FlowDirection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLOW_DIRECTION_UNSPECIFIED: _ClassVar[FlowDirection]
+    FLOW_DIRECTION_INBOUND: _ClassVar[FlowDirection]
+    FLOW_DIRECTION_OUTBOUND: _ClassVar[FlowDirection]
+    FLOW_DIRECTION_LISTEN: _ClassVar[FlowDirection]
+
+class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VERDICT_UNSPECIFIED: _ClassVar[Verdict]
+    VERDICT_ALLOWED: _ClassVar[Verdict]
+    VERDICT_DENIED: _ClassVar[Verdict]
+    VERDICT_WOULD_DENY: _ClassVar[Verdict]
 MODE_UNSPECIFIED: Mode
 MODE_VISIBILITY: Mode
 MODE_ENFORCE: Mode
+FLOW_DIRECTION_UNSPECIFIED: FlowDirection
+FLOW_DIRECTION_INBOUND: FlowDirection
+FLOW_DIRECTION_OUTBOUND: FlowDirection
+FLOW_DIRECTION_LISTEN: FlowDirection
+VERDICT_UNSPECIFIED: Verdict
+VERDICT_ALLOWED: Verdict
+VERDICT_DENIED: Verdict
+VERDICT_WOULD_DENY: Verdict
 
 class GetCARequest(_message.Message):
     __slots__ = ()
@@ -161,7 +183,7 @@ class Ack(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "addresses", "ack", "renew", "tamper", "config")
+    __slots__ = ("hello", "heartbeat", "addresses", "ack", "renew", "tamper", "config", "flows", "connections")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +191,8 @@ class AgentMessage(_message.Message):
     RENEW_FIELD_NUMBER: _ClassVar[int]
     TAMPER_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     addresses: AddressUpdate
@@ -176,7 +200,9 @@ class AgentMessage(_message.Message):
     renew: RenewCertificate
     tamper: TamperEvent
     config: ConfigChange
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., addresses: _Optional[_Union[AddressUpdate, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., renew: _Optional[_Union[RenewCertificate, _Mapping]] = ..., tamper: _Optional[_Union[TamperEvent, _Mapping]] = ..., config: _Optional[_Union[ConfigChange, _Mapping]] = ...) -> None: ...
+    flows: FlowReport
+    connections: ConnectionTable
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., addresses: _Optional[_Union[AddressUpdate, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., renew: _Optional[_Union[RenewCertificate, _Mapping]] = ..., tamper: _Optional[_Union[TamperEvent, _Mapping]] = ..., config: _Optional[_Union[ConfigChange, _Mapping]] = ..., flows: _Optional[_Union[FlowReport, _Mapping]] = ..., connections: _Optional[_Union[ConnectionTable, _Mapping]] = ...) -> None: ...
 
 class PolicySnapshot(_message.Message):
     __slots__ = ("revision", "hash", "ruleset")
@@ -197,11 +223,99 @@ class InSync(_message.Message):
     def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("snapshot", "in_sync", "certificate")
+    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     snapshot: PolicySnapshot
     in_sync: InSync
     certificate: CertificateIssued
-    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ...) -> None: ...
+    connections_request: ConnectionsRequest
+    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ...) -> None: ...
+
+class Process(_message.Message):
+    __slots__ = ("pid", "name", "exe", "cmdline", "user", "start_unix_ms", "systemd_unit")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
+    CMDLINE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    START_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEMD_UNIT_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    name: str
+    exe: str
+    cmdline: _containers.RepeatedScalarFieldContainer[str]
+    user: str
+    start_unix_ms: int
+    systemd_unit: str
+    def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., exe: _Optional[str] = ..., cmdline: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., start_unix_ms: _Optional[int] = ..., systemd_unit: _Optional[str] = ...) -> None: ...
+
+class Flow(_message.Message):
+    __slots__ = ("direction", "local_address", "peer_address", "port", "protocol", "process", "verdict", "count", "first_seen_unix_ms", "last_seen_unix_ms")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    direction: FlowDirection
+    local_address: str
+    peer_address: str
+    port: int
+    protocol: str
+    process: Process
+    verdict: Verdict
+    count: int
+    first_seen_unix_ms: int
+    last_seen_unix_ms: int
+    def __init__(self, direction: _Optional[_Union[FlowDirection, str]] = ..., local_address: _Optional[str] = ..., peer_address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., count: _Optional[int] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ...) -> None: ...
+
+class FlowReport(_message.Message):
+    __slots__ = ("flows", "dropped")
+    FLOWS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    flows: _containers.RepeatedCompositeFieldContainer[Flow]
+    dropped: int
+    def __init__(self, flows: _Optional[_Iterable[_Union[Flow, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...
+
+class Connection(_message.Message):
+    __slots__ = ("protocol", "state", "local_address", "local_port", "peer_address", "peer_port", "direction", "process")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PORT_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PEER_PORT_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    state: str
+    local_address: str
+    local_port: int
+    peer_address: str
+    peer_port: int
+    direction: FlowDirection
+    process: Process
+    def __init__(self, protocol: _Optional[str] = ..., state: _Optional[str] = ..., local_address: _Optional[str] = ..., local_port: _Optional[int] = ..., peer_address: _Optional[str] = ..., peer_port: _Optional[int] = ..., direction: _Optional[_Union[FlowDirection, str]] = ..., process: _Optional[_Union[Process, _Mapping]] = ...) -> None: ...
+
+class ConnectionsRequest(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class ConnectionTable(_message.Message):
+    __slots__ = ("request_id", "connections", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    connections: _containers.RepeatedCompositeFieldContainer[Connection]
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., connections: _Optional[_Iterable[_Union[Connection, _Mapping]]] = ..., error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""What the agent sees: sockets and their processes, connection events, denied packets, flows."""

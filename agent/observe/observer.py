@@ -1,0 +1,274 @@
+"""The agent's observation loop: sockets, new-connection events and logged drops become
+flow records in a bounded FlowTable, ready to be reported.
+
+Three sources, because each misses something:
+* conntrack new-connection events see every connection, however short, as it starts;
+  the process is looked up at once, while its socket still exists;
+* a periodic socket snapshot catches what the events missed (connections older than
+  the agent, hosts where conntrack events are off) and names long-lived processes;
+* NFLOG packets from the dataplane's default-deny rules are the denied and would-be-
+  denied flows. In visibility mode such a connection also succeeds and raises a
+  conntrack event; it is counted once, as would-deny, which is why connection events
+  wait VERDICT_WAIT_S (the kernel sends log batches every 100 ms) before being counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from agent.dataplane.model import DENY_PREFIX, NFLOG_GROUP, WOULD_DENY_PREFIX
+from agent.observe.flows import DEFAULT_CAPACITY, FlowRecord, FlowTable
+from agent.observe.model import Connection, Direction, ProcessInfo, Verdict
+from agent.observe.snapshot import FlowKey, SocketSnapshotter
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_INTERVAL_S = 5.0
+VERDICT_WAIT_S = 0.5
+TICK_S = 0.2
+SEEN_MAX = 100_000  # connections remembered as counted (so a snapshot does not recount)
+RECENT_DENIALS_S = 5.0
+CONNECTED_TCP_STATES = frozenset({"ESTABLISHED", "SYN_SENT", "SYN_RECV", "CLOSE_WAIT"})
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """One connection or packet, seen from this host."""
+
+    key: FlowKey  # protocol, local ip, local port, peer ip, peer port
+    direction: Direction
+    at: float
+
+
+class EventSource(Protocol):
+    """A netlink listener (ctevents.ConntrackListener, nflog.NflogListener)."""
+
+    def fileno(self) -> int: ...
+
+    def read_events(self) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Observer:
+    def __init__(
+        self,
+        local_addresses: Callable[[], Iterable[str]],
+        *,
+        capacity: int = DEFAULT_CAPACITY,
+        snapshotter: SocketSnapshotter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.table = FlowTable(capacity)
+        self._local_addresses = local_addresses
+        self._snapshotter = snapshotter or SocketSnapshotter()
+        self._clock = clock
+        self._seen: OrderedDict[FlowKey, float] = OrderedDict()
+        self._recent_denials: dict[FlowKey, float] = {}
+        self._waiting: list[tuple[Observed, ProcessInfo | None]] = []
+        self._listeners: list[EventSource] = []
+        self.connections_seen = 0
+        self.denied_packets = 0
+
+    # -- sources ------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Subscribe to conntrack events and the NFLOG group, as far as this host allows."""
+        # Imported here: they open netlink sockets, which unit tests of the rest do not need.
+        from agent.observe.ctevents import ConntrackListener
+        from agent.observe.nflog import NflogListener
+
+        try:
+            conntrack = ConntrackListener()
+            loop.add_reader(conntrack.fileno(), self._on_conntrack, conntrack)
+            self._listeners.append(conntrack)
+        except OSError as exc:
+            log.warning("no conntrack events (%s): short connections may go unseen", exc)
+        try:
+            nflog = NflogListener(NFLOG_GROUP)
+            loop.add_reader(nflog.fileno(), self._on_nflog, nflog)
+            self._listeners.append(nflog)
+        except OSError as exc:
+            log.warning("cannot read NFLOG group %d (%s): denied flows unseen", NFLOG_GROUP, exc)
+
+    def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        for listener in self._listeners:
+            if loop is not None:
+                loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+
+    async def run(self, snapshot_interval: float = SNAPSHOT_INTERVAL_S) -> None:
+        """Count waiting connections and take periodic snapshots, until cancelled."""
+        next_snapshot = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_snapshot:
+                next_snapshot = now + snapshot_interval
+                try:
+                    connections = await asyncio.to_thread(self._snapshotter.snapshot)
+                    self.count_snapshot(connections)
+                except OSError:
+                    log.exception("socket snapshot failed")
+            self.count_waiting()
+            await asyncio.sleep(TICK_S)
+
+    def _on_conntrack(self, listener: EventSource) -> None:
+        events = listener.read_events()
+        local = self._local_set()
+        observed = []
+        for event in events:
+            seen = _orient(local, event)
+            if seen is not None:
+                observed.append(seen)
+        self.connections_started(observed)
+
+    def _on_nflog(self, listener: EventSource) -> None:
+        events = listener.read_events()
+        local = self._local_set()
+        packets = []
+        for event in events:
+            if event.prefix.startswith(WOULD_DENY_PREFIX):
+                verdict = Verdict.WOULD_DENY
+            elif event.prefix.startswith(DENY_PREFIX):
+                verdict = Verdict.DENIED
+            else:
+                continue
+            seen = _orient(local, event)
+            if seen is not None:
+                packets.append((seen, verdict))
+        self.packets_dropped(packets)
+
+    # -- counting (public for tests: the sources above only feed these) ---------------
+
+    def connections_started(self, observed: list[Observed]) -> None:
+        """New connections: their processes now, their verdict after VERDICT_WAIT_S."""
+        if not observed:
+            return
+        processes = self._snapshotter.attribute(o.key for o in observed)
+        self._waiting.extend((o, processes.get(o.key)) for o in observed)
+
+    def packets_dropped(self, packets: list[tuple[Observed, Verdict]]) -> None:
+        """Packets default-deny dropped (or would have): counted as packets at once."""
+        if not packets:
+            return
+        processes = self._snapshotter.attribute(o.key for o, _ in packets)
+        for observed, verdict in packets:
+            self.denied_packets += 1
+            self._recent_denials[observed.key] = observed.at
+            self._add(observed, verdict, processes.get(observed.key))
+
+    def count_waiting(self, now: float | None = None) -> None:
+        now = self._clock() if now is None else now
+        due = [(o, p) for o, p in self._waiting if now - o.at >= VERDICT_WAIT_S]
+        self._waiting = [(o, p) for o, p in self._waiting if now - o.at < VERDICT_WAIT_S]
+        for observed, process in due:
+            if observed.key in self._recent_denials:
+                self._remember(observed.key, now)  # already counted as (would-)denied
+                continue
+            self._count_connection(observed, process, now)
+        cutoff = now - RECENT_DENIALS_S
+        self._recent_denials = {k: t for k, t in self._recent_denials.items() if t >= cutoff}
+
+    def count_snapshot(self, connections: Iterable[Connection]) -> None:
+        """Connections the events did not count (yet): counted once each."""
+        now = self._clock()
+        local = self._local_set()
+        waiting = {o.key for o, _ in self._waiting}
+        for connection in connections:
+            if connection.direction is Direction.LISTEN or not _connected(connection):
+                continue
+            if connection.peer_ip in local or _loopback(connection.peer_ip):
+                continue
+            key = (
+                connection.protocol,
+                connection.local_ip,
+                connection.local_port,
+                connection.peer_ip,
+                connection.peer_port,
+            )
+            if key in self._seen or key in waiting or key in self._recent_denials:
+                if key in self._seen:
+                    self._seen.move_to_end(key)
+                continue
+            observed = Observed(key, connection.direction, now)
+            self._count_connection(observed, connection.process, now)
+
+    def connection_table(self) -> list[Connection]:
+        """The live socket-to-process table of this host."""
+        return self._snapshotter.snapshot()
+
+    # -- internals ----------------------------------------------------------------
+
+    def _count_connection(
+        self, observed: Observed, process: ProcessInfo | None, now: float
+    ) -> None:
+        if observed.key in self._seen:
+            self._seen.move_to_end(observed.key)
+            return
+        self._remember(observed.key, now)
+        self.connections_seen += 1
+        self._add(observed, Verdict.ALLOWED, process)
+
+    def _remember(self, key: FlowKey, now: float) -> None:
+        self._seen[key] = now
+        self._seen.move_to_end(key)
+        while len(self._seen) > SEEN_MAX:
+            self._seen.popitem(last=False)
+
+    def _add(self, observed: Observed, verdict: Verdict, process: ProcessInfo | None) -> None:
+        protocol, local_ip, local_port, peer_ip, peer_port = observed.key
+        inbound = observed.direction is Direction.INBOUND
+        self.table.add(
+            FlowRecord(
+                direction=observed.direction,
+                local_ip=local_ip,
+                peer_ip=peer_ip,
+                port=local_port if inbound else peer_port,
+                protocol=protocol,
+                verdict=verdict,
+                process=process,
+                count=1,
+                first_seen=observed.at,
+                last_seen=observed.at,
+            )
+        )
+
+    def _local_set(self) -> set[str]:
+        return {str(ipaddress.ip_address(a)) for a in self._local_addresses()}
+
+
+def _orient(local: set[str], event: Any) -> Observed | None:
+    """An event (protocol, src, sport, dst, dport, timestamp) as this host sees it, or None
+    if it is not between this host and another (loopback, or a protocol flows skip)."""
+    protocol = "icmp" if event.protocol == "icmpv6" else event.protocol
+    if protocol not in ("tcp", "udp", "icmp") or _loopback(event.src) or _loopback(event.dst):
+        return None
+    src, dst = event.src, event.dst
+    if src in local and dst not in local:
+        key = (protocol, src, event.sport, dst, event.dport)
+        return Observed(key, Direction.OUTBOUND, event.timestamp)
+    if dst in local and src not in local:
+        key = (protocol, dst, event.dport, src, event.sport)
+        return Observed(key, Direction.INBOUND, event.timestamp)
+    return None
+
+
+def _connected(connection: Connection) -> bool:
+    if connection.protocol == "tcp":
+        return connection.state in CONNECTED_TCP_STATES
+    return bool(connection.peer_ip)
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return True

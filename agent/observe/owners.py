@@ -1,0 +1,304 @@
+"""Which process holds each socket: socket inode -> pid, from the /proc/<pid>/fd links.
+
+A full scan (every fd of every process, one readlink each) is what psutil does on every
+call, and it costs about as much as the rest of a snapshot together. So this map is kept
+between calls and refreshed lazily, driven by the socket table:
+
+* an inode of the table whose owner is known, in a process still alive, keeps its owner:
+  no fd is read at all when nothing changed (the steady state);
+* an inode that is not known is searched for, cheapest and likeliest places first, and
+  the search stops as soon as every unknown inode is found: (1) the fds whose socket
+  has just left the table (the kernel hands out the lowest free fd number, so a closed
+  socket's fd is the usual home of the next one), (2) processes not seen before, (3) fds
+  new to the processes we know, busiest processes first, (4) fds already read that hold
+  it (a shared socket whose recorded owner went away), (5) fds that held something else
+  when last read, since an fd number can be closed and reused between two refreshes;
+* an inode still unknown after that belongs to no process we can see (another pid
+  namespace, hidden /proc, a socket in flight): it is not searched for again while it
+  stays in the table.
+
+A recorded owner can go stale only when a socket shared by several processes (fork,
+SCM_RIGHTS) is closed by the one recorded while another keeps it; a full rescan every
+`rescan_interval` seconds bounds that. Processes come and go during a scan: a pid or fd
+that vanishes, or that we may not read, is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from typing import Final
+
+PROC: Final = "/proc"
+RESCAN_INTERVAL: Final = 60.0  # seconds between full scans: bounds a stale shared-socket owner
+NOT_A_SOCKET: Final = 0  # what the map records for an fd that is no socket
+_GONE: Final = (FileNotFoundError, ProcessLookupError, PermissionError)
+_SOCKET_PREFIX: Final = "socket:["
+_INIT: Final = 1
+
+
+def _link_inode(name: str, directory: int) -> int | None:
+    """The socket inode an fd (by name, in an open fd directory) points at, NOT_A_SOCKET
+    for any other file, None if the fd is gone."""
+    try:
+        target = os.readlink(name, dir_fd=directory)
+    except (*_GONE, NotADirectoryError):
+        return None
+    if target.startswith(_SOCKET_PREFIX):
+        return int(target[len(_SOCKET_PREFIX) : -1])
+    return NOT_A_SOCKET
+
+
+def _preferred(current: int, candidate: int) -> bool:
+    """Whether a second holder of a shared socket names it better than the first: not
+    pid 1 (systemd passes activated sockets on), else the lower pid (a pre-forking
+    server's parent)."""
+    if (current == _INIT) != (candidate == _INIT):
+        return current == _INIT
+    return candidate < current
+
+
+class SocketOwners:
+    """Socket inode -> (pid, fd) for the sockets of a socket table, kept between refreshes."""
+
+    def __init__(
+        self,
+        proc: str = PROC,
+        *,
+        rescan_interval: float = RESCAN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._proc = proc
+        self._rescan_interval = rescan_interval
+        self._clock = clock
+        self._fds: dict[int, dict[str, int]] = {}  # pid -> {fd name: inode or NOT_A_SOCKET}
+        self._owners: dict[int, tuple[int, str]] = {}  # inode -> (pid, fd name)
+        self._orphans: set[int] = set()  # table inodes no visible process holds
+        self._busy: dict[int, int] = {}  # pid -> refresh number when a socket was last found
+        self._refreshes = 0
+        self._table: AbstractSet[int] = frozenset()
+        self._last_full: float | None = None
+        self._live: frozenset[int] = frozenset()
+
+    @property
+    def live_pids(self) -> frozenset[int]:
+        """The processes that existed at the last refresh."""
+        return self._live
+
+    def owner(self, inode: int) -> int | None:
+        entry = self._owners.get(inode)
+        return None if entry is None else entry[0]
+
+    def owners(self) -> dict[int, int]:
+        """inode -> pid for every socket whose owner is known."""
+        return {inode: pid for inode, (pid, _) in self._owners.items()}
+
+    def refresh(self, table: AbstractSet[int]) -> set[int]:
+        """Bring the map up to date for the inodes of the socket table just read; return
+        the inodes of the table whose owner was found, lost or changed."""
+        self._refreshes += 1
+        now = self._clock()
+        if self._last_full is None or now - self._last_full >= self._rescan_interval:
+            self._last_full = now
+            return self._full_scan(table)
+        changed: set[int] = set()
+        self._live = self._list_pids()
+        for pid in self._fds.keys() - self._live:
+            self._forget_pid(pid, table, changed)
+        if not changed and (table is self._table or table == self._table):
+            # Every inode of this table was owned or given up on by the last refresh,
+            # and no owner has gone since: nothing to look for.
+            return changed
+        suspects: list[tuple[int, str]] = []
+        if table is not self._table and table != self._table:
+            for inode in self._owners.keys() - table:
+                suspects.append(self._owners.pop(inode))
+            self._orphans &= table
+        self._table = table
+        unknown = table - self._owners.keys() - self._orphans
+        if unknown:
+            self._search(unknown, suspects, changed)
+        return changed
+
+    # -- reading /proc ------------------------------------------------------------------
+
+    def _list_pids(self) -> frozenset[int]:
+        return frozenset(int(name) for name in os.listdir(self._proc) if name.isdigit())
+
+    def _open_fd_dir(self, pid: int) -> int | None:
+        try:
+            return os.open(f"{self._proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (*_GONE, NotADirectoryError):
+            return None
+
+    def _read_all_fds(self, pid: int) -> dict[str, int] | None:
+        directory = self._open_fd_dir(pid)
+        if directory is None:
+            return None
+        try:
+            fds = {}
+            for name in os.listdir(directory):
+                inode = _link_inode(name, directory)
+                if inode is not None:
+                    fds[name] = inode
+            return fds
+        except _GONE:
+            return None
+        finally:
+            os.close(directory)
+
+    # -- the full scan ------------------------------------------------------------------
+
+    def _full_scan(self, table: AbstractSet[int]) -> set[int]:
+        before = {inode: entry[0] for inode, entry in self._owners.items()}
+        self._fds.clear()
+        self._owners.clear()
+        self._live = self._list_pids()
+        for pid in sorted(self._live):
+            fds = self._read_all_fds(pid)
+            if fds is None:
+                continue
+            self._fds[pid] = fds
+            for name, inode in fds.items():
+                if inode in table:
+                    held = self._owners.get(inode)
+                    if held is None or _preferred(held[0], pid):
+                        self._owners[inode] = (pid, name)
+        for inode in self._owners.keys() - table:  # sockets of other network namespaces
+            del self._owners[inode]
+        self._table = table
+        self._orphans = set(table - self._owners.keys())
+        self._busy = {pid: busy for pid, busy in self._busy.items() if pid in self._fds}
+        return {inode for inode in table if before.get(inode) != self.owner(inode)}
+
+    # -- the search for unknown inodes --------------------------------------------------
+
+    def _search(
+        self, unknown: set[int], suspects: list[tuple[int, str]], changed: set[int]
+    ) -> None:
+        # In the order of the module docstring; each step stops once nothing is unknown.
+        self._relink(suspects, unknown, changed)
+        if unknown:
+            self._read_new_processes(unknown, changed)
+        if unknown:
+            self._read_new_fds(unknown, changed)
+        if unknown:
+            self._match_known_fds(unknown, changed)
+        if unknown:
+            self._relink(self._fds_holding_others(), unknown, changed)
+        self._orphans |= unknown
+
+    def _found(self, inode: int, pid: int, name: str, unknown: set[int], changed: set[int]) -> None:
+        if inode in unknown:
+            unknown.discard(inode)
+            self._owners[inode] = (pid, name)
+            self._busy[pid] = self._refreshes
+            changed.add(inode)
+
+    def _relink(self, fds: Iterable[tuple[int, str]], unknown: set[int], changed: set[int]) -> None:
+        """Read these fds again, whatever they held before."""
+        by_pid: dict[int, list[str]] = {}
+        for pid, name in fds:
+            by_pid.setdefault(pid, []).append(name)
+        for pid, names in by_pid.items():
+            known = self._fds.get(pid)
+            directory = None if known is None else self._open_fd_dir(pid)
+            if known is None or directory is None:
+                continue
+            try:
+                for name in names:
+                    inode = _link_inode(name, directory)
+                    self._set_fd(pid, known, name, inode, changed)
+                    if inode:
+                        self._found(inode, pid, name, unknown, changed)
+                    if not unknown:
+                        return
+            finally:
+                os.close(directory)
+
+    def _read_new_processes(self, unknown: set[int], changed: set[int]) -> None:
+        for pid in sorted(self._live - self._fds.keys(), reverse=True):  # newest first
+            fds = self._read_all_fds(pid)
+            if fds is None:
+                continue
+            self._fds[pid] = fds
+            for name, inode in fds.items():
+                self._found(inode, pid, name, unknown, changed)
+            if not unknown:
+                return
+
+    def _read_new_fds(self, unknown: set[int], changed: set[int]) -> None:
+        """List each known process's fds: read the new ones, drop the closed ones."""
+        for pid in self._by_activity():
+            known = self._fds[pid]
+            directory = self._open_fd_dir(pid)
+            if directory is None:
+                continue
+            try:
+                names = set(os.listdir(directory))
+                for name in known.keys() - names:
+                    self._set_fd(pid, known, name, None, changed)
+                for name in names - known.keys():
+                    inode = _link_inode(name, directory)
+                    self._set_fd(pid, known, name, inode, changed)
+                    if inode:
+                        self._found(inode, pid, name, unknown, changed)
+            except _GONE:
+                continue
+            finally:
+                os.close(directory)
+            if not unknown:
+                return
+
+    def _match_known_fds(self, unknown: set[int], changed: set[int]) -> None:
+        for pid, fds in self._fds.items():
+            for name, inode in fds.items():
+                if inode in unknown:
+                    self._found(inode, pid, name, unknown, changed)
+
+    def _fds_holding_others(self) -> list[tuple[int, str]]:
+        """Fds last seen holding no socket of the table: one may have been reused since."""
+        table = self._table
+        return [
+            (pid, name)
+            for pid in self._by_activity()
+            for name, inode in self._fds[pid].items()
+            if inode not in table
+        ]
+
+    def _by_activity(self) -> list[int]:
+        busy = self._busy
+        return sorted(self._fds, key=lambda pid: busy.get(pid, 0), reverse=True)
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _set_fd(
+        self, pid: int, known: dict[str, int], name: str, inode: int | None, changed: set[int]
+    ) -> None:
+        """Record what fd `name` of `pid` holds now (None: closed), un-owning what it held."""
+        before = known.get(name)
+        if before and self._owners.get(before) == (pid, name) and before != inode:
+            del self._owners[before]
+            if before in self._table:
+                changed.add(before)
+        if inode is None:
+            known.pop(name, None)
+        else:
+            known[name] = inode
+
+    def _forget_pid(self, pid: int, table: AbstractSet[int], changed: set[int]) -> None:
+        for name, inode in self._fds.pop(pid).items():
+            if inode and self._owners.get(inode) == (pid, name):
+                del self._owners[inode]
+                if inode in table:
+                    changed.add(inode)
+        self._busy.pop(pid, None)
+
+
+def owners_of(table: AbstractSet[int], proc: str = PROC) -> Mapping[int, int]:
+    """One full scan: inode -> pid for the inodes of `table` (no cache kept)."""
+    owners = SocketOwners(proc)
+    owners.refresh(table)
+    return owners.owners()

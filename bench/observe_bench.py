@@ -1,0 +1,441 @@
+"""How fast the agent maps sockets to processes, against psutil.net_connections().
+
+Run as root: .venv/bin/python bench/observe_bench.py [--processes 200] [--sockets 10000]
+             [--runs 7] [--markdown]
+
+All the work happens in a child process started with `ip netns exec` in a namespace this
+script creates (bh-bench-<pid>) and always deletes: the socket tables of /proc/net are
+those of the reader's network namespace. The child forks PROCESSES workers that hold
+SOCKETS sockets in all over loopback: per worker one TCP listener, established TCP pairs
+(client and accepted socket, over IPv4, IPv6, and IPv4 into a dual-stack listener, which
+the kernel shows as IPv4-mapped), unconnected and connected UDP sockets. It then times,
+in that one process:
+
+* psutil.net_connections(kind="inet"), the reference;
+* the raw read of /proc/net/{tcp,tcp6,udp,udp6} and the /proc/*/fd scan (readlink of
+  every fd of every process), which any socket -> process map has to pay once;
+* a cold SocketSnapshotter().snapshot() (new caches every time);
+* the steady state: later snapshots of one snapshotter with nothing changed, and with
+  about 1% of the sockets replaced between two snapshots (workers close TCP pairs and
+  open new ones, untimed, so fds are reused as they are in real programs).
+
+Before and after the timings the child checks that the snapshot and psutil see the same
+sockets with the same owning pids, and that the directions add up. It prints its timings
+as JSON; this script prints medians and the ratios psutil / ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import psutil  # type: ignore[import-untyped]
+
+from agent.observe.model import Direction
+from agent.observe.snapshot import SocketSnapshotter
+from agent.observe.sockets import TABLES
+
+PROCESSES = 200
+SOCKETS = 10_000
+RUNS = 7
+CHANGED_SHARE = 0.01  # of the sockets, replaced between two "changed" snapshots
+PAIRS_PER_CHANGE = 2  # TCP pairs one worker replaces per changing round
+BASE_PORT = 20_000  # worker i listens on BASE_PORT + i, below the ephemeral range
+UDP_UNCONNECTED, UDP_CONNECTED = 2, 2
+MIN_PER_WORKER = 1 + UDP_UNCONNECTED + UDP_CONNECTED + 2  # listener, UDP, one TCP pair
+MAX_PROCESSES = 12_000
+BACKLOG = 128
+WORKER_TIMEOUT = 60.0  # for a worker's answer
+NAMESPACE_PREFIX = "bh-"
+TARGETS = {"cold": 2.0, "steady": 5.0, "changed": 5.0}
+
+
+# -- the workers that hold the sockets (forked by the measuring child) ------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one worker holds."""
+
+    index: int
+    sockets: int
+
+    @property
+    def pairs(self) -> int:
+        return (self.sockets - 1 - UDP_UNCONNECTED - UDP_CONNECTED) // 2
+
+    @property
+    def unconnected(self) -> int:  # an odd count gets one more unconnected UDP socket
+        return self.sockets - 1 - UDP_CONNECTED - 2 * self.pairs
+
+    def endpoints(self) -> tuple[socket.AddressFamily, str, str]:
+        """Listener family, listen address, address clients dial."""
+        kind = self.index % 4
+        if kind == 0:
+            return socket.AF_INET6, "::1", "::1"
+        if kind == 1:  # dual-stack: accepted IPv4 peers show as ::ffff:127.0.0.1 in tcp6
+            return socket.AF_INET6, "::", "127.0.0.1"
+        return socket.AF_INET, "127.0.0.1", "127.0.0.1"
+
+
+class _Holder:
+    """A worker's sockets; kept referenced so that they stay open."""
+
+    def __init__(self, layout: Layout) -> None:
+        family, listen_at, self._dial = layout.endpoints()
+        self._port = BASE_PORT + layout.index
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if listen_at == "::":
+            self._listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        self._listener.bind((listen_at, self._port))
+        self._listener.listen(BACKLOG)
+        udp_family = socket.AF_INET6 if self._dial == "::1" else socket.AF_INET
+        udp_count = layout.unconnected + UDP_CONNECTED
+        self._udp = [socket.socket(udp_family, socket.SOCK_DGRAM) for _ in range(udp_count)]
+        for udp in self._udp[: layout.unconnected]:
+            udp.bind((self._dial, 0))
+        for udp in self._udp[layout.unconnected :]:
+            udp.connect(self._udp[0].getsockname())
+        self._pairs = deque(self._pair() for _ in range(layout.pairs))
+
+    def _pair(self) -> tuple[socket.socket, socket.socket]:
+        client = socket.create_connection((self._dial, self._port), timeout=WORKER_TIMEOUT)
+        server, _ = self._listener.accept()
+        return client, server
+
+    def replace_pairs(self, count: int) -> None:
+        for _ in range(count):
+            for sock in self._pairs.popleft():
+                sock.close()
+        self._pairs.extend(self._pair() for _ in range(count))
+
+
+def _worker(layout: Layout, commands: int, answers: int) -> NoReturn:
+    """A forked worker: hold the sockets, answer "ready", then obey "change N" / EOF."""
+    status = 1
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the measuring child's JSON pipe must see EOF when it ends
+            os.dup2(devnull, fd)
+        holder = _Holder(layout)
+        os.write(answers, b"ready\n")
+        with os.fdopen(commands, "rb", buffering=0) as orders:
+            for order in orders:
+                holder.replace_pairs(int(order.split()[1]))
+                os.write(answers, b"ok\n")
+        status = 0
+    except BaseException as exc:  # tell the parent why, since it waits for an answer
+        with suppress(OSError):
+            os.write(answers, f"error {exc!r}\n".encode())
+    finally:
+        os._exit(status)
+
+
+@dataclass
+class _Handle:
+    pid: int
+    commands: int
+    answers: int
+
+
+class Workers:
+    """The forked workers of the measuring child."""
+
+    def __init__(self) -> None:
+        self.handles: list[_Handle] = []
+
+    def start(self, layouts: Sequence[Layout]) -> None:
+        for layout in layouts:
+            commands_read, commands_write = os.pipe()
+            answers_read, answers_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                for handle in self.handles:  # the earlier workers' pipes are not ours
+                    os.close(handle.commands)
+                    os.close(handle.answers)
+                os.close(commands_write)
+                os.close(answers_read)
+                _worker(layout, commands_read, answers_write)
+            os.close(commands_read)
+            os.close(answers_write)
+            self.handles.append(_Handle(pid, commands_write, answers_read))
+        for handle in self.handles:
+            self._expect(handle, b"ready")
+
+    def _expect(self, handle: _Handle, word: bytes) -> None:
+        ready, _, _ = select.select([handle.answers], [], [], WORKER_TIMEOUT)
+        answer = os.read(handle.answers, 4096) if ready else b"(no answer)"
+        if not answer.startswith(word):
+            raise RuntimeError(f"worker {handle.pid}: {answer.decode(errors='replace')}")
+
+    def replace_pairs(self, workers: Sequence[_Handle], pairs: int) -> None:
+        for handle in workers:
+            os.write(handle.commands, f"change {pairs}\n".encode())
+        for handle in workers:
+            self._expect(handle, b"ok")
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            with suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGKILL)
+            with suppress(ChildProcessError):
+                os.waitpid(handle.pid, 0)
+            os.close(handle.commands)
+            os.close(handle.answers)
+
+
+@contextmanager
+def workers(processes: int, sockets: int) -> Iterator[Workers]:
+    layouts = [
+        Layout(index, sockets // processes + (1 if index < sockets % processes else 0))
+        for index in range(processes)
+    ]
+    pool = Workers()
+    try:
+        pool.start(layouts)
+        yield pool
+    finally:
+        pool.stop()
+
+
+# -- the measuring child ----------------------------------------------------------------
+
+
+def refuse_foreign_namespace() -> None:
+    # Kept here rather than imported from apply_bench, which would load the nftables
+    # backend into the process whose memory this bench reports.
+    here = subprocess.run(
+        ["ip", "netns", "identify"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    if not here.startswith(NAMESPACE_PREFIX):
+        sys.exit(f"--inside: runs only in a {NAMESPACE_PREFIX}* namespace, not {here or 'root'!r}")
+
+
+def timed(action: Callable[[], object]) -> float:
+    gc.collect()  # so one run does not pay for the garbage of the previous one
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def read_tables() -> None:
+    for table in TABLES:
+        with suppress(FileNotFoundError), open(f"/proc/net/{table.name}", "rb") as file:
+            file.read()
+
+
+def scan_fds() -> dict[int, int]:
+    """Every fd of every process, read once: the cost a full socket -> process map pays."""
+    owners = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        with suppress(FileNotFoundError, ProcessLookupError, PermissionError):
+            directory = os.open(f"/proc/{name}/fd", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for fd in os.listdir(directory):
+                    with suppress(FileNotFoundError, ProcessLookupError):
+                        target = os.readlink(fd, dir_fd=directory)
+                        if target.startswith("socket:["):
+                            owners[int(target[8:-1])] = int(name)
+            finally:
+                os.close(directory)
+    return owners
+
+
+def rss_mb() -> float:
+    return float(psutil.Process().memory_info().rss) / 1e6
+
+
+def _psutil_view() -> Counter[tuple[str, int, str, int, int | None]]:
+    """psutil's sockets that have an owner. It also lists the ones no file holds any more
+    (TIME_WAIT after a replaced pair), which the snapshot leaves out, with pid None."""
+
+    def ip(text: str) -> str:  # psutil keeps IPv4-mapped IPv6 as is; we print IPv4
+        return text.removeprefix("::ffff:")
+
+    return Counter(
+        (
+            ip(c.laddr.ip),
+            c.laddr.port,
+            ip(c.raddr.ip) if c.raddr else "",
+            c.raddr.port if c.raddr else 0,
+            c.pid,
+        )
+        for c in psutil.net_connections(kind="inet")
+        if c.pid is not None
+    )
+
+
+def check_against_psutil(snapshotter: SocketSnapshotter, expected: Counter[Direction]) -> None:
+    """Stop unless our snapshot and psutil see the same sockets and owners (here the
+    workers own every socket)."""
+    connections = snapshotter.snapshot()
+    ours = Counter(
+        (c.local_ip, c.local_port, c.peer_ip, c.peer_port, c.process.pid if c.process else None)
+        for c in connections
+    )
+    theirs = _psutil_view()
+    if ours != theirs:
+        diff = list((ours - theirs).items())[:5], list((theirs - ours).items())[:5]
+        sys.exit(f"snapshot and psutil differ (ours only, psutil only): {diff}")
+    directions = Counter(c.direction for c in connections)
+    if directions != expected:
+        sys.exit(f"directions {dict(directions)}, expected {dict(expected)}")
+
+
+def expected_directions(processes: int, sockets: int) -> Counter[Direction]:
+    layouts = [
+        Layout(i, sockets // processes + (1 if i < sockets % processes else 0))
+        for i in range(processes)
+    ]
+    pairs = sum(layout.pairs for layout in layouts)
+    unconnected = sum(layout.unconnected for layout in layouts)
+    return Counter(
+        {
+            Direction.LISTEN: processes + unconnected,
+            Direction.INBOUND: pairs,
+            Direction.OUTBOUND: pairs + processes * UDP_CONNECTED,
+        }
+    )
+
+
+def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
+    refuse_foreign_namespace()
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=60)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    expected = expected_directions(processes, sockets)
+    # A changing worker closes PAIRS_PER_CHANGE pairs and opens as many.
+    changed_workers = max(1, round(sockets * CHANGED_SHARE / (2 * PAIRS_PER_CHANGE)))
+    chooser = random.Random(5)
+    with workers(processes, sockets) as pool:
+        scan_fds()  # warms the kernel's /proc entries for everyone alike
+        rss_before = rss_mb()
+        result: dict[str, Any] = {
+            "cold": [timed(lambda: SocketSnapshotter().snapshot()) for _ in range(runs)]
+        }
+        snapshotter = SocketSnapshotter()
+        check_against_psutil(snapshotter, expected)
+        result["steady"] = [timed(snapshotter.snapshot) for _ in range(runs)]
+        changed = []
+        for _ in range(runs):
+            pool.replace_pairs(chooser.sample(pool.handles, changed_workers), PAIRS_PER_CHANGE)
+            changed.append(timed(snapshotter.snapshot))
+        result["changed"] = changed
+        check_against_psutil(snapshotter, expected)  # the incremental path stayed right
+        result["rss_after_ours_mb"] = rss_mb()
+        result["psutil"] = [timed(lambda: psutil.net_connections(kind="inet")) for _ in range(runs)]
+        result["tables"] = [timed(read_tables) for _ in range(runs)]
+        result["fd_scan"] = [timed(scan_fds) for _ in range(runs)]
+        result["rss_end_mb"] = rss_mb()
+    result |= {
+        "rss_before_mb": rss_before,
+        "sockets": sum(expected.values()),
+        "directions": {direction.value: count for direction, count in expected.items()},
+        "changed_sockets": changed_workers * PAIRS_PER_CHANGE * 2,
+    }
+    return result
+
+
+# -- the parent: namespace, child, table ------------------------------------------------
+
+
+def positive(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def print_results(result: dict[str, Any], markdown: bool) -> None:
+    # rich only here: the measured child does not load it.
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:
+        console.width = 200
+    reference = statistics.median(result["psutil"])
+    directions = ", ".join(f"{count:,} {name}" for name, count in result["directions"].items())
+    table = Table(
+        title=f"{result['sockets']:,} sockets ({directions}), milliseconds",
+        box=box.MARKDOWN if markdown else box.SIMPLE_HEAD,
+    )
+    for column in ("measure", "median", "min", "psutil / this", "target"):
+        table.add_column(column, justify="left" if column == "measure" else "right")
+    rows = (
+        ("psutil", "psutil.net_connections(kind='inet')"),
+        ("tables", "raw read of /proc/net/{tcp,tcp6,udp,udp6}"),
+        ("fd_scan", "/proc/*/fd scan (readlink every fd)"),
+        ("cold", "snapshot, cold (new SocketSnapshotter)"),
+        ("steady", "snapshot, steady, nothing changed"),
+        (
+            "changed",
+            f"snapshot, steady, {result['changed_sockets']} sockets closed, as many opened",
+        ),
+    )
+    for key, label in rows:
+        seconds = result[key]
+        median = statistics.median(seconds)
+        target = TARGETS.get(key)
+        table.add_row(
+            label,
+            f"{median * 1e3:,.1f}",
+            f"{min(seconds) * 1e3:,.1f}",
+            f"{reference / median:.1f}x",
+            f">= {target:.0f}x" if target else "",
+        )
+    console.print(table)
+    console.print(
+        f"RSS of the measuring process: {result['rss_before_mb']:.1f} MB before the timings, "
+        f"{result['rss_after_ours_mb']:.1f} MB after ours (a snapshotter alive), "
+        f"{result['rss_end_mb']:.1f} MB at the end."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", type=positive, default=PROCESSES)
+    parser.add_argument("--sockets", type=positive, default=SOCKETS)
+    parser.add_argument("--runs", type=positive, default=RUNS)
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.processes > MAX_PROCESSES:
+        parser.error(f"--processes: at most {MAX_PROCESSES} (one listening port each)")
+    if args.sockets < args.processes * MIN_PER_WORKER:
+        parser.error(f"--sockets: at least {MIN_PER_WORKER} per process")
+    if args.inside:
+        print(json.dumps(measure_inside(args.processes, args.sockets, args.runs)))
+        return
+    if os.geteuid() != 0:
+        sys.exit("needs root to create a network namespace")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is no package
+    from bench.apply_bench import run_inside
+
+    child_args = [f"--processes={args.processes}", f"--sockets={args.sockets}"]
+    result = run_inside(Path(__file__), [*child_args, f"--runs={args.runs}"], "observe benchmark")
+    print_results(result, args.markdown)
+
+
+if __name__ == "__main__":
+    main()

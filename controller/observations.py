@@ -1,0 +1,259 @@
+"""What agents observe, on the controller: flow reports in, resolved flows and live
+connection tables out.
+
+Both ends of a managed connection report it: the client's agent as outbound (with the
+client process), the server's as inbound (with the server process). A flow row shown to
+operators is one source -> destination pair merged from both reports. Where both ends
+reported, the destination's verdict counts: the source's kernel lets a SYN out (and
+counts a connection) even when the destination's default-deny drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from bulkhead.v1 import admin_pb2, agent_pb2
+from controller.errors import InvalidArgument, Unavailable
+from controller.sessions import AgentSession
+from controller.store.flow_store import FlowStore, StoredFlow
+
+MAX_FLOWS_PER_REPORT = 1000
+MAX_COUNT = 2**40  # one report's count for one flow; more is garbage, not traffic
+PROTOCOLS = ("tcp", "udp", "icmp")
+PROCESS_NAME_MAX = 256
+DEFAULT_LIST_LIMIT = 1000
+MAX_LIST_LIMIT = 100_000
+CONNECTIONS_TIMEOUT_S = 5.0
+PRUNE_INTERVAL_S = 60.0
+_DIRECTIONS = (agent_pb2.FLOW_DIRECTION_INBOUND, agent_pb2.FLOW_DIRECTION_OUTBOUND)
+_VERDICTS = (agent_pb2.VERDICT_ALLOWED, agent_pb2.VERDICT_DENIED, agent_pb2.VERDICT_WOULD_DENY)
+
+
+@dataclass(frozen=True)
+class Workloads:
+    """What flow resolution needs to know about the estate right now."""
+
+    labels: Mapping[str, Mapping[str, str]]  # agent id -> effective labels
+    owners: Mapping[str, str]  # address -> agent id
+    iplists: Sequence[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, Mapping[str, str]]]
+
+    def address_labels(self, address: str) -> dict[str, str]:
+        """Labels of the IP lists containing an address no workload holds."""
+        ip = ipaddress.ip_address(address)
+        labels: dict[str, str] = {}
+        for network, list_labels in self.iplists:
+            if ip.version == network.version and ip in network:
+                labels.update(list_labels)
+        return labels
+
+
+class Observations:
+    def __init__(
+        self,
+        flows: FlowStore,
+        workloads: Callable[[], Workloads],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._flows = flows
+        self._workloads = workloads
+        self._clock = clock
+        self._last_prune = 0.0
+        self._pending: dict[str, tuple[str, asyncio.Future[agent_pb2.ConnectionTable]]] = {}
+        self.dropped_by_agent: dict[str, int] = {}
+        self.flows_received = 0
+
+    # -- reports from agents -------------------------------------------------------
+
+    def record(self, agent_id: str, report: agent_pb2.FlowReport) -> None:
+        """Store one agent's flow batch, or refuse all of it with every problem named."""
+        problems = _report_problems(report)
+        if problems:
+            raise InvalidArgument(problems)
+        owners = self._workloads().owners
+        stored = [
+            StoredFlow(
+                reporter=agent_id,
+                direction=flow.direction,
+                local_address=_canonical(flow.local_address),
+                peer_address=_canonical(flow.peer_address),
+                peer_workload=owners.get(_canonical(flow.peer_address), ""),
+                port=flow.port,
+                protocol=flow.protocol,
+                verdict=flow.verdict,
+                process=flow.process.name,
+                pid=flow.process.pid,
+                count=flow.count,
+                first_seen_ms=flow.first_seen_unix_ms,
+                last_seen_ms=flow.last_seen_unix_ms,
+            )
+            for flow in report.flows
+        ]
+        self._flows.record(stored)
+        self.flows_received += len(stored)
+        self.dropped_by_agent[agent_id] = report.dropped
+        now = self._clock()
+        if now - self._last_prune >= PRUNE_INTERVAL_S:
+            self._last_prune = now
+            self._flows.prune(int(now * 1000))
+
+    # -- flows for operators -------------------------------------------------------
+
+    def list_flows(
+        self, request: admin_pb2.ListFlowsRequest
+    ) -> tuple[list[admin_pb2.FlowEntry], bool]:
+        """Merged flows matching the request, most recent first, and whether more matched."""
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        if limit > MAX_LIST_LIMIT:
+            raise InvalidArgument([f"limit: {limit} is more than {MAX_LIST_LIMIT}"])
+        bad = [v for v in request.verdicts if v not in _VERDICTS]
+        if bad:
+            raise InvalidArgument([f"verdicts: {bad[0]} is not a known verdict"])
+        workloads = self._workloads()
+        entries = merge(self._flows.since(request.since_unix_ms), workloads)
+        wanted = set(request.verdicts)
+        selected = [
+            e
+            for e in entries
+            if (not wanted or e.verdict in wanted)
+            and _touches(e, request.workload, dict(request.labels))
+        ]
+        selected.sort(key=lambda e: e.last_seen_unix_ms, reverse=True)
+        return selected[:limit], len(selected) > limit
+
+    # -- live connection tables ----------------------------------------------------
+
+    async def connections(
+        self, agent_id: str, session: AgentSession | None, timeout: float = CONNECTIONS_TIMEOUT_S
+    ) -> agent_pb2.ConnectionTable:
+        """Ask a connected agent for its socket table and wait for the answer."""
+        if session is None or session.closed:
+            raise Unavailable(f"agent {agent_id!r} is not connected")
+        request_id = secrets.token_hex(8)
+        future: asyncio.Future[agent_pb2.ConnectionTable] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[request_id] = (agent_id, future)
+        try:
+            request = agent_pb2.ConnectionsRequest(request_id=request_id)
+            session.send(agent_pb2.ControllerMessage(connections_request=request))
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"agent {agent_id!r} did not send its connections within {timeout:g} s"
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def answered(self, agent_id: str, table: agent_pb2.ConnectionTable) -> None:
+        """An agent's answer; ignored unless that agent was asked with that id."""
+        pending = self._pending.get(table.request_id)
+        if pending is None or pending[0] != agent_id or pending[1].done():
+            return
+        pending[1].set_result(table)
+
+
+def merge(rows: Iterable[StoredFlow], workloads: Workloads) -> list[admin_pb2.FlowEntry]:
+    """Both ends' reports as source -> destination entries, one per verdict."""
+    groups: dict[tuple[str, str, int, str], list[StoredFlow]] = defaultdict(list)
+    for row in rows:
+        if row.direction == agent_pb2.FLOW_DIRECTION_OUTBOUND:
+            key = (row.local_address, row.peer_address, row.port, row.protocol)
+        else:
+            key = (row.peer_address, row.local_address, row.port, row.protocol)
+        groups[key].append(row)
+    entries = []
+    for (source, destination, port, protocol), group in groups.items():
+        outbound = [r for r in group if r.direction == agent_pb2.FLOW_DIRECTION_OUTBOUND]
+        inbound = [r for r in group if r.direction == agent_pb2.FLOW_DIRECTION_INBOUND]
+        deciding = inbound or outbound  # the destination's verdict wins where it reported
+        for verdict in sorted({r.verdict for r in deciding}):
+            rows_ = [r for r in deciding if r.verdict == verdict]
+            entries.append(
+                admin_pb2.FlowEntry(
+                    source=_endpoint(source, outbound, inbound, workloads),
+                    destination=_endpoint(destination, inbound, outbound, workloads),
+                    port=port,
+                    protocol=protocol,
+                    verdict=cast("agent_pb2.Verdict", verdict),
+                    count=sum(r.count for r in rows_),
+                    first_seen_unix_ms=min(r.first_seen_ms for r in rows_),
+                    last_seen_unix_ms=max(r.last_seen_ms for r in rows_),
+                )
+            )
+    return entries
+
+
+def _endpoint(
+    address: str,
+    own: list[StoredFlow],
+    other: list[StoredFlow],
+    workloads: Workloads,
+) -> admin_pb2.FlowEndpoint:
+    """One end: its workload (the reporter of OWN rows, else as the other end resolved
+    it), labels now, and its most-seen process."""
+    workload = own[0].reporter if own else next((r.peer_workload for r in other), "")
+    if workload and workload in workloads.labels:
+        labels = dict(workloads.labels[workload])
+    else:
+        labels = workloads.address_labels(address)
+    counted: Counter[str] = Counter()
+    pids: dict[str, int] = {}
+    for row in own:
+        if row.process:
+            counted[row.process] += row.count
+            pids[row.process] = row.pid
+    process = counted.most_common(1)[0][0] if counted else ""
+    return admin_pb2.FlowEndpoint(
+        workload=workload, address=address, labels=labels, process=process, pid=pids.get(process, 0)
+    )
+
+
+def _touches(entry: admin_pb2.FlowEntry, workload: str, labels: dict[str, str]) -> bool:
+    ends = (entry.source, entry.destination)
+    if workload and all(end.workload != workload for end in ends):
+        return False
+    if labels:
+        return any(
+            end.workload and all(end.labels.get(k) == v for k, v in labels.items()) for end in ends
+        )
+    return True
+
+
+def _canonical(address: str) -> str:
+    return str(ipaddress.ip_address(address))
+
+
+def _report_problems(report: agent_pb2.FlowReport) -> list[str]:
+    if len(report.flows) > MAX_FLOWS_PER_REPORT:
+        return [f"flows: {len(report.flows)} flows in one report (at most {MAX_FLOWS_PER_REPORT})"]
+    problems = []
+    for index, flow in enumerate(report.flows):
+        where = f"flows[{index}]"
+        for name in ("local_address", "peer_address"):
+            try:
+                ipaddress.ip_address(getattr(flow, name))
+            except ValueError:
+                problems.append(f"{where}.{name}: {getattr(flow, name)!r} is not an IP address")
+        if flow.direction not in _DIRECTIONS:
+            problems.append(f"{where}.direction: {flow.direction} is not inbound or outbound")
+        if flow.verdict not in _VERDICTS:
+            problems.append(f"{where}.verdict: {flow.verdict} is not a known verdict")
+        if flow.protocol not in PROTOCOLS:
+            problems.append(f"{where}.protocol: {flow.protocol!r} is not tcp, udp or icmp")
+        if flow.port > 65535 or (flow.protocol in ("tcp", "udp") and flow.port == 0):
+            problems.append(f"{where}.port: {flow.port} is not a port number")
+        if not 0 < flow.count <= MAX_COUNT:
+            problems.append(f"{where}.count: {flow.count} is not between 1 and {MAX_COUNT}")
+        if not 0 < flow.first_seen_unix_ms <= flow.last_seen_unix_ms:
+            problems.append(f"{where}: first_seen_unix_ms must be positive and <= last_seen")
+        if len(flow.process.name) > PROCESS_NAME_MAX:
+            problems.append(f"{where}.process.name: longer than {PROCESS_NAME_MAX} characters")
+    return problems
