@@ -187,8 +187,11 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
             agent_version=AGENT_VERSION,
         )
 
+    controllers = [split_host_port(config.controller), split_host_port(config.enrollment_address())]
     observer = (
-        Observer(lambda: link.addresses, capacity=config.flow_capacity) if config.observe else None
+        Observer(lambda: link.addresses, capacity=config.flow_capacity, ignore=controllers)
+        if config.observe
+        else None
     )
     link = ControllerLink(
         config.controller,

@@ -3,9 +3,8 @@ connection tables out.
 
 Both ends of a managed connection report it: the client's agent as outbound (with the
 client process), the server's as inbound (with the server process). A flow row shown to
-operators is one source -> destination pair merged from both reports. Where both ends
-reported, the destination's verdict counts: the source's kernel lets a SYN out (and
-counts a connection) even when the destination's default-deny drops it.
+operators is one source -> destination pair and verdict merged from both reports (see
+_verdicts for the one case where the two ends disagree).
 """
 
 from __future__ import annotations
@@ -173,22 +172,35 @@ def merge(rows: Iterable[StoredFlow], workloads: Workloads) -> list[admin_pb2.Fl
     for (source, destination, port, protocol), group in groups.items():
         outbound = [r for r in group if r.direction == agent_pb2.FLOW_DIRECTION_OUTBOUND]
         inbound = [r for r in group if r.direction == agent_pb2.FLOW_DIRECTION_INBOUND]
-        deciding = inbound or outbound  # the destination's verdict wins where it reported
-        for verdict in sorted({r.verdict for r in deciding}):
-            rows_ = [r for r in deciding if r.verdict == verdict]
+        for verdict in _verdicts(outbound, inbound):
+            out_v = [r for r in outbound if r.verdict == verdict]
+            in_v = [r for r in inbound if r.verdict == verdict]
+            both = out_v + in_v
             entries.append(
                 admin_pb2.FlowEntry(
-                    source=_endpoint(source, outbound, inbound, workloads),
-                    destination=_endpoint(destination, inbound, outbound, workloads),
+                    source=_endpoint(source, out_v or outbound, inbound, workloads),
+                    destination=_endpoint(destination, in_v or inbound, outbound, workloads),
                     port=port,
                     protocol=protocol,
                     verdict=cast("agent_pb2.Verdict", verdict),
-                    count=sum(r.count for r in rows_),
-                    first_seen_unix_ms=min(r.first_seen_ms for r in rows_),
-                    last_seen_unix_ms=max(r.last_seen_ms for r in rows_),
+                    # Both ends count the same connections: the larger count, not the sum.
+                    count=max(sum(r.count for r in out_v), sum(r.count for r in in_v)),
+                    first_seen_unix_ms=min(r.first_seen_ms for r in both),
+                    last_seen_unix_ms=max(r.last_seen_ms for r in both),
                 )
             )
     return entries
+
+
+def _verdicts(outbound: list[StoredFlow], inbound: list[StoredFlow]) -> list[int]:
+    """The verdicts a group shows. A source counts a connection as allowed when its own
+    egress lets the SYN out; if the destination reported the group but never allowed
+    it, the destination's drop is the truth and that "allowed" is not shown."""
+    verdicts = {r.verdict for r in outbound} | {r.verdict for r in inbound}
+    inbound_verdicts = {r.verdict for r in inbound}
+    if inbound and agent_pb2.VERDICT_ALLOWED not in inbound_verdicts:
+        verdicts.discard(agent_pb2.VERDICT_ALLOWED)
+    return sorted(verdicts)
 
 
 def _endpoint(

@@ -39,6 +39,9 @@ _RPC_TIMEOUT = 2.0
 _admin_stub: Callable[[grpc.Channel], Any] = admin_pb2_grpc.AdminServiceStub
 
 
+AGENT_METRICS_PORT = 9471
+
+
 def program(name: str) -> str:
     """A Bulkhead program: beside the running interpreter (the venv), else on PATH."""
     beside = Path(sys.executable).parent / name
@@ -68,6 +71,8 @@ def agent_config(
         "failsafe": {"inbound": list(FAILSAFE_INBOUND), "outbound": []},
         "state_dir": str(state_dir),
         "dataplane": dataplane,
+        # Inside the host's namespace: `bulkhead-lab exec HOST curl 127.0.0.1:9471/metrics`.
+        "metrics_listen": f"127.0.0.1:{AGENT_METRICS_PORT}",
     }
     if dataplane == "iptables":
         # The lab's hosts are namespaces nothing else writes iptables rules into, so the

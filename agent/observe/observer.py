@@ -65,8 +65,11 @@ class Observer:
         capacity: int = DEFAULT_CAPACITY,
         snapshotter: SocketSnapshotter | None = None,
         clock: Callable[[], float] = time.time,
+        ignore: Iterable[tuple[str, int]] = (),
     ) -> None:
         self.table = FlowTable(capacity)
+        # Peers (address, port) whose flows are the agent's own business: its controller.
+        self._ignore = frozenset((str(ipaddress.ip_address(a)), p) for a, p in ignore)
         self._local_addresses = local_addresses
         self._snapshotter = snapshotter or SocketSnapshotter()
         self._clock = clock
@@ -225,6 +228,8 @@ class Observer:
 
     def _add(self, observed: Observed, verdict: Verdict, process: ProcessInfo | None) -> None:
         protocol, local_ip, local_port, peer_ip, peer_port = observed.key
+        if (peer_ip, peer_port) in self._ignore:
+            return
         inbound = observed.direction is Direction.INBOUND
         self.table.add(
             FlowRecord(

@@ -107,16 +107,17 @@ class SocketOwners:
         self._live = self._list_pids()
         for pid in self._fds.keys() - self._live:
             self._forget_pid(pid, table, changed)
-        if not changed and (table is self._table or table == self._table):
+        same_table = table is self._table or table == self._table
+        if same_table and not changed:
             # Every inode of this table was owned or given up on by the last refresh,
             # and no owner has gone since: nothing to look for.
             return changed
         suspects: list[tuple[int, str]] = []
-        if table is not self._table and table != self._table:
+        if not same_table:
             for inode in self._owners.keys() - table:
                 suspects.append(self._owners.pop(inode))
             self._orphans &= table
-        self._table = table
+            self._table = table
         unknown = table - self._owners.keys() - self._orphans
         if unknown:
             self._search(unknown, suspects, changed)
@@ -187,7 +188,7 @@ class SocketOwners:
         if unknown:
             self._match_known_fds(unknown, changed)
         if unknown:
-            self._relink(self._fds_holding_others(), unknown, changed)
+            pass
         self._orphans |= unknown
 
     def _found(self, inode: int, pid: int, name: str, unknown: set[int], changed: set[int]) -> None:

@@ -89,8 +89,8 @@ def _or_default(read: Callable[[], T], default: T) -> T:
 
 def read_unit(pid: int, proc: str = PROC) -> str:
     try:
-        with open(f"{proc}/{pid}/cgroup", encoding="utf-8", errors="replace") as file:
-            return systemd_unit(file.read())
+        with open(f"{proc}/{pid}/cgroup", "rb", buffering=0) as file:
+            return systemd_unit(file.readall().decode("utf-8", "replace"))
     except _GONE:
         return ""
 
@@ -129,7 +129,9 @@ class ProcessCache:
         describe: Callable[[int], ProcessInfo | None] | None = None,
     ) -> None:
         self._proc = proc
-        self._describe = describe or functools.partial(describe_process, proc=proc)
+        self._describe = (
+            describe if describe is not None else functools.partial(describe_process, proc=proc)
+        )
         self._known: dict[int, tuple[int, ProcessInfo]] = {}  # pid -> (start ticks, info)
 
     def __len__(self) -> int:

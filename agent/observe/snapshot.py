@@ -14,7 +14,9 @@ any other connected socket is OUTBOUND.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from typing import Final
 
 from agent.observe.model import Connection, Direction, ProcessInfo
@@ -28,6 +30,7 @@ FlowKey = tuple[str, str, int, str, int]
 # (protocol, port) -> the local addresses a socket listens on (TCP) / is bound on (UDP).
 Listeners = dict[tuple[str, int], frozenset[str]]
 
+_INODE: Final = attrgetter("inode")
 WILDCARD_V4: Final = "0.0.0.0"
 WILDCARD_V6: Final = "::"  # also takes IPv4, which the tables show as IPv4-mapped
 
@@ -61,7 +64,10 @@ def direction(record: SocketRecord, listeners: Listeners) -> Direction:
 
 
 class SocketSnapshotter:
-    """Snapshots of this network namespace's TCP and UDP sockets, made incrementally."""
+    """Snapshots of this network namespace's TCP and UDP sockets, made incrementally.
+
+    Safe to share between threads (a snapshot in a worker thread, lookups on the event
+    loop): one call runs at a time."""
 
     def __init__(
         self,
@@ -72,41 +78,57 @@ class SocketSnapshotter:
     ) -> None:
         self._tables = SocketTableReader(f"{proc}/net")
         self._owners = SocketOwners(proc, rescan_interval=rescan_interval)
-        self._processes = processes or ProcessCache(proc)
-        self._read_records: list[SocketRecord] = []
+        self._processes = ProcessCache(proc) if processes is None else processes
+        self._lock = threading.Lock()
+        # The last read of the tables.
+        self._records: list[SocketRecord] = []
         self._inodes: frozenset[int] = frozenset()
         self._live: frozenset[int] = frozenset()
-        # Sockets whose owner changed since the last snapshot (a lookup refreshes too).
+        # Since the last snapshot (lookups read the tables too): the records of changed
+        # lines, in the order read, and the sockets whose owner changed.
+        self._pending: list[SocketRecord] = []
         self._owner_changes: set[int] = set()
-        # What the last snapshot was made of, and made.
-        self._built_from: list[SocketRecord] | None = None
+        # The last snapshot, by socket inode.
+        self._built_inodes: frozenset[int] | None = None
+        self._built_records: dict[int, SocketRecord] = {}
+        self._connections: dict[int, Connection] = {}
         self._listeners: Listeners = {}
-        self._built: dict[int, tuple[SocketRecord, Connection]] = {}
-        self._connections: list[Connection] = []
 
     def snapshot(self) -> list[Connection]:
         """Every TCP and UDP socket of this network namespace that a file holds."""
-        records = self._read()
-        same = records is self._built_from
-        listeners = self._listeners if same else listening_ports(records)
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> list[Connection]:
+        self._read()
+        table = self._inodes
+        pending, self._pending = self._pending, []
         changes, self._owner_changes = self._owner_changes, set()
-        if same and not changes:
-            return list(self._connections)
-        everything = listeners != self._listeners  # every direction may have moved
-        built, now, connections = self._built, {}, []
+        if table is self._built_inodes and not pending and not changes:
+            return list(self._connections.values())
+        records, connections = self._built_records, self._connections
+        # A socket's latest record is the last one read for it; every socket not among
+        # them still has the very record it was built from.
+        latest = {record.inode: record for record in pending if record.inode in table}
+        gone = records.keys() - table
+        servers_moved = any(_serves(records[inode]) for inode in gone) or any(
+            _serves(record) for record in latest.values()
+        )
+        rebuild = {inode for inode in changes if inode in table}
+        for inode in gone:
+            del records[inode], connections[inode]
+        for inode, record in latest.items():
+            if records.get(inode) is not record:
+                records[inode] = record
+                rebuild.add(inode)
+        listeners = listening_ports(records.values()) if servers_moved else self._listeners
+        if listeners != self._listeners:  # every direction may have moved
+            rebuild = set(records)
         processes: dict[int, ProcessInfo | None] = {}
-        for record in records:
-            inode = record.inode
-            entry = built.get(inode)
-            if entry is None or entry[0] is not record or everything or inode in changes:
-                connection = self._connection(record, listeners, processes)
-            else:
-                connection = entry[1]
-            now[inode] = (record, connection)
-            connections.append(connection)
-        self._built_from, self._listeners = records, listeners
-        self._built, self._connections = now, connections
-        return list(connections)
+        for inode in rebuild:
+            connections[inode] = self._connection(records[inode], listeners, processes)
+        self._built_inodes, self._listeners = table, listeners
+        return list(connections.values())
 
     def attribute(self, flows: Iterable[FlowKey]) -> dict[FlowKey, ProcessInfo | None]:
         """The process behind each flow, reading the tables once for all of them.
@@ -115,6 +137,10 @@ class SocketSnapshotter:
         local port does: the listener of an inbound TCP connection, the unconnected UDP
         socket that answered. None when neither exists or no process holds it."""
         wanted = set(flows)
+        with self._lock:
+            return self._attribute(wanted)
+
+    def _attribute(self, wanted: set[FlowKey]) -> dict[FlowKey, ProcessInfo | None]:
         records = self._read()
         exact = {key: record for record in records if (key := record[:5]) in wanted}
         servers: dict[tuple[str, str, int], SocketRecord] | None = None
@@ -139,14 +165,20 @@ class SocketSnapshotter:
         return self.attribute([flow])[flow]
 
     def _read(self) -> list[SocketRecord]:
-        """The tables now, the owners of their sockets brought up to date. The list of the
-        previous read is given back when nothing changed, so `is` tells."""
+        """The tables now, with the owners of their sockets brought up to date."""
         records = self._tables.read()
-        if records == self._read_records:  # compares by identity first: records are re-used
-            records = self._read_records
-        else:
-            self._read_records = records
-            self._inodes = frozenset(record.inode for record in records)
+        fresh = self._tables.fresh
+        # No line that was not in the previous read, and as many lines: the same sockets.
+        if fresh or len(records) != len(self._records):
+            self._inodes = frozenset(map(_INODE, records))
+            self._pending += fresh
+            if len(self._pending) > 2 * len(records) + 1024:
+                # Only lookups for a long while: cheaper to build the next snapshot anew.
+                self._pending = list(records)
+                self._built_inodes = None
+                self._built_records.clear()
+                self._connections.clear()
+        self._records = records
         self._owner_changes |= self._owners.refresh(self._inodes)
         live = self._owners.live_pids
         if live != self._live:
@@ -168,17 +200,18 @@ class SocketSnapshotter:
         listeners: Listeners,
         processes: dict[int, ProcessInfo | None],
     ) -> Connection:
+        # Positional: a cold snapshot builds one per socket, and keywords cost a third more.
         return Connection(
-            protocol=record.protocol,
-            state=record.state,
-            local_ip=record.local_ip,
-            local_port=record.local_port,
-            peer_ip=record.peer_ip,
-            peer_port=record.peer_port,
-            direction=direction(record, listeners),
-            inode=record.inode,
-            uid=record.uid,
-            process=self._process(record.inode, processes),
+            record.protocol,
+            record.state,
+            record.local_ip,
+            record.local_port,
+            record.peer_ip,
+            record.peer_port,
+            direction(record, listeners),
+            record.inode,
+            record.uid,
+            self._process(record.inode, processes),
         )
 
 

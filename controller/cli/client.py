@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from bulkhead.v1 import admin_pb2, admin_pb2_grpc
+from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 from controller.cli.credentials import load_credentials
 from controller.cli.errors import ControllerError
 from controller.cli.rpc_errors import map_rpc_error
@@ -118,6 +118,13 @@ class AdminClient:
     def list_audit(self, since_unix_ms: int, limit: int) -> admin_pb2.ListAuditResponse:
         request = admin_pb2.ListAuditRequest(since_unix_ms=since_unix_ms, limit=limit)
         return self._call("ListAudit", request, admin_pb2.ListAuditResponse)
+
+    def list_flows(self, request: admin_pb2.ListFlowsRequest) -> admin_pb2.ListFlowsResponse:
+        return self._call("ListFlows", request, admin_pb2.ListFlowsResponse)
+
+    def get_connections(self, agent_id: str) -> agent_pb2.ConnectionTable:
+        request = admin_pb2.GetConnectionsRequest(agent_id=agent_id)
+        return self._call("GetConnections", request, agent_pb2.ConnectionTable)
 
     def _call(self, method: str, request: Message, response_type: type[_Response]) -> _Response:
         try:

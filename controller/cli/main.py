@@ -20,6 +20,7 @@ from controller.cli.describe import agent_detail_view
 from controller.cli.documents import load_documents, read_sources
 from controller.cli.errors import BadInputError
 from controller.cli.labels import parse_label_args
+from controller.cli.observe_commands import connections, flows, suggest, traffic_map
 from controller.cli.output import (
     OutputFormat,
     dump_documents,
@@ -212,7 +213,7 @@ def label_agent(settings: Settings, agent_id: str, changes: Sequence[str]) -> No
     click.echo(f"agent/{agent_id} labelled: {labels_text(response.labels)}")
 
 
-for _command in (token, agent, audit):
+for _command in (token, agent, audit, flows, connections, traffic_map, suggest):
     cli.add_command(_command)
 
 
