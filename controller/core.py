@@ -66,6 +66,7 @@ class Controller:
         self._offline_isolation = offline_isolation
         self._isolated: frozenset[str] = frozenset()
         self._sessions: dict[str, AgentSession] = {}
+        self.snapshots_pushed = 0  # for metrics
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
@@ -212,6 +213,9 @@ class Controller:
 
     def agent(self, agent_id: str) -> AgentRecord:
         return self._require_agent(agent_id)
+
+    def connected_count(self) -> int:
+        return len(self._sessions)
 
     def session(self, agent_id: str) -> AgentSession | None:
         """The agent's live stream, if it is connected."""
@@ -456,6 +460,7 @@ class Controller:
             )
             return
         ruleset = ruleset_pb2.Ruleset.FromString(agent.desired_ruleset)
+        self.snapshots_pushed += 1
         session.offer(
             agent_pb2.ControllerMessage(
                 snapshot=agent_pb2.PolicySnapshot(

@@ -103,6 +103,10 @@ class Observations:
             self._last_prune = now
             self._flows.prune(int(now * 1000))
 
+    def stored(self) -> int:
+        """Flow rows kept now."""
+        return self._flows.count()
+
     # -- flows for operators -------------------------------------------------------
 
     def list_flows(

@@ -40,6 +40,7 @@ _admin_stub: Callable[[grpc.Channel], Any] = admin_pb2_grpc.AdminServiceStub
 
 
 AGENT_METRICS_PORT = 9471
+CONTROLLER_METRICS_PORT = 9470
 
 
 def program(name: str) -> str:
@@ -128,6 +129,8 @@ def start_controller(paths: LabPaths, listen: str) -> ProcessRecord:
         program("bulkhead-controller"),
         "--listen", listen,
         "--state-dir", str(paths.controller_state),
+        # On the console address (the root namespace's end of the lab bridge).
+        "--metrics-listen", f"{listen.rpartition(':')[0]}:{CONTROLLER_METRICS_PORT}",
     ]  # fmt: skip
     paths.controller_state.mkdir(mode=0o700, parents=True, exist_ok=True)
     started = start_detached(argv, paths.controller_log, cwd=paths.root)

@@ -188,7 +188,7 @@ class SocketOwners:
         if unknown:
             self._match_known_fds(unknown, changed)
         if unknown:
-            pass
+            self._relink(self._fds_holding_others(), unknown, changed)
         self._orphans |= unknown
 
     def _found(self, inode: int, pid: int, name: str, unknown: set[int], changed: set[int]) -> None:

@@ -19,6 +19,7 @@ from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
 from controller import sdnotify
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
+from controller.metrics import serve_metrics
 from controller.pki import (
     OPERATOR_ROLES,
     CertificateAuthority,
@@ -98,6 +99,13 @@ def _host_port(value: str | None, option: str) -> str | None:
     return value
 
 
+def _split(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def enrollment_address(listen: str) -> str:
     """The default enrollment address: the main one with the next port."""
     host, _, port = listen.rpartition(":")
@@ -134,6 +142,7 @@ async def serve(
     agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
     offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
     offline_isolation: bool = False,
+    metrics_listen: tuple[str, int] | None = None,
 ) -> None:
     _lock_state_dir(state_dir)
     store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
@@ -173,6 +182,12 @@ async def serve(
                 f"cannot listen on {address}: address in use or not local ({exc})"
             ) from exc
     await server.start()
+    if metrics_listen is not None:
+        try:
+            serve_metrics(core, *metrics_listen)
+        except OSError as exc:
+            raise StartupError(f"--metrics-listen: cannot listen ({exc})") from exc
+        log.info("metrics on http://%s:%d/metrics", *metrics_listen)
     log.info(
         "listening on %s (mTLS) and %s (enrollment), CA %s, state in %s",
         listen, enroll_listen, ca.fingerprint[:16], state_dir,
@@ -253,6 +268,11 @@ def _setup_logging(level: str) -> None:
     help="Take offline agents' addresses out of their peers' sets.",
 )
 @click.option(
+    "--metrics-listen",
+    metavar="ADDR:PORT",
+    help="Serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9470); off by default.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -270,6 +290,7 @@ def main(  # noqa: PLR0917 - click passes options positionally
     agent_cert_ttl: int,
     offline_after: float,
     offline_isolation: bool,
+    metrics_listen: str | None,
     log_level: str,
 ) -> None:
     """Run the Bulkhead controller (or one of the commands below)."""
@@ -291,6 +312,7 @@ def main(  # noqa: PLR0917 - click passes options positionally
                 agent_cert_ttl=timedelta(seconds=agent_cert_ttl),
                 offline_after_s=offline_after,
                 offline_isolation=offline_isolation,
+                metrics_listen=_split(_host_port(metrics_listen, "--metrics-listen")),
             )
         )  # fmt: skip
     except StartupError as exc:

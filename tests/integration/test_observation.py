@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -214,3 +215,14 @@ def test_6_agents_serve_prometheus_metrics(lab: Lab) -> None:
     text = lab.netns_run("web", sys.executable, "-c", "import sys; " + fetch, url)
     assert "bulkhead_agent_connections_seen_total" in text
     assert "bulkhead_agent_apply_seconds_count" in text
+    console = lab.state.controller.rpartition(":")[0]
+    with urllib.request.urlopen(f"http://{console}:9470/metrics", timeout=10) as answer:
+        controller = answer.read().decode()
+    assert "bulkhead_controller_connected_agents 2.0" in controller
+    flows_received = [
+        line
+        for line in controller.splitlines()
+        if line.startswith("bulkhead_controller_flows_received_total ")
+    ]
+    assert flows_received
+    assert float(flows_received[0].split()[1]) > 0

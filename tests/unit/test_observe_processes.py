@@ -128,6 +128,8 @@ def test_a_closed_sockets_fd_reused_is_read_first(proc: FakeProc, readlinks: lis
     proc.process(100)
     for fd in range(3, 40):
         proc.socket(100, fd, 1000 + fd)
+    for fd in range(40, 60):  # files: read again only if the closed socket's fd is not
+        proc.link(100, fd, f"/var/lib/app/data.{fd}")
     owners = owners_at(proc)
     owners.refresh(frozenset(range(1003, 1040)))
     readlinks.clear()

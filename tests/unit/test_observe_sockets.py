@@ -258,6 +258,26 @@ def test_snapshot_follows_changes(host: FakeProc) -> None:
     assert summary(snapshotter_at(host)) == now  # what a cold snapshot sees
 
 
+def test_a_socket_that_changes_state_is_seen_in_its_new_state(host: FakeProc) -> None:
+    snapshotter = snapshotter_at(host)
+    snapshotter.snapshot()
+    # postgres hung up: its client's socket is in CLOSE_WAIT until the client closes it.
+    host.table(
+        "tcp",
+        TCP_TEXT.replace(
+            "0100007F:1538 01 00000000:00000000 02:", "0100007F:1538 08 00000000:00000000 00:"
+        ),
+    )
+
+    [client] = [c for c in snapshotter.snapshot() if c.inode == 44870]
+
+    assert (client.state, client.direction, client.process) == (
+        "CLOSE_WAIT",
+        Direction.OUTBOUND,
+        describe(300),
+    )
+
+
 def test_a_new_listener_turns_connections_on_its_port_inbound(host: FakeProc) -> None:
     snapshotter = snapshotter_at(host)
     assert summary(snapshotter)[40001][0] is Direction.OUTBOUND

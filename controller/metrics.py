@@ -1,0 +1,57 @@
+"""Prometheus metrics of the controller (prometheus-client), read from the core at
+scrape time: the hot paths keep plain counters and pay nothing for metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from controller.core import Controller
+
+
+class ControllerCollector(Collector):
+    def __init__(self, core: Controller) -> None:
+        self._core = core
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        core = self._core
+        yield GaugeMetricFamily(
+            "bulkhead_controller_connected_agents",
+            "Agents with a live stream.",
+            core.connected_count(),
+        )
+        yield GaugeMetricFamily(
+            "bulkhead_controller_agents", "Agents the controller knows.", len(core.agents())
+        )
+        yield CounterMetricFamily(
+            "bulkhead_controller_flows_received",
+            "Flow records received from agents.",
+            core.observations.flows_received,
+        )
+        dropped = CounterMetricFamily(
+            "bulkhead_controller_agent_flows_dropped",
+            "Flows an agent discarded because its pending table was full (as it reports).",
+            labels=["agent"],
+        )
+        for agent_id, count in sorted(core.observations.dropped_by_agent.items()):
+            dropped.add_metric([agent_id], count)
+        yield dropped
+        yield GaugeMetricFamily(
+            "bulkhead_controller_flows_stored", "Flow rows kept.", core.observations.stored()
+        )
+        yield CounterMetricFamily(
+            "bulkhead_controller_snapshots_pushed",
+            "Policy snapshots offered to agents.",
+            core.snapshots_pushed,
+        )
+
+
+def serve_metrics(core: Controller, host: str, port: int) -> CollectorRegistry:
+    """Answer scrapes on HOST:PORT from a background thread."""
+    registry = CollectorRegistry()
+    registry.register(ControllerCollector(core))
+    start_http_server(port, addr=host, registry=registry)
+    return registry
