@@ -283,6 +283,11 @@ def _register_metrics(
             "Packets default-deny dropped or (visibility) would have dropped.",
             lambda: observer.denied_packets,
         )
+        metrics.counter(
+            "bulkhead_agent_events_lost",
+            "Connection and drop events lost (netlink overruns, floods beyond the bound).",
+            observer.lost_events,
+        )
         metrics.gauge(
             "bulkhead_agent_flows_pending",
             "Flows waiting to be reported.",

@@ -15,9 +15,15 @@ in that one process:
 * the raw read of /proc/net/{tcp,tcp6,udp,udp6} and the /proc/*/fd scan (readlink of
   every fd of every process), which any socket -> process map has to pay once;
 * a cold SocketSnapshotter().snapshot() (new caches every time);
-* the steady state: later snapshots of one snapshotter with nothing changed, and with
-  about 1% of the sockets replaced between two snapshots (workers close TCP pairs and
-  open new ones, untimed, so fds are reused as they are in real programs).
+* the steady state, later snapshots of one snapshotter: with nothing changed while every
+  socket is idle (the tables print the same text again); with nothing changed while the
+  closed sockets' TIME_WAIT timers tick (the text differs at every read, as it does on a
+  host with traffic); and with about 1% of the sockets replaced between two snapshots
+  (workers close TCP pairs and open new ones, untimed, so fds are reused as they are in
+  real programs).
+
+Rounds interleave the measures so that load from elsewhere on the machine weighs on all
+of them alike; the ratios are psutil's median over ours.
 
 Before and after the timings the child checks that the snapshot and psutil see the same
 sockets with the same owning pids, and that the directions add up. It prints its timings
@@ -205,11 +211,7 @@ class Workers:
 
 
 @contextmanager
-def workers(processes: int, sockets: int) -> Iterator[Workers]:
-    layouts = [
-        Layout(index, sockets // processes + (1 if index < sockets % processes else 0))
-        for index in range(processes)
-    ]
+def workers(layouts: Sequence[Layout]) -> Iterator[Workers]:
     pool = Workers()
     try:
         pool.start(layouts)
@@ -304,18 +306,22 @@ def check_against_psutil(snapshotter: SocketSnapshotter, expected: Counter[Direc
         sys.exit(f"directions {dict(directions)}, expected {dict(expected)}")
 
 
-def expected_directions(processes: int, sockets: int) -> Counter[Direction]:
-    layouts = [
-        Layout(i, sockets // processes + (1 if i < sockets % processes else 0))
-        for i in range(processes)
+def spread(processes: int, sockets: int) -> list[Layout]:
+    """The workers' layouts, sockets shared out as evenly as they go."""
+    return [
+        Layout(index, sockets // processes + (1 if index < sockets % processes else 0))
+        for index in range(processes)
     ]
+
+
+def expected_directions(layouts: Sequence[Layout]) -> Counter[Direction]:
     pairs = sum(layout.pairs for layout in layouts)
     unconnected = sum(layout.unconnected for layout in layouts)
     return Counter(
         {
-            Direction.LISTEN: processes + unconnected,
+            Direction.LISTEN: len(layouts) + unconnected,
             Direction.INBOUND: pairs,
-            Direction.OUTBOUND: pairs + processes * UDP_CONNECTED,
+            Direction.OUTBOUND: pairs + len(layouts) * UDP_CONNECTED,
         }
     )
 
@@ -325,7 +331,8 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True, timeout=60)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    expected = expected_directions(processes, sockets)
+    layouts = spread(processes, sockets)
+    expected = expected_directions(layouts)
     # A changing worker closes PAIRS_PER_CHANGE pairs and opens as many.
     changed_workers = max(1, round(sockets * CHANGED_SHARE / (2 * PAIRS_PER_CHANGE)))
     chooser = random.Random(5)
@@ -334,7 +341,7 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
     def psutil_connections() -> None:
         psutil.net_connections(kind="inet")
 
-    with workers(processes, sockets) as pool:
+    with workers(layouts) as pool:
         scan_fds()  # warms the kernel's /proc entries for everyone alike
         rss_before = rss_mb()
         snapshotter = SocketSnapshotter()

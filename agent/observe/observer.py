@@ -19,9 +19,9 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from agent.dataplane.model import DENY_PREFIX, NFLOG_GROUP, WOULD_DENY_PREFIX
 from agent.observe.flows import DEFAULT_CAPACITY, FlowRecord, FlowTable
@@ -35,6 +35,8 @@ VERDICT_WAIT_S = 0.5
 TICK_S = 0.2
 SEEN_MAX = 100_000  # connections remembered as counted (so a snapshot does not recount)
 RECENT_DENIALS_S = 5.0
+MAX_PENDING_EVENTS = 50_000
+_T = TypeVar("_T")
 CONNECTED_TCP_STATES = frozenset({"ESTABLISHED", "SYN_SENT", "SYN_RECV", "CLOSE_WAIT"})
 
 
@@ -76,6 +78,10 @@ class Observer:
         self._seen: OrderedDict[FlowKey, float] = OrderedDict()
         self._recent_denials: dict[FlowKey, float] = {}
         self._waiting: list[tuple[Observed, ProcessInfo | None]] = []
+        # Events read but not attributed yet (drained every tick, off the event loop).
+        self._started: list[Observed] = []
+        self._dropped: list[tuple[Observed, Verdict]] = []
+        self.events_lost = 0
         self._listeners: list[EventSource] = []
         self.connections_seen = 0
         self.denied_packets = 0
@@ -101,6 +107,11 @@ class Observer:
         except OSError as exc:
             log.warning("cannot read NFLOG group %d (%s): denied flows unseen", NFLOG_GROUP, exc)
 
+    def lost_events(self) -> int:
+        """Events lost: kernel socket overruns plus floods beyond the pending bound."""
+        overruns = sum(int(getattr(listener, "overruns", 0)) for listener in self._listeners)
+        return self.events_lost + overruns
+
     def close(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         for listener in self._listeners:
             if loop is not None:
@@ -109,34 +120,45 @@ class Observer:
         self._listeners.clear()
 
     async def run(self, snapshot_interval: float = SNAPSHOT_INTERVAL_S) -> None:
-        """Count waiting connections and take periodic snapshots, until cancelled."""
+        """Attribute and count what the events brought, take periodic snapshots, until
+        cancelled. The socket tables are read off the event loop, once per tick for all
+        events of that tick: per event batch they cost the loop most of a core at
+        1,000 connections/s (bench/agent_load_bench.py)."""
         next_snapshot = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_snapshot:
-                next_snapshot = now + snapshot_interval
-                try:
+            try:
+                await self._attribute_pending()
+                if now >= next_snapshot:
+                    next_snapshot = now + snapshot_interval
                     connections = await asyncio.to_thread(self._snapshotter.snapshot)
                     self.count_snapshot(connections)
-                except OSError:
-                    log.exception("socket snapshot failed")
+            except OSError:
+                log.exception("reading the socket tables failed")
             self.count_waiting()
             await asyncio.sleep(TICK_S)
+
+    async def _attribute_pending(self) -> None:
+        started, self._started = self._started, []
+        dropped, self._dropped = self._dropped, []
+        if not started and not dropped:
+            return
+        keys = [o.key for o in started] + [o.key for o, _ in dropped]
+        processes = await asyncio.to_thread(self._snapshotter.attribute, keys)
+        self.connections_started(started, processes)
+        self.packets_dropped(dropped, processes)
 
     def _on_conntrack(self, listener: EventSource) -> None:
         events = listener.read_events()
         local = self._local_set()
-        observed = []
         for event in events:
             seen = _orient(local, event)
             if seen is not None:
-                observed.append(seen)
-        self.connections_started(observed)
+                self._queue(self._started, seen)
 
     def _on_nflog(self, listener: EventSource) -> None:
         events = listener.read_events()
         local = self._local_set()
-        packets = []
         for event in events:
             if event.prefix.startswith(WOULD_DENY_PREFIX):
                 verdict = Verdict.WOULD_DENY
@@ -146,23 +168,29 @@ class Observer:
                 continue
             seen = _orient(local, event)
             if seen is not None:
-                packets.append((seen, verdict))
-        self.packets_dropped(packets)
+                self._queue(self._dropped, (seen, verdict))
+
+    def _queue(self, pending: list[_T], item: _T) -> None:
+        # Bounded: a flood faster than the ticks drain costs counts, not memory.
+        if len(pending) >= MAX_PENDING_EVENTS:
+            self.events_lost += 1
+            return
+        pending.append(item)
 
     # -- counting (public for tests: the sources above only feed these) ---------------
 
-    def connections_started(self, observed: list[Observed]) -> None:
-        """New connections: their processes now, their verdict after VERDICT_WAIT_S."""
-        if not observed:
-            return
-        processes = self._snapshotter.attribute(o.key for o in observed)
+    def connections_started(
+        self, observed: list[Observed], processes: Mapping[FlowKey, ProcessInfo | None]
+    ) -> None:
+        """New connections with their processes; counted after VERDICT_WAIT_S."""
         self._waiting.extend((o, processes.get(o.key)) for o in observed)
 
-    def packets_dropped(self, packets: list[tuple[Observed, Verdict]]) -> None:
-        """Packets default-deny dropped (or would have): counted as packets at once."""
-        if not packets:
-            return
-        processes = self._snapshotter.attribute(o.key for o, _ in packets)
+    def packets_dropped(
+        self,
+        packets: list[tuple[Observed, Verdict]],
+        processes: Mapping[FlowKey, ProcessInfo | None],
+    ) -> None:
+        """Packets default-deny dropped (or would have): counted as packets."""
         for observed, verdict in packets:
             self.denied_packets += 1
             self._recent_denials[observed.key] = observed.at
@@ -176,7 +204,9 @@ class Observer:
             if observed.key in self._recent_denials:
                 self._remember(observed.key, now)  # already counted as (would-)denied
                 continue
-            self._count_connection(observed, process, now)
+            self._remember(observed.key, now)
+            self.connections_seen += 1
+            self._add(observed, Verdict.ALLOWED, process)
         cutoff = now - RECENT_DENIALS_S
         self._recent_denials = {k: t for k, t in self._recent_denials.items() if t >= cutoff}
 

@@ -35,6 +35,7 @@ PROC: Final = "/proc"
 RESCAN_INTERVAL: Final = 60.0  # seconds between full scans: bounds a stale shared-socket owner
 NOT_A_SOCKET: Final = 0  # what the map records for an fd that is no socket
 _GONE: Final = (FileNotFoundError, ProcessLookupError, PermissionError)
+_FD_GONE: Final = (*_GONE, NotADirectoryError)
 _SOCKET_PREFIX: Final = "socket:["
 _INIT: Final = 1
 
@@ -44,7 +45,7 @@ def _link_inode(name: str, directory: int) -> int | None:
     for any other file, None if the fd is gone."""
     try:
         target = os.readlink(name, dir_fd=directory)
-    except (*_GONE, NotADirectoryError):
+    except _FD_GONE:
         return None
     if target.startswith(_SOCKET_PREFIX):
         return int(target[len(_SOCKET_PREFIX) : -1])
@@ -131,7 +132,7 @@ class SocketOwners:
     def _open_fd_dir(self, pid: int) -> int | None:
         try:
             return os.open(f"{self._proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except (*_GONE, NotADirectoryError):
+        except _FD_GONE:
             return None
 
     def _read_all_fds(self, pid: int) -> dict[str, int] | None:
@@ -140,10 +141,16 @@ class SocketOwners:
             return None
         try:
             fds = {}
+            readlink = os.readlink  # _link_inode inlined: a full scan reads every fd
             for name in os.listdir(directory):
-                inode = _link_inode(name, directory)
-                if inode is not None:
-                    fds[name] = inode
+                try:
+                    target = readlink(name, dir_fd=directory)
+                except _FD_GONE:
+                    continue
+                if target.startswith(_SOCKET_PREFIX):
+                    fds[name] = int(target[len(_SOCKET_PREFIX) : -1])
+                else:
+                    fds[name] = NOT_A_SOCKET
             return fds
         except _GONE:
             return None

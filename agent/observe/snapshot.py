@@ -111,14 +111,16 @@ class SocketSnapshotter:
         # them still has the very record it was built from.
         latest = {record.inode: record for record in pending if record.inode in table}
         gone = records.keys() - table
-        servers_moved = any(_serves(records[inode]) for inode in gone) or any(
-            _serves(record) for record in latest.values()
-        )
+        servers_moved = any(_serves(records[inode]) for inode in gone)
         rebuild = {inode for inode in changes if inode in table}
         for inode in gone:
             del records[inode], connections[inode]
         for inode, record in latest.items():
-            if records.get(inode) is not record:
+            before = records.get(inode)
+            if before is not record:
+                # A UDP socket that connect()s stops serving its port, for one.
+                if _serves(record) or (before is not None and _serves(before)):
+                    servers_moved = True
                 records[inode] = record
                 rebuild.add(inode)
         listeners = listening_ports(records.values()) if servers_moved else self._listeners
@@ -137,6 +139,8 @@ class SocketSnapshotter:
         local port does: the listener of an inbound TCP connection, the unconnected UDP
         socket that answered. None when neither exists or no process holds it."""
         wanted = set(flows)
+        if not wanted:
+            return {}
         with self._lock:
             return self._attribute(wanted)
 

@@ -81,6 +81,7 @@ def test_agent_config_matches_the_agent_contract(tmp_path: Path) -> None:
         "failsafe": {"inbound": ["tcp/22"], "outbound": []},
         "state_dir": str(tmp_path),
         "dataplane": "nftables",
+        "metrics_listen": "127.0.0.1:9471",
         "token": "a-token",
     }
 

@@ -290,6 +290,10 @@ def test_a_new_listener_turns_connections_on_its_port_inbound(host: FakeProc) ->
 
     assert now[40001] == (Direction.INBOUND, 36190, 300)
     assert now[40002] == (Direction.LISTEN, 36190, 700)
+    # It connect()s to a peer of its own: nothing serves the port any more.
+    connected = listener.replace("00000000:0000 07", "030012C6:0035 01")
+    host.table("udp", UDP_TEXT + connected + "\n")
+    assert summary(snapshotter)[40001] == (Direction.OUTBOUND, 53, 300)
 
 
 def test_a_process_gone_leaves_its_shared_socket_to_the_other_holder(host: FakeProc) -> None:
