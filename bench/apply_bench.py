@@ -8,7 +8,8 @@ For each size the ruleset holds that many host addresses (nine in ten IPv4 from
 198.18.0.0/15, the rest IPv6 from 2001:db8::/32) spread over four peer sets used by
 eight rules; a second variant adds 1,000 CIDR networks, which go to interval sets.
 Measured per ruleset: the full apply into a namespace with no table, the re-apply that
-atomically replaces the same table, and the pure-Python part of an apply (render to
+atomically replaces the same table's content, the update when one peer address moves
+(set elements only, one transaction), and the pure-Python part of an apply (render to
 the JSON document, then json.dumps), so what remains is libnftables and the kernel.
 
 The kernel work runs only in a network namespace this script creates
@@ -42,10 +43,11 @@ from rich.table import Table
 from agent.dataplane.baseline import Baseline, Endpoint, Mode, PortSpec
 from agent.dataplane.libnftables import LibNftables
 from agent.dataplane.model import load_ruleset
-from agent.dataplane.nftables import NftablesBackend, render
+from agent.dataplane.nftables import NftablesBackend, element_changes, render
 from bulkhead.v1 import ruleset_pb2 as pb
 
 SIZES = (1_000, 10_000, 100_000)
+MOVED_ADDRESS = "198.19.127.254"  # inside the hosts' range, never generated at these sizes
 NETWORKS = 1_000
 RUNS = 5
 LARGE_RUNS = 3  # from LARGE hosts up: each run takes seconds
@@ -165,21 +167,52 @@ def measure_inside(scenario: Scenario) -> dict[str, Any]:
     """Full apply and re-apply timings; call only inside a namespace of our own."""
     refuse_foreign_namespace()
     ruleset = make_ruleset(scenario.hosts, scenario.networks)
-    # One context for every call, as the agent keeps one for its lifetime.
+    moved = make_ruleset(scenario.hosts, scenario.networks)
+    moved.sets[0].hosts[0] = MOVED_ADDRESS  # one peer changes address
+    # One context for every call, as the agent keeps one for its lifetime, which owns the
+    # table as the agent does.
     with LibNftables() as nft:
-        backend = NftablesBackend(nft)
-        full, replace = [], []
+        backend = NftablesBackend(nft, owner=nft)
+        full, replace, update, kernel_update = [], [], [], []
+        before = {g.name: g for g in load_ruleset(ruleset).groups}
+        delta = {
+            "nftables": [
+                {"metainfo": {"json_schema_version": 1}},
+                *element_changes(before, load_ruleset(moved)),
+            ]
+        }
+        back = {
+            "nftables": [
+                {"metainfo": {"json_schema_version": 1}},
+                *element_changes(
+                    {g.name: g for g in load_ruleset(moved).groups}, load_ruleset(ruleset)
+                ),
+            ]
+        }
         for _ in range(scenario.runs):
             backend.remove()
             time.sleep(SETTLE_SECONDS)
             full.append(timed(lambda: backend.apply(ruleset, BASELINE)))
             time.sleep(SETTLE_SECONDS)
             replace.append(timed(lambda: backend.apply(ruleset, BASELINE)))
+            time.sleep(SETTLE_SECONDS)
+            update.append(timed(lambda: backend.apply(moved, BASELINE)))
+            backend.apply(ruleset, BASELINE)  # and back: element-only as well
+            time.sleep(SETTLE_SECONDS)
+            # The same update as the controller's delta would carry it: the kernel alone.
+            kernel_update.append(timed(lambda: nft.json_cmd(delta)))
+            nft.json_cmd(back)
         listing = nft.json_cmd({"nftables": [{"list": {"table": TABLE}}]})
         backend.remove()
     sets = [item["set"] for item in listing["nftables"] if "set" in item]
     loaded = sum(len(item.get("elem", [])) for item in sets)
-    return {"full": full, "replace": replace, "loaded_elements": loaded}
+    return {
+        "full": full,
+        "replace": replace,
+        "update": update,
+        "kernel_update": kernel_update,
+        "loaded_elements": loaded,
+    }
 
 
 def _ip(*argv: str) -> None:
@@ -243,7 +276,9 @@ def results_table(rows: Sequence[tuple[Scenario, dict[str, Any]]], markdown: boo
     columns.append("json.dumps")
     kernel = bool(rows) and "full" in rows[0][1]
     if kernel:
-        columns += ["full apply", "re-apply", "µs/elem full", "µs/elem re-apply", "Python share"]
+        columns += ["full apply", "re-apply", "one address moved", "of which kernel"]
+        columns += ["µs/elem full"]
+        columns += ["µs/elem re-apply", "Python share"]
     for column in columns:
         table.add_column(column, justify="left" if column == columns[0] else "right", no_wrap=True)
     for scenario, result in rows:
@@ -260,6 +295,8 @@ def results_table(rows: Sequence[tuple[Scenario, dict[str, Any]]], markdown: boo
             cells += [
                 ms(result["full"]),
                 ms(result["replace"]),
+                ms(result["update"]),
+                ms(result["kernel_update"]),
                 _per_element_us(result["full"], scenario.elements),
                 _per_element_us(result["replace"], scenario.elements),
                 f"{python / statistics.median(result['full']):.0%}",
@@ -318,7 +355,7 @@ def main() -> None:
             kernel = measure_kernel(scenario)
             if kernel["loaded_elements"] != scenario.elements:
                 sys.exit(f"loaded {kernel['loaded_elements']} elements, not {scenario.elements}")
-            result |= {"full": kernel["full"], "replace": kernel["replace"]}
+            result |= {key: kernel[key] for key in ("full", "replace", "update", "kernel_update")}
         rows.append((scenario, result))
     console.print(results_table(rows, args.markdown))
 

@@ -84,7 +84,13 @@ def render(
     Without REPLACING the table itself is deleted and created again; an owned table
     (nft_ownership) must stay, so its content is emptied instead: rules flushed, then
     the chains and sets in REPLACING deleted, all in the same transaction."""
-    compiled = load_ruleset(ruleset)
+    return render_compiled(load_ruleset(ruleset), baseline, replacing)
+
+
+def render_compiled(
+    compiled: CompiledRuleset, baseline: Baseline, replacing: TableObjects | None = None
+) -> JsonDocument:
+    """render() for a ruleset already checked by load_ruleset."""
     commands: list[JsonDocument] = [{"metainfo": {"json_schema_version": 1}}]
     if replacing is None:
         # add + delete + add: one transaction that works whether or not the table exists.
@@ -103,6 +109,50 @@ def render(
     commands.extend(_baseline_output(baseline))
     commands.extend(_policy_rules(compiled, baseline.mode))
     return {"nftables": commands}
+
+
+_METAINFO = {"metainfo": {"json_schema_version": 1}}
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """A loaded policy: its structure (rules, set names, baseline) and its sets' content."""
+
+    structure: tuple[object, ...]
+    groups: dict[str, AddressGroup]
+
+    def objects(self) -> TableObjects:
+        sets = tuple(set_name(group, suffix) for group in self.groups for suffix, *_ in _SET_KINDS)
+        return TableObjects(chains=("input", "output", *POLICY_CHAINS.values()), sets=sets)
+
+    @classmethod
+    def of(cls, compiled: CompiledRuleset, baseline: Baseline) -> _Applied:
+        names = tuple(group.name for group in compiled.groups)
+        return cls((compiled.rules, names, baseline), {g.name: g for g in compiled.groups})
+
+
+def element_changes(before: dict[str, AddressGroup], after: CompiledRuleset) -> list[JsonDocument]:
+    """Commands that turn BEFORE's set elements into AFTER's (same sets): deletions first,
+    then additions, in one batch. Hash sets make each one cheap at any size."""
+    deletions: list[JsonDocument] = []
+    additions: list[JsonDocument] = []
+    for group in after.groups:
+        old = before[group.name]
+        for suffix, *_ in _SET_KINDS:
+            was = {_element_key(e): e for e in _elements(old, suffix)}
+            now = {_element_key(e): e for e in _elements(group, suffix)}
+            target = {**_IN_TABLE, "name": set_name(group.name, suffix)}
+            gone = [was[k] for k in sorted(was.keys() - now.keys())]
+            new = [now[k] for k in sorted(now.keys() - was.keys())]
+            if gone:
+                deletions.append({"delete": {"element": {**target, "elem": gone}}})
+            if new:
+                additions.append({"add": {"element": {**target, "elem": new}}})
+    return deletions + additions
+
+
+def _element_key(element: Any) -> str:
+    return element if isinstance(element, str) else json.dumps(element, sort_keys=True)
 
 
 class TableOwner(Interface):
@@ -126,6 +176,9 @@ class NftablesBackend:
     def __init__(self, runner: NftRunner, owner: TableOwner | None = None) -> None:
         self._runner = runner
         self._owner = owner
+        # What the last apply left in the kernel, for element-only updates.
+        self._applied: _Applied | None = None
+        self._converted = False
 
     @property
     def owns_table(self) -> bool:
@@ -133,12 +186,35 @@ class NftablesBackend:
         return self._owner is not None
 
     def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
-        document = render(ruleset, baseline)  # a bad ruleset fails before the kernel is asked
+        """Load the policy. In an owned table, where nobody else can have changed what we
+        loaded, only set elements change when nothing else did (a peer joined, left or
+        moved); otherwise, and for a re-apply of the same policy (a repair), the whole
+        table's content is replaced."""
+        compiled = load_ruleset(ruleset)  # a bad ruleset fails before the kernel is asked
+        applied = _Applied.of(compiled, baseline)
+        previous, self._applied = self._applied, None
+        if self._owner is not None and previous and previous.structure == applied.structure:
+            changes = element_changes(previous.groups, compiled)
+            if changes:
+                try:
+                    self._runner.json_cmd({"nftables": [_METAINFO, *changes]})
+                    self._applied = applied
+                    return
+                except NftError:
+                    pass  # not what we last loaded after all: replace everything
+        replacing = None
+        self._converted = False
         if self._owner is not None and self._claim(self._owner):
-            document = render(ruleset, baseline, replacing=self._objects(self._owner))
-        self._runner.json_cmd(document)
+            # What we loaded last is what the owned table holds; after a restart, ask.
+            if previous is not None and not self._converted:
+                replacing = previous.objects()
+            else:
+                replacing = self._objects(self._owner)
+        self._runner.json_cmd(render_compiled(compiled, baseline, replacing))
+        self._applied = applied
 
     def remove(self) -> None:
+        self._applied = None
         if not self.is_present():
             return
         # `delete table` alone: an owned or orphaned persistent table refuses a flagless
@@ -166,6 +242,7 @@ class NftablesBackend:
             # replace it by an owned one in one transaction, guarded until filled.
             try:
                 owner.claim_table(TABLE, replace=True)
+                self._converted = True  # it holds guard chains now, not what we loaded
                 return True
             except OwnershipError as exc:
                 if exc.errno != errno.EOPNOTSUPP:

@@ -125,3 +125,42 @@ def test_uninstall_while_the_agent_runs_says_to_stop_it_and_changes_nothing(
     removed = ns.run([PYTHON, "-m", "agent.dataplane.apply_cli"], stdin='{"command": "remove"}')
     assert json.loads(removed.stdout) == {"ok": True}
     assert "bulkhead" not in ns.run(["nft", "list", "tables"]).stdout
+
+
+# Applies 1,000 peers, then the same policy with one peer moved, in one process; prints
+# the chains' handles before and after and the set's elements after.
+MOVE_ONE = """
+import json
+from agent.dataplane.baseline import Baseline, Mode
+from agent.dataplane.select import make_backend
+from bulkhead.v1 import ruleset_pb2 as pb
+from agent.dataplane.libnftables import LibNftables
+
+def ruleset(hosts):
+    rule = pb.Rule(direction=pb.DIRECTION_INGRESS, protocol=pb.PROTOCOL_TCP,
+                   peer_set="db", action=pb.ACTION_ALLOW)
+    return pb.Ruleset(sets=[pb.AddressSet(name="db", hosts=hosts)], rules=[rule])
+
+def chains():
+    listing = LibNftables().json_cmd({"nftables": [{"list": {"chains": None}}]})
+    return sorted((c["chain"]["name"], c["chain"]["handle"]) for c in listing["nftables"]
+                  if "chain" in c)
+
+hosts = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(1000)]
+backend = make_backend("nftables")
+backend.apply(ruleset(hosts), Baseline(Mode.ENFORCE))
+before = chains()
+moved = hosts[:-1] + ["198.19.9.9"]
+backend.apply(ruleset(moved), Baseline(Mode.ENFORCE))
+listing = LibNftables().json_cmd(
+    {"nftables": [{"list": {"set": {"family": "inet", "table": "bulkhead", "name": "db_v4"}}}]})
+elements = [s["set"].get("elem", []) for s in listing["nftables"] if "set" in s][0]
+print(json.dumps({"before": before, "after": chains(), "elements": sorted(elements),
+                  "wanted": sorted(moved)}))
+"""
+
+
+def test_a_moved_peer_changes_only_set_elements_in_the_kernel(ns: Namespace) -> None:
+    result = json.loads(ns.run([PYTHON, "-c", MOVE_ONE]).stdout)
+    assert result["elements"] == result["wanted"]
+    assert result["before"] == result["after"], "chains were not re-created"

@@ -15,9 +15,11 @@ import pytest
 
 from agent.dataplane import nft_ownership as own
 from agent.dataplane.baseline import Baseline, Mode
-from agent.dataplane.libnftables import JsonDocument
+from agent.dataplane.libnftables import JsonDocument, NftError
 from agent.dataplane.nftables import NftablesBackend
 from bulkhead.v1 import ruleset_pb2 as pb
+
+TABLE = {"family": "inet", "name": "bulkhead"}
 
 
 def _messages(data: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -213,3 +215,79 @@ def test_a_table_owned_by_another_process_is_an_error_and_nothing_is_sent() -> N
     with pytest.raises(own.OwnershipError, match="refused"):
         NftablesBackend(owner, owner=owner).apply(pb.Ruleset(), Baseline(Mode.ENFORCE))
     assert owner.batches == []
+
+
+def _hosts(*hosts: str) -> pb.Ruleset:
+    return pb.Ruleset(
+        sets=[pb.AddressSet(name="db", hosts=list(hosts), networks=["198.19.0.0/24"])],
+        rules=[
+            pb.Rule(
+                direction=pb.DIRECTION_INGRESS,
+                protocol=pb.PROTOCOL_TCP,
+                peer_set="db",
+                action=pb.ACTION_ALLOW,
+            )
+        ],
+    )
+
+
+def _owned() -> tuple[FakeOwner, NftablesBackend]:
+    owner = FakeOwner([None] * 10, present=True)
+    return owner, NftablesBackend(owner, owner=owner)
+
+
+def test_a_moved_peer_changes_set_elements_only() -> None:
+    owner, backend = _owned()
+    backend.apply(_hosts("198.18.0.1", "198.18.0.2"), Baseline(Mode.ENFORCE))
+    backend.apply(_hosts("198.18.0.1", "198.18.0.3", "2001:db8::3"), Baseline(Mode.ENFORCE))
+    assert owner.batches[-1]["nftables"][1:] == [
+        {"delete": {"element": {"family": "inet", "table": "bulkhead", "name": "db_v4",
+                                "elem": ["198.18.0.2"]}}},
+        {"add": {"element": {"family": "inet", "table": "bulkhead", "name": "db_v4",
+                             "elem": ["198.18.0.3"]}}},
+        {"add": {"element": {"family": "inet", "table": "bulkhead", "name": "db_v6",
+                             "elem": ["2001:db8::3"]}}},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "same policy again (a repair)",
+        "a rule changed",
+        "the baseline changed",
+    ],
+)
+def test_anything_but_elements_replaces_the_table_content(change: str) -> None:
+    owner, backend = _owned()
+    backend.apply(_hosts("198.18.0.1"), Baseline(Mode.ENFORCE))
+    ruleset, baseline = _hosts("198.18.0.1"), Baseline(Mode.ENFORCE)
+    if change == "a rule changed":
+        ruleset.rules[0].protocol = pb.PROTOCOL_UDP
+    elif change == "the baseline changed":
+        baseline = Baseline(Mode.VISIBILITY)
+    backend.apply(ruleset, baseline)
+    assert owner.batches[-1]["nftables"][1] == {"flush": {"table": TABLE}}
+
+
+def test_a_refused_element_update_falls_back_to_a_full_replace() -> None:
+    owner, backend = _owned()
+    backend.apply(_hosts("198.18.0.1"), Baseline(Mode.ENFORCE))
+    original = owner.json_cmd
+
+    def refuse_elements(document: JsonDocument, *, terse: bool = False) -> JsonDocument:
+        if "element" in str(document["nftables"][1:2]):
+            raise NftError("Error: Could not process rule: No such file or directory")
+        return original(document, terse=terse)
+
+    owner.json_cmd = refuse_elements  # type: ignore[method-assign]
+    backend.apply(_hosts("198.18.0.9"), Baseline(Mode.ENFORCE))
+    assert owner.batches[-1]["nftables"][1] == {"flush": {"table": TABLE}}
+
+
+def test_an_unowned_table_is_always_replaced_whole() -> None:
+    runner = FakeOwner([], present=True)
+    backend = NftablesBackend(runner)  # no owner: a kernel without owned tables
+    backend.apply(_hosts("198.18.0.1"), Baseline(Mode.ENFORCE))
+    backend.apply(_hosts("198.18.0.2"), Baseline(Mode.ENFORCE))
+    assert [next(iter(c)) for c in runner.batches[-1]["nftables"][1:3]] == ["add", "delete"]
