@@ -1,6 +1,11 @@
-"""How long compiling a realistic fleet takes: 1,000 workloads x 100 policies.
+"""How long compiling a realistic fleet takes: 1,000 workloads x 100 policies by default;
+issue 7's size is --workloads 10000 --policies 1000.
 
 Run: .venv/bin/python bench/compile_bench.py [--workloads N] [--policies N] [--runs N]
+
+Besides the full compile it times the incremental one the controller does when one
+workload's labels change: finding the affected agents (compiler.affected_agents) and
+compiling only them.
 
 Workloads get app/env/role labels with a skewed spread (a few big apps, many small
 ones) and one IPv4 plus one IPv6 address. Policies mix label equality, selectors, IP
@@ -18,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bulkhead.v1.contract import ruleset_hash
-from controller.policy.compiler import Workload, compile_rulesets
+from controller.policy.compiler import Workload, affected_agents, compile_rulesets
 from controller.policy.resources import IPList, Policy, Resource, parse_documents
 
 ENVS = ("prod", "staging", "dev")
@@ -81,7 +86,7 @@ def make_resources(count: int, apps: Sequence[str], rng: random.Random) -> list[
         elif kind == 8:  # towards the outside
             rule = {
                 "from": {"app": source},
-                "to": [{"cidr": f"198.19.{index}.0/24"}, {"iplist": "office-1"}],
+                "to": [{"cidr": f"198.19.{index % 256}.0/24"}, {"iplist": "office-1"}],
             }
         else:  # from the offices, by label
             rule = {"from": {"zone": "office"}, "to": {"app": destination, "role": "frontend"}}
@@ -119,6 +124,18 @@ def main() -> None:
     seconds = median_seconds(compile_all, args.runs)
     rulesets = compile_rulesets(workloads, iplists, policies)
     hash_seconds = median_seconds(lambda: [ruleset_hash(r) for r in rulesets.values()], args.runs)
+    # One workload changes app (the busiest one's member moves to another app).
+    target = workloads[len(workloads) // 2]
+    moved = Workload(target.agent_id, {**target.labels, "app": apps[1]}, target.addresses)
+    after = [moved if w is target else w for w in workloads]
+
+    def incremental() -> int:
+        affected = affected_agents(workloads, after, iplists, policies, {target.agent_id})
+        compile_rulesets(after, iplists, policies, only=affected)
+        return len(affected)
+
+    affected_count = incremental()
+    incremental_seconds = median_seconds(incremental, args.runs)
     rules = [len(r.rules) for r in rulesets.values()]
     sets = [len(r.sets) for r in rulesets.values()]
     elements = sum(len(s.hosts) + len(s.networks) for r in rulesets.values() for s in r.sets)
@@ -128,6 +145,8 @@ def main() -> None:
         ("workloads / policies / IP lists", f"{len(workloads)} / {len(policies)} / {len(iplists)}"),
         (f"compile time (median of {args.runs})", f"{seconds * 1000:.1f} ms"),
         ("hash all rulesets (median)", f"{hash_seconds * 1000:.1f} ms"),
+        ("incremental: one workload relabelled", f"{incremental_seconds * 1000:.1f} ms"),
+        ("  agents it recompiles", f"{affected_count}"),
         ("rules, all agents", f"{sum(rules)}"),
         ("rules per agent (max / median)", f"{max(rules)} / {statistics.median(rules):g}"),
         ("agents with no rules", f"{rules.count(0)}"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
@@ -23,6 +23,7 @@ from controller.policy import (
     Resource,
     ValidationFailed,
     Workload,
+    affected_agents,
     compile_rulesets,
     parse_documents,
     referenced_iplists,
@@ -65,6 +66,9 @@ class Controller:
         # that changes hands must not inherit the old workload's access.
         self._offline_isolation = offline_isolation
         self._isolated: frozenset[str] = frozenset()
+        self._isolation: dict[str, bool] = {}  # per agent, as last compiled
+        # The compiler's view of every agent as last compiled (None: not yet).
+        self._workloads: dict[str, Workload] | None = None
         self._sessions: dict[str, AgentSession] = {}
         self.snapshots_pushed = 0  # for metrics
         self._policies: dict[str, Policy] = {}
@@ -198,7 +202,7 @@ class Controller:
                 {"set": dict(set_labels), "removed": list(remove), "before": before,
                  "after": agent.labels},
             )  # fmt: skip
-        self._recompile()
+        self._recompile([agent_id])
         return agent.labels
 
     def audit(self, since_ms: int, limit: int) -> list[AuditRecord]:
@@ -289,7 +293,7 @@ class Controller:
             or before != (agent.labels, agent.addresses)
             or agent.agent_id in self._isolated
         )
-        pushed = self._recompile() if changed else set()
+        pushed = self._recompile([agent.agent_id]) if changed else set()
         if agent.agent_id not in pushed:
             self._sync(session, self._require_agent(agent.agent_id))
         return session
@@ -315,7 +319,7 @@ class Controller:
             session.failure = Unauthenticated(f"agent '{agent_id}': certificate revoked")
             session.close()
         log.warning("agent %s revoked by %s (%d certificate(s))", agent_id, actor, count)
-        self._recompile()  # its addresses leave every peer's sets
+        self._recompile([agent_id])  # its addresses leave every peer's sets
         return count
 
     def heartbeat(self, agent_id: str) -> None:
@@ -334,7 +338,7 @@ class Controller:
         with self._store.transaction():
             self._store.put_agent(agent)
         log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
-        self._recompile()
+        self._recompile([agent_id])
 
     def config_changed(self, agent_id: str, change: agent_pb2.ConfigChange) -> None:
         """The host's own labels or mode changed (its config or labels drop-ins)."""
@@ -347,7 +351,7 @@ class Controller:
         with self._store.transaction():
             self._store.put_agent(agent)
         log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
-        self._recompile()
+        self._recompile([agent_id])
 
     # -- tamper reports (agent/tamper.py) -------------------------------------------------
     def tampered(self, agent_id: str, event: agent_pb2.TamperEvent) -> None:
@@ -408,33 +412,44 @@ class Controller:
         offline = {a.agent_id for a in self._store.list_agents() if self.is_offline(a, at)}
         if self._offline_isolation and frozenset(offline) != self._isolated:
             log.warning("offline agents now %s; recompiling their peers", sorted(offline) or "none")
-            self._recompile()
+            self._recompile(offline ^ self._isolated)
         return offline
 
-    def _recompile(self) -> set[str]:
-        """Recompile every agent; push to those whose ruleset hash changed. Returns them."""
-        agents = self._store.list_agents()
+    def _recompile(self, changed: Iterable[str] | None = None) -> set[str]:
+        """Recompile and push to agents whose ruleset hash changed; returns them.
+
+        With CHANGED (agents whose labels, addresses, isolation or existence changed),
+        only the agents that can be affected are compiled (compiler.affected_agents);
+        policies and IP lists changing recompile everyone."""
         at = now_ms()
         # Revoked agents always lose their peers' access; offline ones with isolation on.
-        # (One query for the revoked: this runs on every change, for every agent.)
+        # (One query for the revoked: this runs on every change.)
         revoked = self.enrollment.revoked_agents()
-        isolated = frozenset(
-            a.agent_id
-            for a in agents
-            if a.agent_id in revoked or (self._offline_isolation and self.is_offline(a, at))
-        )
-        self._isolated = isolated
-        workloads = [
-            Workload(a.agent_id, a.labels, () if a.agent_id in isolated else tuple(a.addresses))
-            for a in agents
-        ]
-        rulesets = compile_rulesets(
-            workloads, list(self._iplists.values()), list(self._policies.values())
-        )
-        changed: list[AgentRecord] = []
+        policies, iplists = list(self._policies.values()), list(self._iplists.values())
+        before = self._workloads
+        if changed is None or before is None:
+            records = {a.agent_id: a for a in self._store.list_agents()}
+            after = {i: self._workload(a, revoked, at) for i, a in records.items()}
+            targets: set[str] = set(after)
+        else:
+            changed = set(changed)
+            after = dict(before)
+            for agent_id in changed:
+                record = self._store.get_agent(agent_id)
+                if record is None:
+                    after.pop(agent_id, None)
+                else:
+                    after[agent_id] = self._workload(record, revoked, at)
+            targets = affected_agents(before.values(), after.values(), iplists, policies, changed)
+            records = {i: r for i in targets if (r := self._store.get_agent(i)) is not None}
+        self._workloads = after
+        self._isolated = frozenset(i for i, w in after.items() if self._is_isolated(i))
+        rulesets = compile_rulesets(after.values(), iplists, policies, only=targets)
+        changed_agents: list[AgentRecord] = []
         with self._store.transaction():
-            for agent in agents:
-                ruleset = rulesets.get(agent.agent_id, ruleset_pb2.Ruleset())
+            for agent_id in sorted(records):
+                agent = records[agent_id]
+                ruleset = rulesets.get(agent_id, ruleset_pb2.Ruleset())
                 digest = ruleset_hash(ruleset)
                 if digest == agent.desired_hash:
                     continue
@@ -442,12 +457,23 @@ class Controller:
                 agent.desired_hash = digest
                 agent.desired_ruleset = ruleset.SerializeToString(deterministic=True)
                 self._store.put_agent(agent)
-                changed.append(agent)
-        for agent in changed:
+                changed_agents.append(agent)
+        for agent in changed_agents:
             session = self._sessions.get(agent.agent_id)
             if session is not None:
                 self._sync(session, agent)
-        return {a.agent_id for a in changed}
+        return {a.agent_id for a in changed_agents}
+
+    def _workload(self, agent: AgentRecord, revoked: set[str], at: int) -> Workload:
+        isolated = agent.agent_id in revoked or (
+            self._offline_isolation and self.is_offline(agent, at)
+        )
+        self._isolation[agent.agent_id] = isolated
+        addresses = () if isolated else tuple(agent.addresses)
+        return Workload(agent.agent_id, agent.labels, addresses)
+
+    def _is_isolated(self, agent_id: str) -> bool:
+        return self._isolation.get(agent_id, False)
 
     def _sync(self, session: AgentSession, agent: AgentRecord) -> None:
         if agent.applied_hash == agent.desired_hash:

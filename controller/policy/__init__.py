@@ -11,6 +11,7 @@ Pure logic: no gRPC, no storage. The modules:
 
 from controller.policy.compiler import (
     Workload,
+    affected_agents,
     compile_rulesets,
     referenced_iplists,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "SelectorError",
     "ValidationFailed",
     "Workload",
+    "affected_agents",
     "compile_rulesets",
     "parse_documents",
     "parse_selector",

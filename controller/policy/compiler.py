@@ -29,11 +29,19 @@ from controller.policy.addresses import (
     network_order,
     parse_host,
 )
-from controller.policy.peers import CidrPeer, IPListPeer, LabelsPeer, Peer, peer_key
+from controller.policy.peers import (
+    CidrPeer,
+    IPListPeer,
+    LabelsPeer,
+    Peer,
+    SelectorPeer,
+    peer_key,
+)
 from controller.policy.ports import PortProtocol, PortSpec
 from controller.policy.resources import IPList, Policy
 
 SET_NAME_PREFIX = "p_"
+_FEW = 4  # compiling at most 1/_FEW of the agents: test membership per agent
 _HASH_CHARS = 12
 
 _Protocol = ruleset_pb2.Protocol
@@ -103,7 +111,8 @@ class _Inventory:
             if workload.agent_id in self._workloads:
                 raise ValueError(f"workload {workload.agent_id!r} is given twice")
             self._workloads[workload.agent_id] = workload
-            self._hosts[workload.agent_id] = [parse_host(a) for a in workload.addresses]
+            # Parsed on first use (host_addresses): most workloads never need it in an
+            # incremental compile.
             for pair in workload.labels.items():
                 self._by_label.setdefault(pair, set()).add(workload.agent_id)
         self._iplists: dict[str, IPList] = {}
@@ -117,6 +126,24 @@ class _Inventory:
     @property
     def agent_ids(self) -> list[str]:
         return sorted(self._workloads)
+
+    def _host_addresses(self, agent_id: str) -> list[Address]:
+        hosts = self._hosts.get(agent_id)
+        if hosts is None:
+            hosts = [parse_host(a) for a in self._workloads[agent_id].addresses]
+            self._hosts[agent_id] = hosts
+        return hosts
+
+    def labels_of(self, agent_id: str) -> Mapping[str, str]:
+        return self._workloads[agent_id].labels
+
+    def members(self, peers: Sequence[Peer]) -> frozenset[str]:
+        """Agent ids of the workloads a peer list matches (no address set is built)."""
+        found: set[str] = set()
+        for peer in peers:
+            if isinstance(peer, LabelsPeer | SelectorPeer):
+                found |= self._peer(peer).members
+        return frozenset(found)
 
     def peer_set(self, peers: Sequence[Peer]) -> _PeerSet:
         """Members and address set of a peer list (the union of its peers), memoised."""
@@ -165,7 +192,7 @@ class _Inventory:
                 if peer.selector.matches(workload.labels)
             }
         for agent_id in found.members:
-            found.hosts.update(self._hosts[agent_id])
+            found.hosts.update(self._host_addresses(agent_id))
         selector = peer.selector
         for iplist in self._iplists.values():
             if selector.matches(iplist.metadata.labels):
@@ -241,33 +268,87 @@ class _AgentRules:
 
 
 def compile_rulesets(
-    workloads: Iterable[Workload], iplists: Iterable[IPList], policies: Iterable[Policy]
+    workloads: Iterable[Workload],
+    iplists: Iterable[IPList],
+    policies: Iterable[Policy],
+    *,
+    only: Iterable[str] | None = None,
 ) -> dict[str, ruleset_pb2.Ruleset]:
-    """The Ruleset of every workload (empty when no policy touches it), by agent id.
+    """The Ruleset of every workload (empty when no policy touches it), by agent id; with
+    ONLY, of those workloads alone (a rule none of them is on costs no address set).
 
     Deterministic: the same inputs in any order give the same rulesets. Rules are ordered
     by policy name, rule index, direction (ingress first) and protocol.
     """
     inventory = _Inventory(workloads, iplists)
-    by_agent = {agent_id: _AgentRules() for agent_id in inventory.agent_ids}
+    wanted = set(inventory.agent_ids) if only is None else set(only) & set(inventory.agent_ids)
+    by_agent = {agent_id: _AgentRules() for agent_id in sorted(wanted)}
+    # Compiling a few agents: test their labels against each rule's peers rather than
+    # resolving every peer over the whole fleet.
+    per_agent = only is not None and len(wanted) * _FEW <= len(inventory.agent_ids)
     ordered = sorted(policies, key=lambda policy: policy.metadata.name)
     for previous, policy in itertools.pairwise(ordered):
         if previous.metadata.name == policy.metadata.name:
             raise ValueError(f"policy {policy.metadata.name!r} is given twice")
     for policy in ordered:
         for rule in policy.spec.rules:
-            sources = inventory.peer_set(rule.from_)
-            destinations = inventory.peer_set(rule.to)
             groups = _port_groups(rule.ports)
-            for direction, agents, remote in (
-                (ruleset_pb2.DIRECTION_INGRESS, destinations.members, sources.address_set),
-                (ruleset_pb2.DIRECTION_EGRESS, sources.members, destinations.address_set),
+            for direction, local, remote in (
+                (ruleset_pb2.DIRECTION_INGRESS, rule.to, rule.from_),
+                (ruleset_pb2.DIRECTION_EGRESS, rule.from_, rule.to),
             ):
+                agents: set[str] | frozenset[str]
+                if per_agent:
+                    agents = {a for a in wanted if matches(local, inventory.labels_of(a))}
+                else:
+                    agents = inventory.members(local) & wanted
+                if not agents:
+                    continue
+                address_set = inventory.peer_set(remote).address_set
                 compiled = [
-                    _make_rule(policy.metadata.name, direction, group, remote.name)
+                    _make_rule(policy.metadata.name, direction, group, address_set.name)
                     for group in groups
                 ]
                 for agent_id in agents:
                     for compiled_rule in compiled:
-                        by_agent[agent_id].add(compiled_rule, remote)
+                        by_agent[agent_id].add(compiled_rule, address_set)
     return {agent_id: rules.ruleset() for agent_id, rules in by_agent.items()}
+
+
+def affected_agents(
+    before: Iterable[Workload],
+    after: Iterable[Workload],
+    iplists: Iterable[IPList],
+    policies: Iterable[Policy],
+    changed: Iterable[str],
+) -> set[str]:
+    """The agents whose rulesets can differ when the workloads CHANGED (by agent id; added,
+    removed, relabelled or readdressed) went from BEFORE to AFTER: those workloads
+    themselves, and every workload on the other side of a rule one of them is on, before
+    or after. Everyone else's ruleset is the same, so only these need compiling."""
+    changed = set(changed)
+    iplists = list(iplists)
+    before, after = list(before), list(after)
+    labels = [w.labels for w in (*before, *after) if w.agent_id in changed]
+    inventories: list[_Inventory] = []  # built only if some rule touches a changed workload
+    affected = set(changed)
+    for policy in policies:
+        for rule in policy.spec.rules:
+            for side, other in ((rule.from_, rule.to), (rule.to, rule.from_)):
+                if any(matches(side, workload_labels) for workload_labels in labels):
+                    if not inventories:
+                        inventories = [_Inventory(before, iplists), _Inventory(after, iplists)]
+                    for inventory in inventories:
+                        affected |= inventory.members(other)
+    return affected
+
+
+def matches(peers: Sequence[Peer], labels: Mapping[str, str]) -> bool:
+    """Whether a workload with LABELS is one of PEERS' members (label and selector peers)."""
+    for peer in peers:
+        if isinstance(peer, LabelsPeer):
+            if all(labels.get(key) == value for key, value in peer.labels):
+                return True
+        elif isinstance(peer, SelectorPeer) and peer.selector.matches(labels):
+            return True
+    return False
