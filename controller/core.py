@@ -40,6 +40,8 @@ DEFAULT_OFFLINE_AFTER_S = 3600.0
 # Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
 MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
+MAX_REVISION = 2**63 - 1  # revisions are SQLite integers
+HOSTNAME_MAX = 253  # a DNS name's limit
 TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
 
 
@@ -379,6 +381,8 @@ class Controller:
     # -- end tamper reports ----------------------------------------------------------------
 
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
+        if ack.revision > MAX_REVISION:
+            raise InvalidArgument([f"ack.revision: {ack.revision} is beyond {MAX_REVISION}"])
         agent = self._require_agent(agent_id)
         if ack.ok:
             agent.applied_revision = ack.revision
@@ -546,5 +550,11 @@ def _validate_hello(hello: agent_pb2.Hello) -> None:
         problems.append(f"hello.agent_id: {hello.agent_id!r} must be {AGENT_ID_RULE}")
     problems += _label_problems(hello.labels, "hello.labels")
     problems += _address_problems(hello.addresses, "hello.addresses")
+    if hello.applied_revision > MAX_REVISION:
+        problems.append(
+            f"hello.applied_revision: {hello.applied_revision} is beyond {MAX_REVISION}"
+        )
+    if len(hello.hostname) > HOSTNAME_MAX:
+        problems.append(f"hello.hostname: longer than {HOSTNAME_MAX} characters")
     if problems:
         raise InvalidArgument(problems)

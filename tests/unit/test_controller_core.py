@@ -241,6 +241,19 @@ def test_unusable_addresses_are_refused(core: Controller) -> None:
             core.connect(*for_agent(hello("web", "web", bad)))
 
 
+def test_out_of_range_revisions_and_long_hostnames_are_refused(core: Controller) -> None:
+    # uint64 on the wire, SQLite integers in the store: found by the hello fuzzer.
+    with pytest.raises(InvalidArgument, match=r"hello\.applied_revision"):
+        core.connect(*for_agent(hello("web", "web", "198.18.0.1", applied_revision=2**63)))
+    long_name = hello("web", "web", "198.18.0.1")
+    long_name.hostname = "h" * 254
+    with pytest.raises(InvalidArgument, match=r"hello\.hostname"):
+        core.connect(*for_agent(long_name))
+    core.connect(*for_agent(hello("web", "web", "198.18.0.1")))
+    with pytest.raises(InvalidArgument, match=r"ack\.revision"):
+        core.acknowledged("web", agent_pb2.Ack(revision=2**64 - 1, ok=True))
+
+
 def test_identity_comes_from_the_certificate_not_the_hello(core: Controller) -> None:
     sessions = connect_three(core)
     core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
