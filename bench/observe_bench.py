@@ -12,15 +12,19 @@ the kernel shows as IPv4-mapped), unconnected and connected UDP sockets. It then
 in that one process:
 
 * psutil.net_connections(kind="inet"), the reference;
-* the raw read of /proc/net/{tcp,tcp6,udp,udp6} and the /proc/*/fd scan (readlink of
-  every fd of every process), which any socket -> process map has to pay once;
-* a cold SocketSnapshotter().snapshot() (new caches every time);
+* the two sources of the socket tables, raw: the read of /proc/net/{tcp,tcp6,udp,udp6}
+  and the four sock_diag dumps (the netlink messages received, not decoded);
+* the /proc/*/fd scan (readlink of every fd of every process), which any socket ->
+  process map has to pay once;
+* each source's reader, cold (a new one every time): the tables' records;
+* a cold SocketSnapshotter().snapshot() (new caches every time), on sock_diag;
 * the steady state, later snapshots of one snapshotter: with nothing changed while every
   socket is idle (the tables print the same text again); with nothing changed while the
   closed sockets' TIME_WAIT timers tick (the text differs at every read, as it does on a
-  host with traffic); and with about 1% of the sockets replaced between two snapshots
-  (workers close TCP pairs and open new ones, untimed, so fds are reused as they are in
-  real programs).
+  host with traffic; sock_diag leaves TIME_WAIT out); and with about 1% of the sockets
+  replaced between two snapshots (workers close TCP pairs and open new ones, untimed, so
+  fds are reused as they are in real programs). The first and last also with a second
+  snapshotter that reads /proc/net, for comparison.
 
 Rounds interleave the measures so that load from elsewhere on the machine weighs on all
 of them alike; the ratios are psutil's median over ours.
@@ -54,9 +58,12 @@ from typing import Any, NoReturn
 
 import psutil  # type: ignore[import-untyped]
 
+from agent.observe.inetdiag import dump_request
 from agent.observe.model import Direction
+from agent.observe.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HEADER
 from agent.observe.snapshot import SocketSnapshotter
-from agent.observe.sockets import TABLES
+from agent.observe.sockdiag import RECV_SIZE, SOURCE_SOCK_DIAG, SockDiagReader, open_sock_diag
+from agent.observe.sockets import TABLES, SocketTableReader
 
 PROCESSES = 200
 SOCKETS = 10_000
@@ -71,8 +78,22 @@ BACKLOG = 128
 WORKER_TIMEOUT = 60.0  # for a worker's answer
 NAMESPACE_PREFIX = "bh-"
 # What is timed, in the order printed, with the speed-up over psutil aimed at.
-MEASURES = ("psutil", "tables", "fd_scan", "cold", "quiet", "moving", "changed")
+MEASURES = (
+    "psutil",
+    "tables",
+    "dumps",
+    "fd_scan",
+    "proc_reader",
+    "diag_reader",
+    "cold",
+    "quiet",
+    "quiet_proc",
+    "moving",
+    "changed",
+    "changed_proc",
+)
 TARGETS = {"cold": 2.0, "quiet": 5.0, "moving": 5.0, "changed": 5.0}
+DONE_SIZE = NLMSG_HEADER.size + 4  # NLMSG_DONE: the header and an int
 
 
 # -- the workers that hold the sockets (forked by the measuring child) ------------------
@@ -246,6 +267,20 @@ def read_tables() -> None:
             file.read()
 
 
+def dump_tables(sock: socket.socket) -> None:
+    """The four sock_diag dumps, received and not decoded."""
+    for sequence, table in enumerate(TABLES, start=1):
+        sock.send(dump_request(table, sequence))
+        while True:
+            data = sock.recv(RECV_SIZE)
+            if NLMSG_HEADER.unpack_from(data)[1] == NLMSG_ERROR:
+                sys.exit(f"sock_diag refused the dump of {table.name}")
+            # NLMSG_DONE is the last message of a dump's last datagram.
+            end = len(data) - DONE_SIZE
+            if end >= 0 and NLMSG_HEADER.unpack_from(data, end)[:2] == (DONE_SIZE, NLMSG_DONE):
+                break
+
+
 def scan_fds() -> dict[int, int]:
     """Every fd of every process, read once: the cost a full socket -> process map pays."""
     owners = {}
@@ -341,6 +376,8 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
     def psutil_connections() -> None:
         psutil.net_connections(kind="inet")
 
+    source = SockDiagReader().source
+    diag = open_sock_diag()
     with workers(layouts) as pool:
         scan_fds()  # warms the kernel's /proc entries for everyone alike
         rss_before = rss_mb()
@@ -348,26 +385,36 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
         snapshotter.snapshot()
         rss_primed = rss_mb()
         check_against_psutil(snapshotter, expected)
+        on_proc = SocketSnapshotter(sockets=SocketTableReader())
+        check_against_psutil(on_proc, expected)
         # Rounds interleave the measures, so that load from elsewhere on the machine
         # weighs on all of them alike. First with every socket idle: the tables print
         # the same text again and again.
         for _ in range(runs):
             times["psutil"].append(timed(psutil_connections))
             times["tables"].append(timed(read_tables))
+            times["dumps"].append(timed(lambda: dump_tables(diag)))
             times["fd_scan"].append(timed(scan_fds))
+            times["proc_reader"].append(timed(lambda: SocketTableReader().read()))
+            times["diag_reader"].append(timed(lambda: SockDiagReader().read()))
             times["cold"].append(timed(lambda: SocketSnapshotter().snapshot()))
             times["quiet"].append(timed(snapshotter.snapshot))
+            times["quiet_proc"].append(timed(on_proc.snapshot))
         # Then with sockets replaced between snapshots. The closed pairs linger in
         # TIME_WAIT, whose timers tick in the text, so from now on the tables' text
         # differs at every read even when no socket changed.
         for _ in range(runs):
             pool.replace_pairs(chooser.sample(pool.handles, changed_workers), PAIRS_PER_CHANGE)
             times["changed"].append(timed(snapshotter.snapshot))
+            times["changed_proc"].append(timed(on_proc.snapshot))
             times["moving"].append(timed(snapshotter.snapshot))
             times["psutil"].append(timed(psutil_connections))
         check_against_psutil(snapshotter, expected)  # the incremental path stayed right
+        check_against_psutil(on_proc, expected)
         rss_end = rss_mb()
+    diag.close()
     return {
+        "source": source,
         "times": times,
         "rss_mb": {"before": rss_before, "primed": rss_primed, "end": rss_end},
         "sockets": sum(expected.values()),
@@ -397,8 +444,11 @@ def print_results(result: dict[str, Any], markdown: bool) -> None:
     times = result["times"]
     reference = statistics.median(times["psutil"])
     directions = ", ".join(f"{count:,} {name}" for name, count in result["directions"].items())
+    source = result["source"]
+    if source != SOURCE_SOCK_DIAG:
+        console.print(f"[bold red]the snapshotter fell back to {source}: see the log[/]")
     table = Table(
-        title=f"{result['sockets']:,} sockets ({directions}), milliseconds",
+        title=f"{result['sockets']:,} sockets ({directions}), milliseconds; snapshots on {source}",
         box=box.MARKDOWN if markdown else box.SIMPLE_HEAD,
     )
     for column in ("measure", "runs", "median", "min", "psutil / this", "target"):
@@ -407,11 +457,16 @@ def print_results(result: dict[str, Any], markdown: bool) -> None:
     labels = {
         "psutil": "psutil.net_connections(kind='inet')",
         "tables": "raw read of /proc/net/{tcp,tcp6,udp,udp6}",
+        "dumps": "raw sock_diag dumps of the same four tables",
         "fd_scan": "/proc/*/fd scan (readlink of every fd)",
+        "proc_reader": "records from /proc/net, cold (a new SocketTableReader)",
+        "diag_reader": "records from sock_diag, cold (a new SockDiagReader)",
         "cold": "snapshot, cold (a new SocketSnapshotter)",
         "quiet": "snapshot, steady: nothing changed, tables' text the same",
+        "quiet_proc": "  the same on /proc/net",
         "moving": "snapshot, steady: nothing changed, TIME_WAIT timers ticking",
         "changed": f"snapshot, steady: {changed} sockets closed and {changed} opened",
+        "changed_proc": "  the same on /proc/net",
     }
     for key in MEASURES:
         seconds = times[key]

@@ -92,6 +92,10 @@ class SocketOwners:
         entry = self._owners.get(inode)
         return None if entry is None else entry[0]
 
+    def pids(self, inodes: Iterable[int]) -> list[int | None]:
+        """The owner of each of these inodes (None where it is not known), in order."""
+        return [None if entry is None else entry[0] for entry in map(self._owners.get, inodes)]
+
     def owners(self) -> dict[int, int]:
         """inode -> pid for every socket whose owner is known."""
         return {inode: pid for inode, (pid, _) in self._owners.items()}
@@ -160,7 +164,7 @@ class SocketOwners:
     # -- the full scan ------------------------------------------------------------------
 
     def _full_scan(self, table: AbstractSet[int]) -> set[int]:
-        before = {inode: entry[0] for inode, entry in self._owners.items()}
+        before = self.owners()
         self._fds.clear()
         self._owners.clear()
         self._live = self._list_pids()
@@ -179,7 +183,8 @@ class SocketOwners:
         self._table = table
         self._orphans = set(table - self._owners.keys())
         self._busy = {pid: busy for pid, busy in self._busy.items() if pid in self._fds}
-        return {inode for inode in table if before.get(inode) != self.owner(inode)}
+        # The sockets whose (inode, pid) pair came or went.
+        return {inode for inode, _ in before.items() ^ self.owners().items()}.intersection(table)
 
     # -- the search for unknown inodes --------------------------------------------------
 

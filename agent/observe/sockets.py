@@ -111,10 +111,16 @@ def address_text(hex_address: bytes) -> str:
         packed = _host_words_to_bytes(bytes.fromhex(hex_address.decode("ascii")))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"address {hex_address!r} is not hexadecimal") from exc
+    if len(packed) not in (4, 16):
+        raise ValueError(f"address {hex_address!r} is neither 8 nor 32 hex digits")
+    return packed_address_text(packed)
+
+
+def packed_address_text(packed: bytes) -> str:
+    """The usual text of a 4- or 16-byte address in network order; an IPv4-mapped IPv6
+    address as its IPv4 text."""
     if len(packed) == 4:
         return socket.inet_ntop(socket.AF_INET, packed)
-    if len(packed) != 16:
-        raise ValueError(f"address {hex_address!r} is neither 8 nor 32 hex digits")
     if packed.startswith(_V4_MAPPED_PREFIX):
         return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed)

@@ -3,14 +3,15 @@ made from them (snapshot.py) over a directory laid out like /proc."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import pytest
 
-from agent.observe.model import Direction, ProcessInfo
+from agent.observe.model import Connection, Direction, ProcessInfo
 from agent.observe.processes import ProcessCache
-from agent.observe.snapshot import SocketSnapshotter
+from agent.observe.snapshot import SocketSnapshotter, make_connections
 from agent.observe.sockets import (
     TABLES,
     SocketRecord,
@@ -342,3 +343,25 @@ def test_a_snapshot_after_lookups_sees_what_they_read(host: FakeProc) -> None:
     assert snapshotter.lookup("tcp", "127.0.0.1", 5432, "127.0.0.1", 50596) == describe(200)
 
     assert summary(snapshotter)[44999] == (Direction.INBOUND, 5432, 200)
+
+
+def test_connections_made_column_by_column_are_connections() -> None:
+    rows = [
+        ("tcp", "LISTEN", "0.0.0.0", 22, "", 0, Direction.LISTEN, 20613, 0, describe(100)),
+        ("udp", "ESTABLISHED", "::1", 5353, "::1", 53, Direction.OUTBOUND, 15, 1000, None),
+    ]
+    names = [field.name for field in dataclasses.fields(Connection)]
+    columns = {
+        name: list(column) for name, column in zip(names, zip(*rows, strict=True), strict=True)
+    }
+
+    made = make_connections(**columns)
+
+    assert made == [Connection(*row) for row in rows]
+    assert [type(connection) for connection in made] == [Connection, Connection]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made[0].state = "CLOSE"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="column uid: 1 values for 2"):
+        make_connections(**(columns | {"uid": [0]}))
+    with pytest.raises(ValueError, match="not the fields of Connection"):
+        make_connections(**{name: column for name, column in columns.items() if name != "uid"})
