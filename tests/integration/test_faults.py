@@ -169,14 +169,16 @@ FAULTS: dict[str, Callable[[Lab], None]] = {
 
 # Faults that change Bulkhead's rules in the kernel; the others take a process away.
 TAMPERING = {"table flushed", "accept-all inserted", "set emptied"}
-# Tampering that opens the host until the agent repairs it. With nftables none: the
+# Tampering that opens the host until the agent repairs it: none. With nftables the
 # agent owns its table (owner + persist flags) and the kernel refuses every change from
-# another process. Legacy x_tables have no owner and send no change events: the agent
-# polls every 0.5 s, and until then an inserted accept is final in our chain and a
-# flushed chain falls through to the host's INPUT policy.
+# another process. Legacy x_tables have no owner and the agent only polls them every
+# 0.5 s, but our chains have a second copy in the security table, which packets meet
+# after filter's at the same hooks: an accept inserted in filter's copy, or its flush,
+# still meets security's drop until the repair (and a tampered security copy still
+# follows filter's).
 OPENING_TAMPERS = {
     "nftables": set[str](),
-    "iptables": {"accept-all inserted", "table flushed"},
+    "iptables": set[str](),
 }
 
 

@@ -4,11 +4,13 @@ Namespaces are named ``bh-ti-<tag>-<random>`` and removed on exit even after a f
 The test process stays in the root namespace: the backend runs in a namespace through
 ``python -m agent.dataplane.apply_cli`` (with ``"backend": "iptables"``) under
 ``ip netns exec``, and the tables are read back with iptables-legacy-save and ipset.
+Our chains have a copy in both the filter and the security table of each family.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import os
 import secrets
@@ -26,6 +28,7 @@ from google.protobuf import json_format
 
 from agent.dataplane.baseline import baseline_from_json
 from agent.dataplane.iptables import IptablesPlan, render_iptables
+from agent.dataplane.iptables.plan import TABLES, Table
 from bulkhead.v1 import ruleset_pb2 as pb
 from tests.integration.nslab import PYTHON, Namespace, link
 from tests.integration.test_nft_backend import CONNECT, ECHO_CLIENT, ECHO_SERVER
@@ -107,18 +110,25 @@ def dataplane(ns: Namespace, request: dict[str, Any], *, ok: bool = True) -> dic
     return reply
 
 
-def saved(ns: Namespace, family: int, *extra: str) -> str:
-    """The filter table as iptables-save prints it, without its timestamped comments."""
-    text = ns.run([SAVE[family], "-t", "filter", *extra]).stdout
+def saved(ns: Namespace, family: int, table: Table = "filter", *extra: str) -> str:
+    """One table as iptables-save prints it, without its timestamped comments."""
+    text = ns.run([SAVE[family], "-t", table, *extra]).stdout
     return "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
 
 
-def our_rules(ns: Namespace, family: int) -> list[str]:
-    return [line for line in saved(ns, family).splitlines() if line.startswith("-A BULKHEAD-")]
+def saved_tables(ns: Namespace) -> str:
+    """Both tables of both families, as `saved` prints them."""
+    return "".join(saved(ns, family, table) for family in (4, 6) for table in TABLES)
 
 
-def chain_rules(ns: Namespace, family: int, chain: str) -> list[str]:
-    return [line for line in saved(ns, family).splitlines() if line.startswith(f"-A {chain} ")]
+def our_rules(ns: Namespace, family: int, table: Table) -> list[str]:
+    lines = saved(ns, family, table).splitlines()
+    return [line for line in lines if line.startswith("-A BULKHEAD-")]
+
+
+def chain_rules(ns: Namespace, family: int, chain: str, table: Table = "filter") -> list[str]:
+    lines = saved(ns, family, table).splitlines()
+    return [line for line in lines if line.startswith(f"-A {chain} ")]
 
 
 def everything_else(ns: Namespace) -> str:
@@ -151,10 +161,10 @@ def planned_members(plan: IptablesPlan) -> dict[str, set[str]]:
     return {ipset.name: set(ipset.members) for ipset in plan.ipsets}
 
 
-def counted_packets(ns: Namespace, family: int, chain: str) -> dict[str, int]:
+def counted_packets(ns: Namespace, family: int, chain: str, table: Table) -> dict[str, int]:
     """Packets counted per rule comment in one of our chains."""
     packets: dict[str, int] = {}
-    for line in saved(ns, family, "-c").splitlines():
+    for line in saved(ns, family, table, "-c").splitlines():
         counter, _, rule = line.partition(" ")
         if not rule.startswith(f"-A {chain} ") or "--comment" not in rule:
             continue
@@ -199,11 +209,12 @@ def served() -> Iterator[tuple[Namespace, Namespace]]:
 def test_applied_rules_and_sets_read_back_as_rendered(single: Namespace, case: str) -> None:
     request = case_request(case)
     plan = plan_for(request)
-    assert dataplane(single, request) == {"ok": True}
+    assert dataplane(single, request) == {"ok": True}  # on a namespace with no security table
     for family in (4, 6):
-        assert our_rules(single, family) == list(plan.family(family).rules)
-        assert chain_rules(single, family, "INPUT") == ["-A INPUT -j BULKHEAD-INPUT"]
-        assert chain_rules(single, family, "OUTPUT") == ["-A OUTPUT -j BULKHEAD-OUTPUT"]
+        for table in TABLES:
+            assert our_rules(single, family, table) == list(plan.family(family).table(table))
+            assert chain_rules(single, family, "INPUT", table) == ["-A INPUT -j BULKHEAD-INPUT"]
+            assert chain_rules(single, family, "OUTPUT", table) == ["-A OUTPUT -j BULKHEAD-OUTPUT"]
     assert ipset_members(single) == planned_members(plan)
     assert dataplane(single, {"command": "is_present"}) == {"present": True}
 
@@ -219,43 +230,62 @@ def test_foreign_chains_rules_and_sets_are_left_byte_identical(single: Namespace
         "-A INPUT -m set --match-set user-allow src -j ACCEPT\n"
         "-A FORWARD -o docker0 -j DOCKER\n"
         "-A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT\n"
+        "COMMIT\n"
+        "*mangle\n:MARKING - [0:0]\n"
+        "-A PREROUTING -i veth0 -j MARK --set-xmark 0x1/0xffffffff\n"
+        '-A INPUT -p tcp -m tcp --dport 9998 -m comment --comment "user\'s mark" -j MARKING\n'
+        "-A MARKING -j MARK --set-xmark 0x2/0xffffffff\n"
+        "COMMIT\n"
+        "*security\n:LABELLING - [0:0]\n"
+        '-A INPUT -p tcp -m tcp --dport 9997 -m comment --comment "user\'s label" -j LABELLING\n'
+        "-A LABELLING -j RETURN\n"
         "COMMIT\n",
     )
     single.run(
         ["ip6tables-legacy-restore"],
-        stdin="*filter\n-A OUTPUT -p udp -m udp --dport 9999 -j DROP\nCOMMIT\n",
+        stdin="*filter\n-A OUTPUT -p udp -m udp --dport 9999 -j DROP\nCOMMIT\n"
+        "*mangle\n-A OUTPUT -p udp -m udp --dport 9998 -j MARK --set-xmark 0x3/0xffffffff\n"
+        "COMMIT\n"
+        "*security\n-A OUTPUT -p udp -m udp --dport 9997 -j RETURN\nCOMMIT\n",
     )
     before = everything_else(single)
     assert "--dport 9999" in before
+    assert "MARKING" in before
+    assert "LABELLING" in before
+    assert "--dport 9998 -j MARK" in before
     assert "user-allow" in before
-    full_before = saved(single, 4) + saved(single, 6)
+    full_before = saved_tables(single)
 
     for case in ("web_db", "networks_ports", "networks_ports", "visibility"):
         assert dataplane(single, case_request(case)) == {"ok": True}
         assert everything_else(single) == before
-        for family in (4, 6):
-            assert chain_rules(single, family, "INPUT")[0] == "-A INPUT -j BULKHEAD-INPUT"
-            assert saved(single, family).count("-j BULKHEAD-INPUT") == 1
+        for family, table in itertools.product((4, 6), TABLES):
+            assert chain_rules(single, family, "INPUT", table)[0] == "-A INPUT -j BULKHEAD-INPUT"
+            assert saved(single, family, table).count("-j BULKHEAD-INPUT") == 1
     assert set(ipset_members(single)) == {"user-allow", "bh4-db", "bh6-db", "bh4-web", "bh6-web"}
 
     assert dataplane(single, {"command": "remove"}) == {"ok": True}
-    assert saved(single, 4) + saved(single, 6) == full_before
+    assert saved_tables(single) == full_before
     assert everything_else(single) == before
     assert list(ipset_members(single)) == ["user-allow"]
     assert dataplane(single, {"command": "is_present"}) == {"present": False}
     assert dataplane(single, {"command": "remove"}) == {"ok": True}  # absent: no error
 
 
-def test_a_jump_pushed_down_is_moved_back_to_the_top_never_duplicated(single: Namespace) -> None:
+@pytest.mark.parametrize("table", TABLES)
+def test_a_jump_pushed_down_is_moved_back_to_the_top_never_duplicated(
+    single: Namespace, table: Table
+) -> None:
     assert dataplane(single, case_request("web_db")) == {"ok": True}
+    pushing = ["-t", table, "-I", "INPUT", "1", "-p", "udp", "--dport", "9", "-j", "RETURN"]
     for family in (4, 6):
-        single.run([LEGACY[family], "-I", "INPUT", "1", "-p", "udp", "--dport", "9", "-j", "DROP"])
+        single.run([LEGACY[family], *pushing])
     assert dataplane(single, {"command": "is_present"}) == {"present": False}
     assert dataplane(single, case_request("web_db")) == {"ok": True}
     for family in (4, 6):
-        assert chain_rules(single, family, "INPUT") == [
+        assert chain_rules(single, family, "INPUT", table) == [
             "-A INPUT -j BULKHEAD-INPUT",
-            "-A INPUT -p udp -m udp --dport 9 -j DROP",
+            "-A INPUT -p udp -m udp --dport 9 -j RETURN",
         ]
     assert dataplane(single, {"command": "is_present"}) == {"present": True}
 
@@ -263,10 +293,10 @@ def test_a_jump_pushed_down_is_moved_back_to_the_top_never_duplicated(single: Na
 def test_address_change_changes_set_members_not_rules(single: Namespace) -> None:
     request = case_request("web_db")
     assert dataplane(single, request) == {"ok": True}
-    rules = {family: saved(single, family) for family in (4, 6)}
+    rules = saved_tables(single)
     request["ruleset"]["sets"][1]["hosts"] = ["198.18.0.3", "2001:db8::3"]
     assert dataplane(single, request) == {"ok": True}
-    assert {family: saved(single, family) for family in (4, 6)} == rules
+    assert saved_tables(single) == rules
     members = ipset_members(single)
     assert members["bh4-web"] == {"198.18.0.3/32"}
     assert members["bh6-web"] == {"2001:db8::3/128"}
@@ -275,13 +305,13 @@ def test_address_change_changes_set_members_not_rules(single: Namespace) -> None
 
 def test_a_failing_set_swap_reports_ipset_and_keeps_the_rules(single: Namespace) -> None:
     assert dataplane(single, case_request("empty_enforce")) == {"ok": True}
-    before = saved(single, 4) + saved(single, 6)
+    before = saved_tables(single)
     single.run(["ipset", "create", "bh4-web", "hash:ip"])  # not a hash:net: cannot be swapped
     reply = dataplane(single, case_request("web_db"), ok=False)
     assert reply["error"].startswith("DataplaneError: ipset: ")
     assert "cannot be swapped" in reply["error"]
     assert "(in `swap bh4-web-new bh4-web`)" in reply["error"]
-    assert saved(single, 4) + saved(single, 6) == before
+    assert saved_tables(single) == before
 
 
 def test_ten_thousand_peers_of_each_family_fill_one_set_each(single: Namespace) -> None:
@@ -293,7 +323,7 @@ def test_ten_thousand_peers_of_each_family_fill_one_set_each(single: Namespace) 
     assert dataplane(single, request) == {"ok": True}
     members = ipset_members(single)
     assert (len(members["bh4-web"]), len(members["bh6-web"])) == (10_000, 10_000)
-    assert our_rules(single, 4) == list(plan_for(case_request("web_db")).v4.rules)
+    assert our_rules(single, 4, "security") == list(plan_for(case_request("web_db")).v4.security)
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -339,14 +369,17 @@ def test_visibility_mode_lets_denied_ports_through_and_counts_them(
 ) -> None:
     web, db = served
     assert dataplane(db, case_request("visibility")) == {"ok": True}
-    before = counted_packets(db, family, "BULKHEAD-INPUT")
-    assert before["would-deny"] == 0
+    for table in TABLES:
+        assert counted_packets(db, family, "BULKHEAD-INPUT", table)["would-deny"] == 0
     # 6000 has an explicit deny rule, 7000 no rule at all: both only counted.
     assert connect(web, DB[family], 6000) == "connected"
     assert connect(web, DB[family], 7000) == "connected"
-    after = counted_packets(db, family, "BULKHEAD-INPUT")
-    assert after["would-deny r-d3ad00 no-web-6000"] >= 1
-    assert after["would-deny"] >= 1
+    # Each copy counts them in one rule each (filter's NFLOG, security's RETURN): the same
+    # packets, since both copies see every packet.
+    filter_, security = (counted_packets(db, family, "BULKHEAD-INPUT", table) for table in TABLES)
+    assert filter_["would-deny r-d3ad00 no-web-6000"] >= 1
+    assert filter_["would-deny"] >= 1
+    assert security == filter_
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -378,3 +411,45 @@ def test_cut_closes_a_connection_the_new_policy_no_longer_allows(
     finally:
         client.kill()
         client.wait(timeout=10)
+
+
+# Tampering with one copy, as the ordinary tools do it: each opens that copy wide.
+ONE_COPY_TAMPERS = [
+    ("filter", ("-I", "BULKHEAD-INPUT", "1", "-j", "ACCEPT")),
+    ("filter", ("-F", "BULKHEAD-INPUT")),
+    ("security", ("-I", "BULKHEAD-INPUT", "1", "-j", "ACCEPT")),
+    ("security", ("-F", "BULKHEAD-INPUT")),
+]
+
+
+@pytest.mark.parametrize(
+    ("table", "tamper"), ONE_COPY_TAMPERS, ids=lambda v: v if isinstance(v, str) else v[0]
+)
+def test_tampering_with_one_copy_alone_opens_nothing(
+    served: tuple[Namespace, Namespace], table: Table, tamper: tuple[str, ...]
+) -> None:
+    # No agent runs here to repair it: the other copy alone must keep denying.
+    web, db = served
+    assert dataplane(db, case_request("web_db")) == {"ok": True}
+    for family in (4, 6):
+        db.run([LEGACY[family], "-t", table, *tamper])
+    for family in (4, 6):
+        assert connect(web, DB[family], 5432) == "connected"
+        assert connect(web, DB[family], 6000) == "timeout"
+
+
+def test_a_locally_redirected_connection_is_judged_by_its_real_destination(
+    served: tuple[Namespace, Namespace],
+) -> None:
+    # nat's OUTPUT rewrites the destination before filter and security see the packet (as
+    # kube-proxy or Docker do for the host's own traffic); web may reach db:5432 only.
+    web, db = served
+    for namespace in (web, db):
+        assert dataplane(namespace, case_request("web_db")) == {"ok": True}
+    service = "198.18.0.99"  # on the link, so routed; no host holds it
+    web.run(
+        [LEGACY[4], "-t", "nat", "-A", "OUTPUT", "-d", service, "-p", "tcp", "-j", "DNAT",
+         "--to-destination", DB[4]]
+    )  # fmt: skip
+    assert connect(web, service, 5432) == "connected"
+    assert connect(web, service, 6000) in BLOCKED

@@ -9,6 +9,7 @@ measured times are printed (run with -s), not asserted.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -163,18 +164,30 @@ TAMPERS = [
            "ipset bh6-web changed"),
     Tamper("iptables", "flush-all", ((*IPT4, "-F"),), None,
            "ipv4 jump from INPUT missing"),
+    # The second copy of our chains, in security (filter's is unnamed, as with iptables itself).
+    Tamper("iptables", "security-flush-chain", ((*IPT4, "-t", "security", "-F", "BULKHEAD-INPUT"),),
+           None, "ipv4 security chain BULKHEAD-INPUT: rules differ"),
+    Tamper("iptables", "security-insert-accept", ((*IPT6, "-t", "security", "-I", "BULKHEAD-INPUT",
+                                                 "1", "-j", "ACCEPT"),), None,
+           "ipv6 security chain BULKHEAD-INPUT: rules differ"),
+    Tamper("iptables", "security-unhook", ((*IPT4, "-t", "security", "-D", "OUTPUT", "-j",
+                                          "BULKHEAD-OUTPUT"),), None,
+           "ipv4 security jump from OUTPUT missing"),
 ]  # fmt: skip
 
 
 def our_state(ns: Namespace, backend: str) -> str:
-    """What we own, read with the ordinary tools: the table, or our chains, the first rule
-    of INPUT and OUTPUT, and our ipsets' sorted members (counters and hash seeds left out)."""
+    """What we own, read with the ordinary tools: the table, or our chains in filter and
+    security, the first rule of their INPUT and OUTPUT, and our ipsets' sorted members
+    (counters and hash seeds left out)."""
     if backend == "nftables":
         return _COUNTERS.sub("", ns.run(["nft", "list", "table", "inet", "bulkhead"]).stdout)
     lines = []
-    for save in ("iptables-legacy-save", "ip6tables-legacy-save"):
-        rules = ns.run([save, "-t", "filter"]).stdout.splitlines()
-        lines += [line for line in rules if line.startswith("-A BULKHEAD-")]
+    for save, table in itertools.product(
+        ("iptables-legacy-save", "ip6tables-legacy-save"), ("filter", "security")
+    ):
+        rules = ns.run([save, "-t", table]).stdout.splitlines()
+        lines += [f"*{table}"] + [line for line in rules if line.startswith("-A BULKHEAD-")]
         for builtin in ("INPUT", "OUTPUT"):
             lines += [line for line in rules if line.startswith(f"-A {builtin} ")][:1]
     members = [

@@ -10,10 +10,12 @@ import pytest
 
 from agent.dataplane.backend import DataplaneError, RulesetError
 from agent.dataplane.baseline import Baseline, Mode, parse_port_spec
+from agent.dataplane.fingerprint import differences
 from agent.dataplane.iptables import IptablesBackend, SubprocessRunner, render_iptables
+from agent.dataplane.iptables.backend import table_components
 from agent.dataplane.iptables.ipsets import swap_script
-from agent.dataplane.iptables.plan import Family, IpSet
-from agent.dataplane.iptables.tables import apply_script, parse_filter, removal_script
+from agent.dataplane.iptables.plan import Family, IpSet, Table
+from agent.dataplane.iptables.tables import TableState, apply_script, parse_table, removal_script
 from bulkhead.v1 import ruleset_pb2 as pb
 
 BASELINE = Baseline(Mode.ENFORCE, failsafe_inbound=(parse_port_spec("tcp/22"),))
@@ -51,6 +53,34 @@ HOOKED_FILTER = """*filter
 -A DOCKER -m comment --comment "not -j BULKHEAD-INPUT" -j ACCEPT
 COMMIT
 """
+EMPTY_SECURITY = """*security
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+"""
+HOOKED_SECURITY = """*security
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:BULKHEAD-INPUT - [0:0]
+:BULKHEAD-OUTPUT - [0:0]
+-A FORWARD -i eth0 -j DROP
+-A INPUT -j BULKHEAD-INPUT
+-A OUTPUT -j BULKHEAD-OUTPUT
+-A BULKHEAD-INPUT -i lo -j RETURN
+COMMIT
+"""
+# What iptables-legacy-save prints without -t: every loaded table, filter first.
+EMPTY = EMPTY_FILTER + EMPTY_SECURITY
+HOOKED = HOOKED_FILTER + HOOKED_SECURITY
+
+
+def table_section(saved: str, table: str) -> str:
+    """What `iptables-save -t TABLE` prints of SAVED (which holds every table)."""
+    lines = saved.splitlines(keepends=True)
+    start = lines.index(f"*{table}\n")
+    return "".join(lines[start : lines.index("COMMIT\n", start) + 1])
 
 
 class FakeRunner:
@@ -71,10 +101,9 @@ class FakeRunner:
             return "".join(name + "\n" for name in self.ipsets)
         if list(argv) == ["ipset", "restore"]:
             self._track_sets(stdin or "")
-        if argv[0] == "iptables-legacy-save":
-            return self.saved[4]
-        if argv[0] == "ip6tables-legacy-save":
-            return self.saved[6]
+        if argv[0] in ("iptables-legacy-save", "ip6tables-legacy-save"):
+            family: Family = 4 if argv[0].startswith("iptables") else 6
+            return table_section(self.saved[family], argv[argv.index("-t") + 1])
         return ""
 
     def _track_sets(self, script: str) -> None:
@@ -99,7 +128,7 @@ class FakeRunner:
 def names_files(tmp_path: Path) -> dict[Family, Path]:
     files: dict[Family, Path] = {4: tmp_path / "ip_tables_names", 6: tmp_path / "ip6_tables_names"}
     for path in files.values():
-        path.write_text("filter\n")
+        path.write_text("filter\nsecurity\n")
     return files
 
 
@@ -110,28 +139,43 @@ def backend(runner: FakeRunner, names_files: dict[Family, Path]) -> IptablesBack
 def test_apply_fills_sets_then_commits_each_family_then_cleans_up(
     names_files: dict[Family, Path],
 ) -> None:
-    runner = FakeRunner({4: EMPTY_FILTER, 6: EMPTY_FILTER})
+    runner = FakeRunner({4: EMPTY, 6: EMPTY})
     backend(runner, names_files).apply(RULESET, BASELINE)
     assert runner.commands() == [
         "ipset list -n",
         "ipset restore",
         "iptables-legacy-save -t filter",
+        "iptables-legacy-save -t security",
         "iptables-legacy-restore -w 10 --noflush",
         "ip6tables-legacy-save -t filter",
+        "ip6tables-legacy-save -t security",
         "ip6tables-legacy-restore -w 10 --noflush",
         "ipset list -n",  # nothing stale: no destroy script
     ]
     plan = render_iptables(RULESET, BASELINE)
     v4 = runner.script("iptables-legacy-restore").splitlines()
-    assert v4[:3] == ["*filter", ":BULKHEAD-INPUT - [0:0]", ":BULKHEAD-OUTPUT - [0:0]"]
-    assert v4[3 : 3 + len(plan.v4.rules)] == list(plan.v4.rules)
-    assert v4[3 + len(plan.v4.rules) :] == [
-        "-I INPUT 1 -j BULKHEAD-INPUT",
-        "-I OUTPUT 1 -j BULKHEAD-OUTPUT",
-        "COMMIT",
-    ]
+    hooks = ["-I INPUT 1 -j BULKHEAD-INPUT", "-I OUTPUT 1 -j BULKHEAD-OUTPUT", "COMMIT"]
+    chains = [":BULKHEAD-INPUT - [0:0]", ":BULKHEAD-OUTPUT - [0:0]"]
+    # One input, two sections: filter, which sees packets first, is committed first.
+    assert v4 == [
+        "*filter", *chains, *plan.v4.filter, *hooks,
+        "*security", *chains, *plan.v4.security, *hooks,
+    ]  # fmt: skip
     assert "--match-set bh6-web src" in runner.script("ip6tables-legacy-restore")
     assert "flush" not in runner.script("ipset restore")
+
+
+def test_a_table_not_loaded_yet_is_not_read_but_created_by_the_restore(
+    names_files: dict[Family, Path],
+) -> None:
+    names_files[4].write_text("filter\n")  # reading security would make the kernel create it
+    runner = FakeRunner({4: EMPTY, 6: EMPTY})
+    backend(runner, names_files).apply(RULESET, BASELINE)
+    assert "iptables-legacy-save -t security" not in runner.commands()
+    assert "iptables-legacy-save -t filter" in runner.commands()
+    script = runner.script("iptables-legacy-restore").splitlines()
+    assert "*security" in script
+    assert script.count("-I INPUT 1 -j BULKHEAD-INPUT") == 2
 
 
 def test_swap_script_fills_every_set_before_the_first_swap() -> None:
@@ -157,17 +201,27 @@ def test_big_sets_get_room_for_all_members() -> None:
 
 
 def test_jump_already_first_is_kept_with_its_counters(names_files: dict[Family, Path]) -> None:
-    runner = FakeRunner({4: HOOKED_FILTER, 6: HOOKED_FILTER})
+    runner = FakeRunner({4: HOOKED, 6: HOOKED})
     backend(runner, names_files).apply(RULESET, BASELINE)
     script = runner.script("iptables-legacy-restore")
     assert "-I INPUT" not in script
     assert "-D " not in script
     assert "DOCKER" not in script
     assert "9999" not in script
+    assert "eth0" not in script
+
+
+def test_a_jump_missing_from_one_table_is_put_back_in_that_table_only() -> None:
+    unhooked = parse_table(HOOKED_SECURITY.replace("-A INPUT -j BULKHEAD-INPUT\n", ""))
+    states: dict[Table, TableState] = {"security": unhooked, "filter": parse_table(HOOKED_FILTER)}
+    script = apply_script(render_iptables(RULESET, BASELINE).v4, states)
+    filter_, security = script.split("*security\n")
+    assert "-I INPUT 1 -j BULKHEAD-INPUT" in security
+    assert "-I " not in filter_
 
 
 def test_jump_elsewhere_or_repeated_is_moved_to_the_top_once() -> None:
-    saved = parse_filter(
+    saved = parse_table(
         HOOKED_FILTER.replace(
             "-A INPUT -j BULKHEAD-INPUT\n-A INPUT -p tcp -m tcp --dport 9999 -j DROP\n",
             "-A INPUT -p tcp -m tcp --dport 9999 -j DROP\n-A INPUT -j BULKHEAD-INPUT\n"
@@ -176,7 +230,8 @@ def test_jump_elsewhere_or_repeated_is_moved_to_the_top_once() -> None:
     )
     assert not saved.is_hooked()
     plan = render_iptables(RULESET, BASELINE)
-    tail = apply_script(plan.v4, saved).splitlines()[-4:]
+    filter_section = apply_script(plan.v4, {"filter": saved}).split("*security\n")[0]
+    tail = filter_section.splitlines()[-4:]
     assert tail == [
         "-D INPUT -j BULKHEAD-INPUT",
         "-D INPUT -j BULKHEAD-INPUT",
@@ -186,7 +241,7 @@ def test_jump_elsewhere_or_repeated_is_moved_to_the_top_once() -> None:
 
 
 def test_stale_chains_of_ours_are_unhooked_and_deleted() -> None:
-    saved = parse_filter(
+    saved = parse_table(
         HOOKED_FILTER.replace(
             ":DOCKER - [0:0]\n", ":BULKHEAD-POLICY-IN - [0:0]\n:DOCKER - [0:0]\n"
         ).replace(
@@ -196,7 +251,8 @@ def test_stale_chains_of_ours_are_unhooked_and_deleted() -> None:
         )
     )
     plan = render_iptables(RULESET, BASELINE)
-    tail = apply_script(plan.v4, saved).splitlines()[-4:]
+    filter_section = apply_script(plan.v4, {"filter": saved}).split("*security\n")[0]
+    tail = filter_section.splitlines()[-4:]
     assert tail == [
         "-D FORWARD -i veth0 -j BULKHEAD-POLICY-IN",
         "-F BULKHEAD-POLICY-IN",
@@ -209,7 +265,7 @@ def test_apply_destroys_only_our_sets_that_are_no_longer_used(
     names_files: dict[Family, Path],
 ) -> None:
     runner = FakeRunner(
-        {4: EMPTY_FILTER, 6: EMPTY_FILTER},
+        {4: EMPTY, 6: EMPTY},
         ipsets=["bh4-web", "bh4-gone", "bh6-gone", "docker-set", "bh4-web-new"],
     )
     backend(runner, names_files).apply(RULESET, BASELINE)
@@ -218,7 +274,7 @@ def test_apply_destroys_only_our_sets_that_are_no_longer_used(
 
 
 def test_an_invalid_ruleset_runs_no_command(names_files: dict[Family, Path]) -> None:
-    runner = FakeRunner({4: EMPTY_FILTER, 6: EMPTY_FILTER})
+    runner = FakeRunner({4: EMPTY, 6: EMPTY})
     bad = pb.Ruleset(sets=[pb.AddressSet(name="Bad")])
     with pytest.raises(RulesetError, match=r"sets\[0\]\.name"):
         backend(runner, names_files).apply(bad, BASELINE)
@@ -236,7 +292,7 @@ def test_an_invalid_ruleset_runs_no_command(names_files: dict[Family, Path]) -> 
 def test_a_failing_tool_stops_the_apply_with_its_message(
     names_files: dict[Family, Path], tool: str, last_command: str
 ) -> None:
-    runner = FakeRunner({4: EMPTY_FILTER, 6: EMPTY_FILTER})
+    runner = FakeRunner({4: EMPTY, 6: EMPTY})
     runner.fail_on = tool
     with pytest.raises(DataplaneError, match=f"{tool}: line 3 failed"):
         backend(runner, names_files).apply(RULESET, BASELINE)
@@ -246,17 +302,27 @@ def test_a_failing_tool_stops_the_apply_with_its_message(
 def test_remove_deletes_every_jump_into_our_chains_then_the_chains_and_our_sets(
     names_files: dict[Family, Path],
 ) -> None:
-    saved = HOOKED_FILTER.replace(
-        "-A OUTPUT -j BULKHEAD-OUTPUT\n",
-        '-A OUTPUT -j BULKHEAD-OUTPUT\n-A FORWARD -m comment --comment "x y" -j BULKHEAD-INPUT\n',
+    saved = HOOKED.replace(
+        "-A OUTPUT -j BULKHEAD-OUTPUT\n-A BULKHEAD-INPUT -i lo -j ACCEPT\n",
+        "-A OUTPUT -j BULKHEAD-OUTPUT\n"
+        '-A FORWARD -m comment --comment "x y" -j BULKHEAD-INPUT\n'
+        "-A BULKHEAD-INPUT -i lo -j ACCEPT\n",
     )
-    runner = FakeRunner({4: saved, 6: EMPTY_FILTER}, ipsets=["bh4-web", "bh6-web", "mine"])
+    runner = FakeRunner({4: saved, 6: EMPTY}, ipsets=["bh4-web", "bh6-web", "mine"])
     backend(runner, names_files).remove()
     assert runner.script("iptables-legacy-restore").splitlines() == [
         "*filter",
         "-D INPUT -j BULKHEAD-INPUT",
         "-D OUTPUT -j BULKHEAD-OUTPUT",
         '-D FORWARD -m comment --comment "x y" -j BULKHEAD-INPUT',
+        "-F BULKHEAD-INPUT",
+        "-F BULKHEAD-OUTPUT",
+        "-X BULKHEAD-INPUT",
+        "-X BULKHEAD-OUTPUT",
+        "COMMIT",
+        "*security",
+        "-D INPUT -j BULKHEAD-INPUT",
+        "-D OUTPUT -j BULKHEAD-OUTPUT",
         "-F BULKHEAD-INPUT",
         "-F BULKHEAD-OUTPUT",
         "-X BULKHEAD-INPUT",
@@ -272,36 +338,92 @@ def test_remove_never_reads_a_table_that_does_not_exist(
 ) -> None:
     names_files[4].write_text("nat\n")
     names_files[6].unlink()
-    runner = FakeRunner({4: HOOKED_FILTER, 6: HOOKED_FILTER})
+    runner = FakeRunner({4: HOOKED, 6: HOOKED})
     backend(runner, names_files).remove()
     backend(runner, names_files).is_present()
     assert runner.commands() == ["ipset list -n"]
-    assert removal_script(parse_filter(EMPTY_FILTER)) is None
+    assert removal_script({}) is None
+    empty: dict[Table, TableState] = {
+        "security": parse_table(EMPTY_SECURITY),
+        "filter": parse_table(EMPTY_FILTER),
+    }
+    assert removal_script(empty) is None
+
+
+def test_remove_takes_the_copy_left_in_one_table_only() -> None:
+    states: dict[Table, TableState] = {
+        "security": parse_table(HOOKED_SECURITY),
+        "filter": parse_table(EMPTY_FILTER),
+    }
+    script = removal_script(states)
+    assert script is not None
+    assert script.startswith("*security\n")
+    assert "*filter" not in script
 
 
 @pytest.mark.parametrize(
     ("v4", "v6", "present"),
     [
-        (HOOKED_FILTER, HOOKED_FILTER, True),
-        (HOOKED_FILTER, EMPTY_FILTER, False),
-        (HOOKED_FILTER.replace("-A OUTPUT -j BULKHEAD-OUTPUT\n", ""), HOOKED_FILTER, False),
+        (HOOKED, HOOKED, True),
+        (HOOKED, EMPTY, False),
+        (HOOKED_FILTER + EMPTY_SECURITY, HOOKED, False),
+        (EMPTY_FILTER + HOOKED_SECURITY, HOOKED, False),
+        (HOOKED.replace("-A OUTPUT -j BULKHEAD-OUTPUT\n", "", 1), HOOKED, False),
         (
-            HOOKED_FILTER.replace(
+            HOOKED.replace(
                 "-A INPUT -j BULKHEAD-INPUT\n", "-A INPUT -j ACCEPT\n-A INPUT -j BULKHEAD-INPUT\n"
             ),
-            HOOKED_FILTER,
+            HOOKED,
             False,
         ),
     ],
 )
-def test_is_present_means_both_families_hooked(
+def test_is_present_means_both_tables_of_both_families_hooked(
     names_files: dict[Family, Path], v4: str, v6: str, present: bool
 ) -> None:
     assert backend(FakeRunner({4: v4, 6: v6}), names_files).is_present() is present
 
 
-def test_parse_filter_reads_chains_and_jump_targets_through_quoted_comments() -> None:
-    state = parse_filter(HOOKED_FILTER)
+def test_is_present_is_false_while_security_is_not_loaded(names_files: dict[Family, Path]) -> None:
+    names_files[6].write_text("filter\n")
+    assert backend(FakeRunner({4: HOOKED, 6: HOOKED}), names_files).is_present() is False
+
+
+def test_the_fingerprint_covers_both_copies_and_both_jumps_and_names_the_table(
+    names_files: dict[Family, Path],
+) -> None:
+    assert table_components(4, "security", parse_table(HOOKED_SECURITY)) == {
+        "ipv4 security chain BULKHEAD-INPUT": ["-A BULKHEAD-INPUT -i lo -j RETURN"],
+        "ipv4 security chain BULKHEAD-OUTPUT": [],
+        "ipv4 security jump from INPUT": [[0, "-A INPUT -j BULKHEAD-INPUT"]],
+        "ipv4 security jump from OUTPUT": [[0, "-A OUTPUT -j BULKHEAD-OUTPUT"]],
+    }
+    # Filter keeps the names it had alone: iptables' default table goes unnamed.
+    assert set(table_components(6, "filter", parse_table(HOOKED_FILTER))) == {
+        "ipv6 chain BULKHEAD-INPUT",
+        "ipv6 chain BULKHEAD-OUTPUT",
+        "ipv6 jump from INPUT",
+        "ipv6 jump from OUTPUT",
+    }
+    applied = backend(FakeRunner({4: HOOKED, 6: HOOKED}), names_files).state_fingerprint()
+    tampered = {
+        HOOKED_FILTER + HOOKED_SECURITY.replace("-A BULKHEAD-INPUT -i lo -j RETURN\n", ""): (
+            "ipv4 security chain BULKHEAD-INPUT: rules differ"
+        ),
+        HOOKED_FILTER + HOOKED_SECURITY.replace("-A OUTPUT -j BULKHEAD-OUTPUT\n", ""): (
+            "ipv4 security jump from OUTPUT missing"
+        ),
+        HOOKED_FILTER.replace("-A BULKHEAD-INPUT -i lo -j ACCEPT\n", "") + HOOKED_SECURITY: (
+            "ipv4 chain BULKHEAD-INPUT: rules differ"
+        ),
+    }
+    for saved, found in tampered.items():
+        live = backend(FakeRunner({4: saved, 6: HOOKED}), names_files).state_fingerprint()
+        assert differences(applied, live) == [found]
+
+
+def test_parse_table_reads_chains_and_jump_targets_through_quoted_comments() -> None:
+    state = parse_table(HOOKED_FILTER)
     assert state.chains == (
         "INPUT",
         "FORWARD",
@@ -320,7 +442,7 @@ def test_parse_filter_reads_chains_and_jump_targets_through_quoted_comments() ->
 def test_an_ipset_error_quotes_the_script_line_it_names(
     names_files: dict[Family, Path],
 ) -> None:
-    runner = FakeRunner({4: EMPTY_FILTER, 6: EMPTY_FILTER})
+    runner = FakeRunner({4: EMPTY, 6: EMPTY})
     runner.fail_on = "ipset restore"
     runner.fail_message = "ipset v7.17: Error in line 2: Hash is full"
     with pytest.raises(DataplaneError) as caught:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from google.protobuf import json_format
 from agent.dataplane.backend import RulesetError
 from agent.dataplane.baseline import Baseline, Mode, baseline_from_json, parse_port_spec
 from agent.dataplane.iptables import IptablesPlan, ipset_name, render_iptables
-from agent.dataplane.iptables.plan import IPSET_NAME_MAX, Family, save_string
+from agent.dataplane.iptables.plan import IPSET_NAME_MAX, TABLES, Family, FamilyRules, save_string
 from bulkhead.v1 import ruleset_pb2 as pb
 
 INPUTS = Path(__file__).resolve().parents[1] / "golden" / "nftables"
@@ -43,11 +44,17 @@ def ipsets_text(plan: IptablesPlan) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def rules_text(rules: FamilyRules) -> str:
+    """Both tables' copies, each under its name as iptables-save heads it."""
+    lines = [line for table in TABLES for line in (f"*{table}", *rules.table(table))]
+    return "".join(line + "\n" for line in lines)
+
+
 def golden_texts(case: str) -> dict[str, str]:
     plan = render_iptables(*load_case(case))
     return {
-        f"{case}.v4.rules": "".join(rule + "\n" for rule in plan.v4.rules),
-        f"{case}.v6.rules": "".join(rule + "\n" for rule in plan.v6.rules),
+        f"{case}.v4.rules": rules_text(plan.v4),
+        f"{case}.v6.rules": rules_text(plan.v6),
         f"{case}.ipsets": ipsets_text(plan),
     }
 
@@ -91,8 +98,8 @@ def test_render_matches_golden(case: str) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_only_our_chains_and_sets_are_named(case: str) -> None:
     plan = render_iptables(*load_case(case))
-    for family, prefix in FAMILY_PREFIXES:
-        rules = plan.family(family).rules
+    for (family, prefix), table in itertools.product(FAMILY_PREFIXES, TABLES):
+        rules = plan.family(family).table(table)
         assert rules
         for rule in rules:
             parts = words(rule)
@@ -118,8 +125,8 @@ def test_head_of_each_chain_mirrors_the_nftables_baseline(case: str) -> None:
         (6, "BULKHEAD-INPUT", "-i"),
         (6, "BULKHEAD-OUTPUT", "-o"),
     ]
-    for family, chain, interface in heads:
-        rules = list(plan.family(family).chain_rules(chain))
+    for (family, chain, interface), table in itertools.product(heads, TABLES):
+        rules = list(plan.family(family).chain_rules(chain, table))
         assert rules[0] == f"-A {chain} {interface} lo -j RETURN"
         assert rules[1] == f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN"
         icmp = [r for r in rules if "--icmp-type" in r or "--icmpv6-type" in r]
@@ -134,38 +141,68 @@ def test_head_of_each_chain_mirrors_the_nftables_baseline(case: str) -> None:
         assert (invalid in rules) is (baseline.mode is Mode.ENFORCE)
 
 
-def test_enforce_ends_each_chain_with_a_log_and_a_counted_drop() -> None:
+def test_enforce_ends_each_chain_with_a_counted_drop_logged_in_filter_only() -> None:
     plan = render_iptables(*load_case("web_db"))
     for family in (plan.v4, plan.v6):
         for chain in ("BULKHEAD-INPUT", "BULKHEAD-OUTPUT"):
-            *_, log, drop = family.chain_rules(chain)
+            *_, log, drop = family.chain_rules(chain, "filter")
             assert log == (
                 f"-A {chain} -m comment --comment default-deny -j NFLOG "
                 "--nflog-prefix bulkhead-deny --nflog-group 1001"
             )
             assert drop == f"-A {chain} -m comment --comment default-deny -j DROP"
+            *_, before, last = family.chain_rules(chain, "security")
+            assert last == drop
+            assert target(before) != "NFLOG"
 
 
-def test_visibility_never_drops_and_ends_with_would_deny_then_return() -> None:
+BARE_RETURNS = {"-A BULKHEAD-INPUT -j RETURN", "-A BULKHEAD-OUTPUT -j RETURN"}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_security_copy_is_the_filter_copy_without_its_logs(case: str) -> None:
+    # Filter sees every packet first: a log in security too would count each one twice.
+    plan = render_iptables(*load_case(case))
+    for family in (plan.v4, plan.v6):
+        assert [r for r in family.filter if target(r) == "NFLOG"]
+        assert not [r for r in family.security if target(r) == "NFLOG"]
+        # Visibility's closing RETURN takes over the dropped log's would-deny comment.
+        expected = [
+            r.replace(" -j RETURN", " -m comment --comment would-deny -j RETURN")
+            if r in BARE_RETURNS
+            else r
+            for r in family.filter
+            if target(r) != "NFLOG"
+        ]
+        assert list(family.security) == expected
+
+
+def test_visibility_never_drops_and_counts_would_deny_once_per_table() -> None:
     plan = render_iptables(*load_case("visibility"))
     for family in (plan.v4, plan.v6):
-        assert all(target(rule) != "DROP" for rule in family.rules)
+        assert all(target(rule) != "DROP" for rule in family.filter + family.security)
         for chain in ("BULKHEAD-INPUT", "BULKHEAD-OUTPUT"):
-            *_, log, last = family.chain_rules(chain)
+            *_, log, last = family.chain_rules(chain, "filter")
             assert log == (
                 f"-A {chain} -m comment --comment would-deny -j NFLOG "
                 "--nflog-prefix bulkhead-would-deny --nflog-group 1001"
             )
             assert last == f"-A {chain} -j RETURN"
-        (deny,) = [r for r in family.rules if "r-d3ad00" in r]
-        assert comment(deny) == "would-deny r-d3ad00 no-web-6000"
-        assert target(deny) == "RETURN"
+            *_, security_last = family.chain_rules(chain, "security")
+            assert security_last == f"-A {chain} -m comment --comment would-deny -j RETURN"
+            for table in TABLES:
+                tail = [r for r in family.chain_rules(chain, table) if comment(r) == "would-deny"]
+                assert len(tail) == 1
+        for table in TABLES:
+            (deny,) = [r for r in family.table(table) if "r-d3ad00" in r]
+            assert comment(deny) == "would-deny r-d3ad00 no-web-6000"
+            assert target(deny) == "RETURN"
 
 
 def test_enforce_deny_rule_drops() -> None:
     ruleset, _ = load_case("networks_ports")
     plan = render_iptables(ruleset, ENFORCE)
-    (deny,) = [r for r in plan.v4.rules if "r-000001" in (comment(r) or "")]
+    (deny,) = [r for r in plan.v4.filter if "r-000001" in (comment(r) or "")]
     assert deny == (
         "-A BULKHEAD-INPUT -m set --match-set bh4-quarantine src "
         '-m comment --comment "r-000001 quarantine" -j DROP'
@@ -174,25 +211,27 @@ def test_enforce_deny_rule_drops() -> None:
 
 def test_controllers_and_failsafe_ports_land_in_their_family_and_chain() -> None:
     plan = render_iptables(*load_case("empty_enforce"))
-    assert (
-        "-A BULKHEAD-OUTPUT -d 198.18.255.1/32 -p tcp -m tcp --dport 7443 "
-        "-m comment --comment controller -j RETURN"
-    ) in plan.v4.rules
-    assert (
-        "-A BULKHEAD-OUTPUT -d 2001:db8:ffff::1/128 -p tcp -m tcp --dport 7443 "
-        "-m comment --comment controller -j RETURN"
-    ) in plan.v6.rules
-    assert not [r for r in plan.v4.rules if "2001:db8" in r]
-    assert not [r for r in plan.v6.rules if "198.18" in r]
-    for family in (plan.v4, plan.v6):
+    for table in TABLES:
+        v4, v6 = plan.v4.table(table), plan.v6.table(table)
         assert (
-            '-A BULKHEAD-INPUT -p tcp -m tcp --dport 22 -m comment --comment "failsafe tcp/22" '
-            "-j RETURN"
-        ) in family.rules
+            "-A BULKHEAD-OUTPUT -d 198.18.255.1/32 -p tcp -m tcp --dport 7443 "
+            "-m comment --comment controller -j RETURN"
+        ) in v4
         assert (
-            '-A BULKHEAD-OUTPUT -p udp -m udp --dport 53 -m comment --comment "failsafe udp/53" '
-            "-j RETURN"
-        ) in family.rules
+            "-A BULKHEAD-OUTPUT -d 2001:db8:ffff::1/128 -p tcp -m tcp --dport 7443 "
+            "-m comment --comment controller -j RETURN"
+        ) in v6
+        assert not [r for r in v4 if "2001:db8" in r]
+        assert not [r for r in v6 if "198.18" in r]
+        for rules in (v4, v6):
+            assert (
+                "-A BULKHEAD-INPUT -p tcp -m tcp --dport 22 "
+                '-m comment --comment "failsafe tcp/22" -j RETURN'
+            ) in rules
+            assert (
+                "-A BULKHEAD-OUTPUT -p udp -m udp --dport 53 "
+                '-m comment --comment "failsafe udp/53" -j RETURN'
+            ) in rules
 
 
 def _peer_ruleset(peer_count: int) -> pb.Ruleset:
@@ -286,7 +325,7 @@ def test_more_than_fifteen_ports_are_split_across_multiport_rules() -> None:
     ports = [pb.PortRange(first=1000 + 10 * i, last=1000 + 10 * i) for i in range(14)]
     ports += [pb.PortRange(first=2000, last=2005), pb.PortRange(first=3000, last=3000)]
     ruleset = pb.Ruleset(sets=[pb.AddressSet(name="s")], rules=[_rule(ports=ports)])
-    policy = [r for r in render_iptables(ruleset, ENFORCE).v4.rules if "--dports" in r]
+    policy = [r for r in render_iptables(ruleset, ENFORCE).v4.filter if "--dports" in r]
     lists = [words(r)[words(r).index("--dports") + 1] for r in policy]
     assert lists == [",".join(str(1000 + 10 * i) for i in range(14)), "2000:2005,3000"]
     assert {comment(r) for r in policy} == {"r1 p"}
@@ -307,7 +346,7 @@ def test_protocol_without_ports(protocol: int, v4_words: list[str], v6_words: li
         rules=[_rule(protocol=protocol, direction=pb.DIRECTION_EGRESS)],
     )
     plan = render_iptables(ruleset, ENFORCE)
-    for rules, expected, family in ((plan.v4.rules, v4_words, 4), (plan.v6.rules, v6_words, 6)):
+    for rules, expected, family in ((plan.v4.filter, v4_words, 4), (plan.v6.filter, v6_words, 6)):
         (rule,) = [r for r in rules if "--match-set" in r]
         assert words(rule) == [
             "-A",
@@ -346,7 +385,7 @@ def test_comment_is_cut_to_255_bytes_on_a_character_boundary_and_kept_on_one_lin
     ruleset = pb.Ruleset(
         sets=[pb.AddressSet(name="s")], rules=[_rule(policy="é\n" * 100 + "x", id="r-1")]
     )
-    (rule,) = [r for r in render_iptables(ruleset, ENFORCE).v4.rules if "r-1" in r]
+    (rule,) = [r for r in render_iptables(ruleset, ENFORCE).v4.filter if "r-1" in r]
     text = comment(rule)
     assert text is not None
     assert text.startswith("r-1 é é ")
@@ -360,7 +399,7 @@ def test_visibility_mode_applies_to_every_deny_rule() -> None:
         rules=[_rule(action=pb.ACTION_DENY), _rule(action=pb.ACTION_DENY, id="r2")],
     )
     plan = render_iptables(ruleset, VISIBILITY)
-    denies = [r for r in plan.v4.rules if "--match-set" in r]
+    denies = [r for r in plan.v4.filter if "--match-set" in r]
     assert [comment(r) for r in denies] == ["would-deny r1 p", "would-deny r2 p"]
     assert {target(r) for r in denies} == {"RETURN"}
 
@@ -403,4 +442,4 @@ def test_allowed_packets_return_to_the_hosts_own_rules() -> None:
     )  # fmt: skip
     plan = render_iptables(ruleset, Baseline(Mode.ENFORCE, (), (), ()))
     for family in (plan.v4, plan.v6):
-        assert not [rule for rule in family.rules if "-j ACCEPT" in rule]
+        assert not [rule for rule in family.filter + family.security if "-j ACCEPT" in rule]

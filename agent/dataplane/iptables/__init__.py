@@ -1,8 +1,9 @@
-"""The legacy-iptables dataplane backend: our own chains in the filter tables, peers in ipsets.
+"""The legacy-iptables dataplane backend: our own chains, copied in the filter and security
+tables, peers in ipsets.
 
-Modules: ``plan`` (what gets loaded: rule lines per family, ipsets, names), ``render``
-(ruleset -> plan, pure), ``commands`` (running the tools), ``ipsets`` (set swaps),
-``tables`` (one family's filter table), ``backend`` (IptablesBackend).
+Modules: ``plan`` (what gets loaded: rule lines per family and table, ipsets, names),
+``render`` (ruleset -> plan, pure), ``commands`` (running the tools), ``ipsets`` (set
+swaps), ``tables`` (one family's filter and security tables), ``backend`` (IptablesBackend).
 """
 
 from agent.dataplane.iptables.backend import IptablesBackend

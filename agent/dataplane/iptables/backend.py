@@ -1,11 +1,25 @@
-"""The iptables backend: our chains in the legacy filter tables, peers in ipsets.
+"""The iptables backend: two copies of our chains, in the legacy filter and security tables
+of both families, with peers in ipsets.
+
+Why two copies: legacy x_tables have no owner, so any root process can change our chains,
+and the agent only notices at its next poll (tamper.py, every 0.5 s). One copy alone can
+be opened in that time: an ACCEPT inserted at its top, or a flush that lets packets fall
+through to the host's policy. Security's INPUT and OUTPUT run after filter's at the same
+hooks, a DROP in either table is final, and an ACCEPT or RETURN in one cannot undo the
+other's DROP; so a packet passes only if both copies let it, and tampering with one copy
+opens nothing while the other still denies. Only the filter copy, which sees packets
+first, logs (NFLOG); the security copy is the same rules without the log. (Not mangle:
+it runs before nat's OUTPUT, so it would judge a locally DNATed packet by the address it
+is redirected from, unlike filter and our nftables table.)
 
 An apply runs in three steps: (1) one `ipset restore` fills every set under a temporary
-name and swaps it in; (2) per family, one `iptables-legacy-restore --noflush` commit
-replaces our chains' rules and puts the jumps into them first in INPUT and OUTPUT;
-(3) sets no rule uses any more are destroyed. Nothing that is not ours is flushed or
-rewritten. The two families are separate kernel tables, so each commit is atomic on its
-own; if the second fails, the apply fails and the next one repairs it.
+name and swaps it in; (2) per family, one `iptables-legacy-restore --noflush` input
+replaces our chains' rules in filter, then in security, and puts the jumps into them first
+in INPUT and OUTPUT; (3) sets no rule uses any more are destroyed. Nothing that is not ours
+is flushed or rewritten. Each table of each family commits atomically on its own; between
+two commits a packet meets the old rules in one table and the new in the other, so it
+passes only if both policies allow it. If a commit fails, the apply fails and the next one
+repairs it.
 
 Rules go through iptables-legacy-restore rather than python-iptables: with iptables
 1.8.9, python-iptables 1.2.0 hands the NFLOG extension a buffer it has already freed
@@ -21,11 +35,11 @@ from agent.dataplane.baseline import Baseline
 from agent.dataplane.fingerprint import compose
 from agent.dataplane.iptables.commands import CommandRunner, SubprocessRunner
 from agent.dataplane.iptables.ipsets import IPSET, Ipsets, destroy_script, swap_script
-from agent.dataplane.iptables.plan import CHAIN_PREFIX, FAMILIES, Family, is_our_set
+from agent.dataplane.iptables.plan import CHAIN_PREFIX, FAMILIES, TABLES, Family, Table, is_our_set
 from agent.dataplane.iptables.render import render_iptables
 from agent.dataplane.iptables.tables import (
-    FilterState,
-    LegacyFilterTable,
+    LegacyTables,
+    TableState,
     apply_script,
     removal_script,
 )
@@ -44,45 +58,52 @@ class IptablesBackend:
         names = table_names or {}
         self._runner = runner
         self._ipsets = Ipsets(runner)
-        self._tables = [LegacyFilterTable(family, runner, names.get(family)) for family in FAMILIES]
+        self._tables = [LegacyTables(family, runner, names.get(family)) for family in FAMILIES]
 
     def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
         plan = render_iptables(ruleset, baseline)  # RulesetError before anything changes
         self._ipsets.restore(swap_script(plan.ipsets, set(self._ipsets.names())))
-        for table in self._tables:
-            table.restore(apply_script(plan.family(table.family), table.state()))
+        for tables in self._tables:
+            tables.restore(apply_script(plan.family(tables.family), tables.states()))
         wanted = {ipset.name for ipset in plan.ipsets}
         self._ipsets.restore(
             destroy_script(name for name in self._ipsets.our_names() if name not in wanted)
         )
 
     def remove(self) -> None:
-        for table in self._tables:
-            if not table.is_loaded():
-                continue  # nothing of ours can be in a table that does not exist
-            script = removal_script(table.state())
+        for tables in self._tables:
+            # Only loaded tables are read: nothing of ours can be in one that does not exist.
+            script = removal_script(tables.states())
             if script is not None:
-                table.restore(script)
+                tables.restore(script)
         self._ipsets.restore(destroy_script(self._ipsets.our_names()))
 
     def is_present(self) -> bool:
-        return all(table.is_loaded() and table.state().is_hooked() for table in self._tables)
+        for tables in self._tables:
+            states = tables.states()
+            if not all(table in states and states[table].is_hooked() for table in TABLES):
+                return False
+        return True
 
     def state_fingerprint(self) -> str:
-        """Our chains' rules, the jumps into them with their positions, and our ipsets'
-        members, as the kernel holds them (saved without -c: no counters)."""
+        """Our chains' rules in both tables, the jumps into them with their positions, and
+        our ipsets' members, as the kernel holds them (saved without -c: no counters)."""
         components: dict[str, object] = {}
-        for table in self._tables:
-            if table.is_loaded():  # saving a table that is not loaded would create it
-                components.update(filter_components(table.family, table.state()))
+        for tables in self._tables:
+            for table, state in tables.states().items():
+                components.update(table_components(tables.family, table, state))
         components.update(ipset_components(self._runner.run([IPSET, "save"])))
         return compose(components)
 
 
-def filter_components(family: Family, state: FilterState) -> dict[str, object]:
-    """One family's fingerprint components: each of our chains with its rules in order, and
-    per other chain the rules that jump into ours, with their positions (first is ours)."""
-    label = f"ipv{family}"
+def table_components(family: Family, table: Table, state: TableState) -> dict[str, object]:
+    """One table's fingerprint components: each of our chains with its rules in order, and
+    per other chain the rules that jump into ours, with their positions (first is ours).
+
+    Names start with the family, then the table, except filter's: like the iptables command,
+    they leave the default table unnamed ("ipv4 chain X", "ipv4 security chain X").
+    """
+    label = f"ipv{family}" if table == "filter" else f"ipv{family} {table}"
     ours = state.our_chains()
     components: dict[str, object] = {
         f"{label} chain {chain}": state.chain_rules(chain) for chain in ours
@@ -96,6 +117,11 @@ def filter_components(family: Family, state: FilterState) -> dict[str, object]:
         ]
         components[f"{label} jump from {owner}"] = positions
     return components
+
+
+def filter_components(family: Family, state: TableState) -> dict[str, object]:
+    """The filter table's fingerprint components (see table_components)."""
+    return table_components(family, "filter", state)
 
 
 def ipset_components(saved: str) -> dict[str, object]:

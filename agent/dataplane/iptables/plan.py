@@ -1,4 +1,5 @@
-"""What the iptables backend loads: our chains' rules per family, and the ipsets they match.
+"""What the iptables backend loads: our chains' rules per family and table, and the ipsets
+they match.
 
 Rules are kept as the exact lines `iptables-legacy-save` prints for them, so the plan is
 what goes into `iptables-legacy-restore`, what the golden files hold, and what a test
@@ -18,6 +19,15 @@ CHAIN_PREFIX = "BULKHEAD-"
 INPUT_CHAIN = "BULKHEAD-INPUT"
 OUTPUT_CHAIN = "BULKHEAD-OUTPUT"
 OUR_CHAINS = (INPUT_CHAIN, OUTPUT_CHAIN)
+
+Table = Literal["filter", "security"]
+# Each table holds a full copy of our chains, in this order: filter's INPUT and OUTPUT run
+# before security's at the same hooks (priority 0, then 50), so filter's copy sees every
+# packet first and is the only one that logs (NFLOG) what it denies. Both run after nat's
+# OUTPUT, so both see a locally redirected (DNAT) packet's real destination, as the
+# nftables table at priority 0 does; mangle, before nat, would not.
+TABLES: tuple[Table, Table] = ("filter", "security")
+LOGGING_TABLE: Table = "filter"
 # Built-in chain -> our chain it jumps to, from its first rule.
 HOOKS = {"INPUT": INPUT_CHAIN, "OUTPUT": OUTPUT_CHAIN}
 
@@ -51,13 +61,20 @@ class IpSet:
 
 @dataclass(frozen=True)
 class FamilyRules:
-    """Our chains' rules in one family's filter table, as iptables-save lines."""
+    """Our chains' rules in one family's filter and security tables, as iptables-save lines.
+
+    The two copies are the same rules but for logging: only filter's holds NFLOG rules.
+    """
 
     family: Family
-    rules: tuple[str, ...]
+    filter: tuple[str, ...]
+    security: tuple[str, ...]
 
-    def chain_rules(self, chain: str) -> tuple[str, ...]:
-        return tuple(rule for rule in self.rules if rule.startswith(f"-A {chain} "))
+    def table(self, table: Table) -> tuple[str, ...]:
+        return self.security if table == "security" else self.filter
+
+    def chain_rules(self, chain: str, table: Table = LOGGING_TABLE) -> tuple[str, ...]:
+        return tuple(rule for rule in self.table(table) if rule.startswith(f"-A {chain} "))
 
 
 @dataclass(frozen=True)

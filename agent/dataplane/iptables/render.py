@@ -7,6 +7,11 @@ themselves rather than in sub-chains, because a deny rule in visibility mode has
 leave our chains without a verdict (RETURN) and without being counted again by the
 default at the end of the chain. Peers are matched through one `hash:net` ipset per
 address group and family, so the rules never grow with the number of peers.
+
+Each family gets two copies of our chains, one for the filter table and one for security
+(see backend.py for why). They differ only where logging is concerned: the filter copy
+sees every packet first and alone carries the NFLOG rules, so a denied or would-deny
+packet is logged once, not once per table.
 """
 
 from __future__ import annotations
@@ -81,23 +86,30 @@ def render_iptables(ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> Iptable
     """The rules and ipsets that enforce this ruleset; RulesetError if it is invalid."""
     compiled = load_ruleset(ruleset)
     v4, v6 = (
-        FamilyRules(family, tuple(_family_rules(compiled, baseline, family))) for family in FAMILIES
+        FamilyRules(
+            family,
+            filter=tuple(_family_rules(compiled, baseline, family, log=True)),
+            security=tuple(_family_rules(compiled, baseline, family, log=False)),
+        )
+        for family in FAMILIES
     )
     ipsets = tuple(_ipset(group, family) for group in compiled.groups for family in FAMILIES)
     return IptablesPlan(v4=v4, v6=v6, ipsets=ipsets)
 
 
-def _family_rules(compiled: CompiledRuleset, baseline: Baseline, family: Family) -> Iterator[str]:
+def _family_rules(
+    compiled: CompiledRuleset, baseline: Baseline, family: Family, *, log: bool
+) -> Iterator[str]:
     mode = baseline.mode
     yield from _head(INPUT_CHAIN, "-i", family, mode)
     yield from _failsafe(INPUT_CHAIN, baseline.failsafe_inbound)
     yield from _policy_rules(compiled, Direction.INGRESS, family, mode)
-    yield from _tail(INPUT_CHAIN, mode)
+    yield from _tail(INPUT_CHAIN, mode, log=log)
     yield from _head(OUTPUT_CHAIN, "-o", family, mode)
     yield from _failsafe(OUTPUT_CHAIN, baseline.failsafe_outbound)
     yield from _controllers(baseline.controllers, family)
     yield from _policy_rules(compiled, Direction.EGRESS, family, mode)
-    yield from _tail(OUTPUT_CHAIN, mode)
+    yield from _tail(OUTPUT_CHAIN, mode, log=log)
 
 
 def _rule(
@@ -197,15 +209,20 @@ def _multiport_lists(ranges: Sequence[tuple[int, int]]) -> list[str]:
     return [",".join(ports) for ports in lists]
 
 
-def _tail(chain: str, mode: Mode) -> Iterator[str]:
+def _tail(chain: str, mode: Mode, *, log: bool) -> Iterator[str]:
     if mode is Mode.ENFORCE:
-        nflog = ["NFLOG", "--nflog-prefix", DENY_PREFIX, "--nflog-group", str(NFLOG_GROUP)]
-        yield _rule(chain, [], nflog, comment="default-deny")
+        if log:
+            nflog = ["NFLOG", "--nflog-prefix", DENY_PREFIX, "--nflog-group", str(NFLOG_GROUP)]
+            yield _rule(chain, [], nflog, comment="default-deny")
         yield _rule(chain, [], ["DROP"], comment="default-deny")
         return
-    nflog = ["NFLOG", "--nflog-prefix", WOULD_DENY_PREFIX, "--nflog-group", str(NFLOG_GROUP)]
-    yield _rule(chain, [], nflog, comment="would-deny")
-    yield _rule(chain, [], ["RETURN"])
+    if log:
+        nflog = ["NFLOG", "--nflog-prefix", WOULD_DENY_PREFIX, "--nflog-group", str(NFLOG_GROUP)]
+        yield _rule(chain, [], nflog, comment="would-deny")
+        yield _rule(chain, [], ["RETURN"])
+        return
+    # Without the log, the would-deny count lives on the RETURN: one counting rule per table.
+    yield _rule(chain, [], ["RETURN"], comment="would-deny")
 
 
 def _ipset(group: AddressGroup, family: Family) -> IpSet:

@@ -1,14 +1,16 @@
-"""One family's legacy `filter` table: read with iptables-legacy-save, written with restore.
+"""One family's legacy filter and security tables: read with iptables-legacy-save, written
+with iptables-legacy-restore.
 
-Every write is one `iptables-legacy-restore --noflush` script ending in a single COMMIT:
-libiptc swaps the whole table in one go, with every chain and rule that is not ours
-carried over unchanged (counters too). Our scripts name only our chains, the jumps into
-them, and rules elsewhere that jump into them.
+Every write is one `iptables-legacy-restore --noflush` script holding one section per
+table, each ending in its own COMMIT: libiptc swaps each table whole, in one go, with every
+chain and rule that is not ours carried over unchanged (counters too). Our scripts name
+only our chains, the jumps into them, and rules elsewhere that jump into them.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +19,10 @@ from agent.dataplane.iptables.plan import (
     CHAIN_PREFIX,
     HOOKS,
     OUR_CHAINS,
+    TABLES,
     Family,
     FamilyRules,
+    Table,
     jump_rule,
 )
 
@@ -33,11 +37,11 @@ LOCK_WAIT_SECONDS = 10  # for the xtables lock other iptables users hold while w
 
 
 @dataclass(frozen=True)
-class FilterState:
-    """The chains of a saved filter table and its rules, as (chain, save line) in order."""
+class TableState:
+    """The chains of one saved table and its rules, as (chain, save line) in order."""
 
-    chains: tuple[str, ...]
-    rules: tuple[tuple[str, str], ...]
+    chains: tuple[str, ...] = ()
+    rules: tuple[tuple[str, str], ...] = ()
 
     def chain_rules(self, chain: str) -> list[str]:
         return [line for owner, line in self.rules if owner == chain]
@@ -62,8 +66,8 @@ class FilterState:
         return True
 
 
-def parse_filter(saved: str) -> FilterState:
-    """The filter table's part of iptables-save output."""
+def parse_table(saved: str) -> TableState:
+    """A table as `iptables-save -t TABLE` prints it."""
     chains: list[str] = []
     rules: list[tuple[str, str]] = []
     for line in saved.splitlines():
@@ -71,7 +75,10 @@ def parse_filter(saved: str) -> FilterState:
             chains.append(line[1:].split()[0])
         elif line.startswith("-A "):
             rules.append((line.split()[1], line))
-    return FilterState(tuple(chains), tuple(rules))
+    return TableState(tuple(chains), tuple(rules))
+
+
+parse_filter = parse_table  # the name it had when filter was the only table
 
 
 def _jump_target(line: str) -> str | None:
@@ -86,7 +93,7 @@ def _delete(line: str) -> str:
     return "-D" + line.removeprefix("-A")
 
 
-def _drop_chains(state: FilterState, chains: list[str]) -> list[str]:
+def _drop_chains(state: TableState, chains: list[str]) -> list[str]:
     """Script lines removing chains: first what jumps into them, then their rules, then them."""
     lines = [_delete(line) for line in state.jumps_into(set(chains))]
     lines += [f"-F {chain}" for chain in chains]
@@ -94,10 +101,13 @@ def _drop_chains(state: FilterState, chains: list[str]) -> list[str]:
     return lines
 
 
-def apply_script(rules: FamilyRules, state: FilterState) -> str:
-    """Replace our chains' rules and make each jump the first rule of its built-in chain."""
+def _section(table: Table, lines: list[str]) -> list[str]:
+    return [f"*{table}", *lines, "COMMIT"]
+
+
+def _apply_lines(rules: tuple[str, ...], state: TableState) -> list[str]:
     # Declaring a chain creates it, or flushes it if it exists.
-    lines = ["*filter", *(f":{chain} - [0:0]" for chain in OUR_CHAINS), *rules.rules]
+    lines = [*(f":{chain} - [0:0]" for chain in OUR_CHAINS), *rules]
     for builtin, ours in HOOKS.items():
         jump = jump_rule(builtin)
         present = state.chain_rules(builtin)
@@ -107,36 +117,52 @@ def apply_script(rules: FamilyRules, state: FilterState) -> str:
         lines.append(f"-I {builtin} 1 -j {ours}")
     # Chains of ours this version no longer uses (e.g. left by an older agent).
     stale = [chain for chain in state.our_chains() if chain not in OUR_CHAINS]
-    lines += _drop_chains(state, stale)
-    lines.append("COMMIT")
+    return lines + _drop_chains(state, stale)
+
+
+def apply_script(rules: FamilyRules, states: Mapping[Table, TableState]) -> str:
+    """Per table, filter first: replace our chains' rules and make each jump the first rule
+    of its built-in chain. A table missing from STATES is not loaded yet: it holds nothing."""
+    lines: list[str] = []
+    for table in TABLES:
+        lines += _section(table, _apply_lines(rules.table(table), states.get(table, TableState())))
     return "".join(line + "\n" for line in lines)
 
 
-def removal_script(state: FilterState) -> str | None:
-    """Delete our chains and every jump into them; None if there is nothing of ours."""
-    ours = state.our_chains()
-    if not ours:
-        return None
-    return "".join(line + "\n" for line in ["*filter", *_drop_chains(state, ours), "COMMIT"])
+def removal_script(states: Mapping[Table, TableState]) -> str | None:
+    """Delete our chains and every jump into them, in every table of STATES that holds
+    some; None if none does."""
+    lines: list[str] = []
+    for table in TABLES:
+        state = states.get(table, TableState())
+        ours = state.our_chains()
+        if ours:
+            lines += _section(table, _drop_chains(state, ours))
+    return "".join(line + "\n" for line in lines) or None
 
 
-class LegacyFilterTable:
-    """The legacy filter table of one family, in the caller's network namespace."""
+class LegacyTables:
+    """The legacy filter and security tables of one family, in the caller's network namespace."""
 
     def __init__(self, family: Family, runner: CommandRunner, names_file: Path | None = None):
         self.family = family
         self._runner = runner
         self._names_file = names_file or TABLE_NAMES[family]
 
-    def is_loaded(self) -> bool:
-        """Whether the table exists; reading it otherwise would make the kernel create it."""
+    def loaded(self) -> list[Table]:
+        """Those of our tables that exist; reading one that does not would create it."""
         try:
-            return "filter" in self._names_file.read_text().split()
+            names = self._names_file.read_text().split()
         except FileNotFoundError:  # x_tables not even loaded
-            return False
+            return []
+        return [table for table in TABLES if table in names]
 
-    def state(self) -> FilterState:
-        return parse_filter(self._runner.run([SAVE[self.family], "-t", "filter"]))
+    def states(self) -> dict[Table, TableState]:
+        """Each loaded table of ours as the kernel holds it (saved without counters)."""
+        return {table: self.state(table) for table in self.loaded()}
+
+    def state(self, table: Table) -> TableState:
+        return parse_table(self._runner.run([SAVE[self.family], "-t", table]))
 
     def restore(self, script: str) -> None:
         argv = [RESTORE[self.family], "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
