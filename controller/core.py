@@ -6,6 +6,7 @@ can be driven directly by tests and offline tools.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -60,8 +61,17 @@ class Controller:
         *,
         offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
         offline_isolation: bool = False,
+        coalesce_s: float = 0.0,
     ) -> None:
         self._store = store
+        # Changes agents report (hello, addresses, labels) are compiled together after this
+        # many seconds, so a burst (a reconnect storm, a fleet relabelled by config
+        # management) costs one recompile and one push per affected agent, not one per
+        # change. 0: at once (operator changes are always compiled at once).
+        self._coalesce_s = coalesce_s
+        self._pending: set[str] = set()
+        self._awaiting_sync: set[str] = set()  # connected while their recompile was pending
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.enrollment = enrollment
         self._offline_after_ms = int(offline_after_s * 1000)
         # With isolation, an offline agent's addresses leave its peers' sets: an address
@@ -295,6 +305,10 @@ class Controller:
             or before != (agent.labels, agent.addresses)
             or agent.agent_id in self._isolated
         )
+        if changed and self._coalesce_s > 0:
+            self._awaiting_sync.add(agent.agent_id)
+            self._agent_changed(agent.agent_id)
+            return session
         pushed = self._recompile([agent.agent_id]) if changed else set()
         if agent.agent_id not in pushed:
             self._sync(session, self._require_agent(agent.agent_id))
@@ -340,7 +354,7 @@ class Controller:
         with self._store.transaction():
             self._store.put_agent(agent)
         log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
-        self._recompile([agent_id])
+        self._agent_changed(agent_id)
 
     def config_changed(self, agent_id: str, change: agent_pb2.ConfigChange) -> None:
         """The host's own labels or mode changed (its config or labels drop-ins)."""
@@ -353,7 +367,7 @@ class Controller:
         with self._store.transaction():
             self._store.put_agent(agent)
         log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
-        self._recompile([agent_id])
+        self._agent_changed(agent_id)
 
     # -- tamper reports (agent/tamper.py) -------------------------------------------------
     def tampered(self, agent_id: str, event: agent_pb2.TamperEvent) -> None:
@@ -467,6 +481,31 @@ class Controller:
             if session is not None:
                 self._sync(session, agent)
         return {a.agent_id for a in changed_agents}
+
+    def _agent_changed(self, agent_id: str) -> None:
+        """Recompile for an agent-reported change: now, or with the next coalesced batch."""
+        if self._coalesce_s <= 0:
+            self._recompile([agent_id])
+            return
+        self._pending.add(agent_id)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self._coalesce_s, self.flush_pending)
+
+    def flush_pending(self) -> set[str]:
+        """Compile the pending agent-reported changes now; returns the agents pushed to."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        changed, self._pending = self._pending, set()
+        awaiting, self._awaiting_sync = self._awaiting_sync, set()
+        pushed = self._recompile(changed) if changed else set()
+        for agent_id in awaiting - pushed:
+            session = self._sessions.get(agent_id)
+            agent = self._store.get_agent(agent_id)
+            if session is not None and agent is not None:
+                self._sync(session, agent)
+        return pushed
 
     def _workload(self, agent: AgentRecord, revoked: set[str], at: int) -> Workload:
         isolated = agent.agent_id in revoked or (

@@ -35,6 +35,8 @@ from controller.server.enrollment_servicer import EnrollmentServicer
 from controller.store.sqlite_store import SqliteStore, StoreCorrupt
 
 log = logging.getLogger("bulkhead.controller")
+# Agent-reported changes arriving within this window are compiled together (core.py).
+COALESCE_S = 0.05
 
 DEFAULT_LISTEN = "127.0.0.1:50151"
 DEFAULT_STATE_DIR = "/var/lib/bulkhead/controller"
@@ -153,6 +155,7 @@ async def serve(
             enrollment,
             offline_after_s=offline_after_s,
             offline_isolation=offline_isolation,
+            coalesce_s=COALESCE_S,
         )
     except RuntimeError as exc:  # stored resources that no longer validate
         raise StartupError(str(exc)) from exc
