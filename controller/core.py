@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ class Controller:
         self._workloads: dict[str, Workload] | None = None
         self._sessions: dict[str, AgentSession] = {}
         self.snapshots_pushed = 0  # for metrics
+        self._workloads_view: tuple[float, Workloads] | None = None
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
@@ -238,9 +240,13 @@ class Controller:
         return self._sessions.get(agent_id)
 
     def workloads(self) -> Workloads:
-        """Labels and addresses of every workload, and the IP lists: for flow resolution."""
+        """Labels and addresses of every workload, and the IP lists: for flow resolution.
+        Read at most once a second: every agent's flow report asks."""
+        at = time.monotonic()
+        if self._workloads_view is not None and at - self._workloads_view[0] < 1.0:
+            return self._workloads_view[1]
         agents = self._store.list_agents()
-        return Workloads(
+        view = Workloads(
             labels={a.agent_id: a.labels for a in agents},
             owners={address: a.agent_id for a in agents for address in a.addresses},
             iplists=[
@@ -249,6 +255,8 @@ class Controller:
                 for network in iplist.spec.cidrs
             ],
         )
+        self._workloads_view = (at, view)
+        return view
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._sessions
