@@ -160,7 +160,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             applied_hash=agent.applied_hash,
             desired_revision=agent.desired_revision,
             desired_hash=agent.desired_hash,
-            last_seen_unix_ms=agent.last_seen_ms,
+            last_seen_unix_ms=self._core.last_seen_ms(agent),
             revoked=self._core.is_revoked(agent.agent_id),
             certificate_not_after_unix_ms=expiry,
             offline=self._core.is_offline(agent),

@@ -37,6 +37,8 @@ from controller.store.sqlite_store import SqliteStore, StoreCorrupt
 log = logging.getLogger("bulkhead.controller")
 # Agent-reported changes arriving within this window are compiled together (core.py).
 COALESCE_S = 0.05
+# Heartbeats are kept in memory and written together this often (at most).
+LAST_SEEN_FLUSH_S = 5.0
 
 DEFAULT_LISTEN = "127.0.0.1:50151"
 DEFAULT_STATE_DIR = "/var/lib/bulkhead/controller"
@@ -84,10 +86,12 @@ def _lock_state_dir(state_dir: Path) -> int:
 
 
 async def _watch_offline(core: Controller, offline_after_s: float) -> None:
-    """Re-evaluate offline agents often enough to notice within a quarter of the threshold."""
-    interval = max(1.0, min(30.0, offline_after_s / 4))
+    """Write heartbeats in batches, and re-evaluate offline agents often enough to notice
+    within a quarter of the threshold."""
+    interval = max(1.0, min(LAST_SEEN_FLUSH_S, offline_after_s / 4))
     while True:
         await asyncio.sleep(interval)
+        core.flush_last_seen()
         core.check_offline()
 
 
@@ -210,6 +214,7 @@ async def serve(
     if watchdog is not None:
         watchdog.cancel()
     await server.stop(grace=2)
+    core.flush_last_seen()
     store.close()
 
 

@@ -353,6 +353,13 @@ class SqliteStore:
         row = self._db.execute("SELECT * FROM agents WHERE agent_id=?", (agent_id,)).fetchone()
         return _agent_from_row(row) if row else None
 
+    def touch_agents(self, seen_ms: Mapping[str, int]) -> None:
+        """Move agents' last-seen times forward (never back); call inside a transaction."""
+        self._db.executemany(
+            "UPDATE agents SET last_seen_ms = max(last_seen_ms, ?) WHERE agent_id = ?",
+            [(ms, agent_id) for agent_id, ms in seen_ms.items()],
+        )
+
     def list_agents(self) -> list[AgentRecord]:
         rows = self._db.execute("SELECT * FROM agents ORDER BY agent_id").fetchall()
         return [_agent_from_row(r) for r in rows]

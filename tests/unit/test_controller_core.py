@@ -366,3 +366,19 @@ def test_an_expired_enrollment_cannot_be_taken_over_with_another_token(tmp_path:
     second, _ = enrollment.create_token({"app": "web"}, 600, 1, actor=OPERATOR)
     with pytest.raises(Conflict, match="already enrolled; revoke it first"):
         enrollment.enroll(second, "db", make_csr(generate_key(), "db"), "mallory")
+
+
+def test_heartbeats_are_written_in_batches_and_never_move_back(core: Controller) -> None:
+    core.connect(*for_agent(hello("web", "web", "198.18.0.10")))
+    stored = core.agent("web").last_seen_ms
+    time.sleep(0.01)
+    core.heartbeat("web")
+    assert core.agent("web").last_seen_ms == stored, "not written per heartbeat"
+    assert core.last_seen_ms(core.agent("web")) > stored, "but already counted"
+    assert core.flush_last_seen() == 1
+    flushed = core.agent("web").last_seen_ms
+    assert flushed > stored
+    core._seen_ms["web"] = stored  # an older time cannot overwrite a newer one
+    core.flush_last_seen()
+    assert core.agent("web").last_seen_ms == flushed
+    assert core.flush_last_seen() == 0
