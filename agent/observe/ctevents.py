@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 from dataclasses import dataclass
-from types import TracebackType
 
 from agent.observe import netlink
 from agent.observe.netlink import MalformedMessage
@@ -52,42 +50,17 @@ class ConnEvent:
     timestamp: float  # unix seconds, when the listener read it
 
 
-class ConntrackListener:
+class ConntrackListener(netlink.EventListener[ConnEvent]):
     """Subscribed to new-connection events; read it when fileno() is readable."""
 
+    max_datagrams_per_read = MAX_DATAGRAMS_PER_READ
+
     def __init__(self, *, rcvbuf: int = netlink.DEFAULT_RCVBUF) -> None:
-        self.overruns = 0  # times the kernel dropped events because we read too slowly
-        self.malformed = 0  # messages skipped because they could not be decoded
-        self._sock = netlink.open_socket(groups=1 << (NFNLGRP_CONNTRACK_NEW - 1), rcvbuf=rcvbuf)
+        groups = 1 << (NFNLGRP_CONNTRACK_NEW - 1)
+        super().__init__(netlink.open_socket(groups=groups, rcvbuf=rcvbuf))
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def read_events(self) -> list[ConnEvent]:
-        """The connections announced since the last call, without blocking (bounded)."""
-        datagrams, overruns = netlink.drain(self._sock, MAX_DATAGRAMS_PER_READ)
-        self.overruns += overruns
-        now = time.time()
-        events: list[ConnEvent] = []
-        for data in datagrams:
-            decoded, malformed = decode_conn_events(data, now)
-            events.extend(decoded)
-            self.malformed += malformed
-        return events
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> ConntrackListener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    def decode(self, data: bytes, timestamp: float) -> tuple[list[ConnEvent], int]:
+        return decode_conn_events(data, timestamp)
 
 
 def decode_conn_events(data: bytes, timestamp: float) -> tuple[list[ConnEvent], int]:

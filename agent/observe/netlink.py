@@ -16,7 +16,10 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from types import TracebackType
+from typing import Generic, Protocol, Self, TypeVar
+
+_Event = TypeVar("_Event")
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -222,3 +225,51 @@ def find_attribute(data: bytes, start: int, end: int, kind: int) -> bytes | None
             return data[offset + NLA_HEADER.size : offset + length]
         offset += (length + 3) & ~3
     return None
+
+
+class EventListener(Generic[_Event]):
+    """A netlink socket subscribed to events: fileno() for the event loop's reader,
+    read_events() to drain and decode what is there, without blocking (bounded)."""
+
+    max_datagrams_per_read = 256
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.overruns = 0  # times the kernel dropped messages because we read too slowly
+        self.malformed = 0  # messages skipped because they could not be decoded
+        self._sock = sock
+        self._pending: list[bytes] = []  # datagrams read while setting the socket up
+
+    def decode(self, data: bytes, timestamp: float) -> tuple[list[_Event], int]:
+        """The events in one datagram, and how many messages were skipped."""
+        raise NotImplementedError
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read_events(self) -> list[_Event]:
+        datagrams, overruns = drain(self._sock, self.max_datagrams_per_read)
+        if self._pending:
+            datagrams, self._pending = self._pending + datagrams, []
+        self.overruns += overruns
+        now = time.time()
+        events: list[_Event] = []
+        for data in datagrams:
+            decoded, malformed = self.decode(data, now)
+            events.extend(decoded)
+            self.malformed += malformed
+        return events
+
+    def close(self) -> None:
+        """Closing the socket also unsubscribes it in the kernel."""
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -15,9 +15,7 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
-import time
 from dataclasses import dataclass
-from types import TracebackType
 
 from agent.observe import netlink
 from agent.observe.netlink import MalformedMessage
@@ -71,8 +69,10 @@ class PacketEvent:
     timestamp: float  # unix seconds, when the listener read it
 
 
-class NflogListener:
+class NflogListener(netlink.EventListener[PacketEvent]):
     """A bound NFLOG group; read it when fileno() is readable (asyncio add_reader)."""
+
+    max_datagrams_per_read = MAX_DATAGRAMS_PER_READ
 
     def __init__(
         self,
@@ -92,10 +92,8 @@ class NflogListener:
             if not 0 <= value <= top:
                 raise ValueError(f"{field}: {value} is outside 0..{top}")
         self.group = group
-        self.overruns = 0  # times the kernel dropped messages because we read too slowly
-        self.malformed = 0  # messages skipped because they could not be decoded
         self._sequence = itertools.count(1)
-        self._sock = netlink.open_socket(rcvbuf=rcvbuf)
+        super().__init__(netlink.open_socket(rcvbuf=rcvbuf))
         try:
             self._pending = self._configure(copy_range, flush_centiseconds, queue_threshold)
         except BaseException:
@@ -123,38 +121,8 @@ class NflogListener:
         )
         return netlink.request(self._sock, message, what)
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def read_events(self) -> list[PacketEvent]:
-        """The packets logged since the last call, without blocking (bounded per call)."""
-        datagrams, overruns = netlink.drain(self._sock, MAX_DATAGRAMS_PER_READ)
-        if self._pending:
-            datagrams = self._pending + datagrams
-            self._pending = []
-        self.overruns += overruns
-        now = time.time()
-        events: list[PacketEvent] = []
-        for data in datagrams:
-            decoded, malformed = decode_packets(data, now)
-            events.extend(decoded)
-            self.malformed += malformed
-        return events
-
-    def close(self) -> None:
-        """Release the group (closing the socket unbinds it in the kernel)."""
-        self._sock.close()
-
-    def __enter__(self) -> NflogListener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
+    def decode(self, data: bytes, timestamp: float) -> tuple[list[PacketEvent], int]:
+        return decode_packets(data, timestamp)
 
 
 def decode_packets(data: bytes, timestamp: float) -> tuple[list[PacketEvent], int]:
