@@ -7,6 +7,7 @@ leaves either the old or the new state, never half a policy batch.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -157,6 +158,9 @@ class StoreCorrupt(Exception):
 class SqliteStore:
     def __init__(self, path: Path) -> None:
         try:
+            # Readable by the controller alone: token hashes, certificates, audit, flows.
+            # SQLite gives the -wal and -shm files the database file's permissions.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")

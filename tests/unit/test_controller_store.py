@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,15 @@ def test_garbage_file_is_reported(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreCorrupt, match="not a usable Bulkhead store"):
         SqliteStore(path)
+
+
+def test_a_new_database_and_its_journal_are_readable_by_the_controller_alone(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "controller.db"
+    store = SqliteStore(path)
+    store.put_resource("Policy", "p", "{}", 1)  # a write, so the WAL files exist
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in tmp_path.iterdir()}
+    store.close()
+    assert modes["controller.db"] == 0o600
+    assert all(mode == 0o600 for mode in modes.values()), modes
