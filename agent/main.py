@@ -249,8 +249,12 @@ def _start_observing(
     _register_metrics(metrics, link, observer)
     if config.metrics_listen is not None:
         host, port = split_host_port(config.metrics_listen)
-        metrics.serve(host, port)
-        log.info("metrics on http://%s/metrics", config.metrics_listen)
+        try:
+            metrics.serve(host, port)
+            log.info("metrics on http://%s/metrics", config.metrics_listen)
+        except OSError as exc:
+            # Enforcement matters more than metrics: keep running, say why there are none.
+            log.error("no metrics: cannot listen on %s (%s)", config.metrics_listen, exc)
     if observer is None:
         return None
     observer.start(loop)

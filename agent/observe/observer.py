@@ -92,19 +92,21 @@ class Observer:
         """Subscribe to conntrack events and the NFLOG group, as far as this host allows."""
         # Imported here: they open netlink sockets, which unit tests of the rest do not need.
         from agent.observe.ctevents import ConntrackListener
+        from agent.observe.netlink import NetlinkError
         from agent.observe.nflog import NflogListener
 
         try:
             conntrack = ConntrackListener()
             loop.add_reader(conntrack.fileno(), self._on_conntrack, conntrack)
             self._listeners.append(conntrack)
-        except OSError as exc:
+        except (OSError, NetlinkError) as exc:
             log.warning("no conntrack events (%s): short connections may go unseen", exc)
         try:
             nflog = NflogListener(NFLOG_GROUP)
             loop.add_reader(nflog.fileno(), self._on_nflog, nflog)
             self._listeners.append(nflog)
-        except OSError as exc:
+        except (OSError, NetlinkError) as exc:
+            # E.g. another logger holds the group: observation without drops beats no agent.
             log.warning("cannot read NFLOG group %d (%s): denied flows unseen", NFLOG_GROUP, exc)
 
     def lost_events(self) -> int:

@@ -173,3 +173,26 @@ def test_orientation_of_events() -> None:
     assert _orient(local, Event("tcp", "127.0.0.1", 1, "127.0.0.1", 2)) is None
     assert _orient(local, Event("gre", PEER, 0, HERE, 0)) is None
     assert _orient(local, Event("tcp", "198.18.0.99", 1, PEER, 2)) is None, "not ours"
+
+
+def test_a_taken_nflog_group_or_missing_conntrack_leaves_the_agent_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from agent.observe import ctevents, netlink, nflog
+
+    def taken(*_: object, **__: object) -> None:
+        raise netlink.NetlinkError("binding NFLOG group 1001 (is another logger on it?)", 1)
+
+    def missing(*_: object, **__: object) -> None:
+        raise OSError(93, "Protocol not supported")
+
+    monkeypatch.setattr(nflog.NflogListener, "__init__", taken)
+    monkeypatch.setattr(ctevents.ConntrackListener, "__init__", missing)
+    obs = observer()
+    loop = asyncio.new_event_loop()
+    try:
+        obs.start(loop)  # logs both problems, raises neither
+        assert obs.lost_events() == 0
+    finally:
+        obs.close(loop)
+        loop.close()
