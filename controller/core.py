@@ -79,7 +79,6 @@ class Controller:
         # that changes hands must not inherit the old workload's access.
         self._offline_isolation = offline_isolation
         self._isolated: frozenset[str] = frozenset()
-        self._isolation: dict[str, bool] = {}  # per agent, as last compiled
         # The compiler's view of every agent as last compiled (None: not yet).
         self._workloads: dict[str, Workload] | None = None
         self._sessions: dict[str, AgentSession] = {}
@@ -462,21 +461,26 @@ class Controller:
         before = self._workloads
         if changed is None or before is None:
             records = {a.agent_id: a for a in self._store.list_agents()}
-            after = {i: self._workload(a, revoked, at) for i, a in records.items()}
+            built = {i: self._workload(a, revoked, at) for i, a in records.items()}
+            after = {i: workload for i, (workload, _) in built.items()}
+            isolated = {i for i, (_, cut_off) in built.items() if cut_off}
             targets: set[str] = set(after)
         else:
             changed = set(changed)
             after = dict(before)
+            isolated = set(self._isolated) - changed
             for agent_id in changed:
                 record = self._store.get_agent(agent_id)
                 if record is None:
                     after.pop(agent_id, None)
-                else:
-                    after[agent_id] = self._workload(record, revoked, at)
+                    continue
+                after[agent_id], cut_off = self._workload(record, revoked, at)
+                if cut_off:
+                    isolated.add(agent_id)
             targets = affected_agents(before.values(), after.values(), iplists, policies, changed)
             records = {i: r for i in targets if (r := self._store.get_agent(i)) is not None}
         self._workloads = after
-        self._isolated = frozenset(i for i, w in after.items() if self._is_isolated(i))
+        self._isolated = frozenset(isolated)
         rulesets = compile_rulesets(after.values(), iplists, policies, only=targets)
         changed_agents: list[AgentRecord] = []
         with self._store.transaction():
@@ -522,16 +526,14 @@ class Controller:
                 self._sync(session, agent)
         return pushed
 
-    def _workload(self, agent: AgentRecord, revoked: set[str], at: int) -> Workload:
-        isolated = agent.agent_id in revoked or (
+    def _workload(self, agent: AgentRecord, revoked: set[str], at: int) -> tuple[Workload, bool]:
+        """The compiler's view of an agent, and whether it is cut off (revoked, or offline
+        with isolation on): then its addresses leave its peers' sets."""
+        cut_off = agent.agent_id in revoked or (
             self._offline_isolation and self.is_offline(agent, at)
         )
-        self._isolation[agent.agent_id] = isolated
-        addresses = () if isolated else tuple(agent.addresses)
-        return Workload(agent.agent_id, agent.labels, addresses)
-
-    def _is_isolated(self, agent_id: str) -> bool:
-        return self._isolation.get(agent_id, False)
+        addresses = () if cut_off else tuple(agent.addresses)
+        return Workload(agent.agent_id, agent.labels, addresses), cut_off
 
     def _sync(self, session: AgentSession, agent: AgentRecord) -> None:
         if agent.applied_hash == agent.desired_hash:

@@ -9,6 +9,7 @@ however many peers it has.
 
 from __future__ import annotations
 
+import enum
 import errno
 import ipaddress
 import json
@@ -114,6 +115,14 @@ def render_compiled(
 _METAINFO = {"metainfo": {"json_schema_version": 1}}
 
 
+class _Claim(enum.Enum):
+    """What claiming the table found."""
+
+    HELD = "held"  # ours (created, taken back, or already held)
+    CONVERTED = "converted"  # an unflagged table, now ours and holding guard chains
+    UNOWNED = "unowned"  # this kernel cannot own tables
+
+
 @dataclass(frozen=True)
 class _Applied:
     """A loaded policy: its structure (rules, set names, baseline) and its sets' content."""
@@ -178,7 +187,6 @@ class NftablesBackend:
         self._owner = owner
         # What the last apply left in the kernel, for element-only updates.
         self._applied: _Applied | None = None
-        self._converted = False
 
     @property
     def owns_table(self) -> bool:
@@ -203,13 +211,11 @@ class NftablesBackend:
                 except NftError:
                     pass  # not what we last loaded after all: replace everything
         replacing = None
-        self._converted = False
-        if self._owner is not None and self._claim(self._owner):
-            # What we loaded last is what the owned table holds; after a restart, ask.
-            if previous is not None and not self._converted:
-                replacing = previous.objects()
-            else:
-                replacing = self._objects(self._owner)
+        claim = self._claim(self._owner) if self._owner is not None else _Claim.UNOWNED
+        if claim is _Claim.HELD and previous is not None:
+            replacing = previous.objects()  # what we loaded last is what it holds
+        elif claim is not _Claim.UNOWNED and self._owner is not None:
+            replacing = self._objects(self._owner)  # after a restart or a conversion: ask
         self._runner.json_cmd(render_compiled(compiled, baseline, replacing))
         self._applied = applied
 
@@ -230,10 +236,10 @@ class NftablesBackend:
                 ) from exc
             raise
 
-    def _claim(self, owner: TableOwner) -> bool:
+    def _claim(self, owner: TableOwner) -> _Claim:
         try:
             owner.claim_table(TABLE)
-            return True
+            return _Claim.HELD
         except OwnershipError as exc:
             if exc.errno != errno.EOPNOTSUPP:
                 raise
@@ -242,13 +248,12 @@ class NftablesBackend:
             # replace it by an owned one in one transaction, guarded until filled.
             try:
                 owner.claim_table(TABLE, replace=True)
-                self._converted = True  # it holds guard chains now, not what we loaded
-                return True
+                return _Claim.CONVERTED
             except OwnershipError as exc:
                 if exc.errno != errno.EOPNOTSUPP:
                     raise
         self._owner = None  # this kernel has no owned tables: plain replacement from now on
-        return False
+        return _Claim.UNOWNED
 
     def _objects(self, owner: TableOwner) -> TableObjects:
         # Terse: sets without their elements, which may be 100k long.
