@@ -16,7 +16,7 @@ from agent.state import (
     save_snapshot,
 )
 from bulkhead.v1 import agent_pb2, ruleset_pb2
-from bulkhead.v1.contract import ruleset_hash
+from bulkhead.v1.contract import DeltaError, apply_set_changes, ruleset_hash
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,35 @@ class Enforcer:
                     log.info("cut %d connection(s) no longer allowed", cut)
         log.info("applied revision %d (%s)", snapshot.revision, digest[:12])
         return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
+
+    def apply_delta(
+        self, delta: agent_pb2.PolicyDelta, local_addresses: Sequence[str]
+    ) -> agent_pb2.Ack:
+        """Apply set changes to what is enforced. Anything that does not fit (another base,
+        a result with another hash, no table in the kernel) asks for a snapshot instead."""
+
+        def need_snapshot(reason: str) -> agent_pb2.Ack:
+            log.warning("revision %d delta not applied, asking for a snapshot: %s",
+                        delta.revision, reason)  # fmt: skip
+            return agent_pb2.Ack(
+                revision=delta.revision, hash=delta.hash, ok=False, error=reason,
+                need_snapshot=True,
+            )  # fmt: skip
+
+        if self.current is None or delta.base_hash != self.current.hash:
+            held = self.current.hash[:12] if self.current else "nothing"
+            return need_snapshot(f"delta is against {delta.base_hash[:12]}, this host holds {held}")
+        if not self._backend.is_present():
+            return need_snapshot("no Bulkhead rules in the kernel to change")
+        try:
+            ruleset = apply_set_changes(self.current.ruleset, delta.sets)
+        except DeltaError as exc:
+            return need_snapshot(str(exc))
+        if ruleset_hash(ruleset) != delta.hash:
+            return need_snapshot("the delta's result does not match its hash")
+        snapshot = agent_pb2.PolicySnapshot(revision=delta.revision, hash=delta.hash)
+        snapshot.ruleset.CopyFrom(ruleset)
+        return self.apply(snapshot, local_addresses)
 
     def set_baseline(self, baseline: Baseline) -> None:
         """A new local baseline (e.g. the mode changed): re-apply what is enforced with it."""

@@ -7,6 +7,7 @@ can be driven directly by tests and offline tools.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
@@ -32,7 +33,7 @@ from controller.policy import (
     resource_to_json,
 )
 from controller.policy.names import label_key_problem, label_value_problem
-from controller.sessions import AgentSession
+from controller.sessions import AgentSession, PushCounts, RulesetState
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Controller:
         # The compiler's view of every agent as last compiled (None: not yet).
         self._workloads: dict[str, Workload] | None = None
         self._sessions: dict[str, AgentSession] = {}
-        self.snapshots_pushed = 0  # for metrics
+        self.pushes = PushCounts()  # for metrics
         self._seen_ms: dict[str, int] = {}  # last heard from, not yet written
         self._workloads_view: tuple[float, Workloads] | None = None
         self._policies: dict[str, Policy] = {}
@@ -293,6 +294,8 @@ class Controller:
         agent.addresses = sorted(set(hello.addresses))
         agent.mode = hello.mode
         agent.baseline = hello.baseline.SerializeToString(deterministic=True)
+        if hello.applied_hash != agent.applied_hash:
+            agent.applied_ruleset = b""  # not what it acknowledged here: content unknown
         agent.applied_revision = hello.applied_revision
         agent.applied_hash = hello.applied_hash
         agent.last_seen_ms = now_ms()
@@ -302,7 +305,7 @@ class Controller:
         if previous is not None:
             log.warning("agent %s opened a new stream; closing the old one", agent.agent_id)
             previous.close()
-        session = AgentSession(agent.agent_id)
+        session = AgentSession(agent.agent_id, _applied_state(agent), self.pushes)
         self._sessions[agent.agent_id] = session
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
         # Only labels and addresses (and, with isolation, being offline) feed the compiler;
@@ -412,17 +415,29 @@ class Controller:
         if ack.revision > MAX_REVISION:
             raise InvalidArgument([f"ack.revision: {ack.revision} is beyond {MAX_REVISION}"])
         agent = self._require_agent(agent_id)
+        session = self._sessions.get(agent_id)
         if ack.ok:
             agent.applied_revision = ack.revision
             agent.applied_hash = ack.hash
+            # The base of the next delta; an overtaken revision's content is not kept.
+            agent.applied_ruleset = agent.desired_ruleset if ack.hash == agent.desired_hash else b""
             agent.last_error = ""
-            session = self._sessions.get(agent_id)
             if ack.hash != agent.desired_hash and session is not None:
                 # The ack is for a snapshot that was overtaken in flight (perhaps by an
                 # InSync sent while the stored applied hash was still the older one).
                 self._sync(session, agent)
+        elif ack.need_snapshot:
+            # It could not apply a delta (it holds something else): send the whole ruleset.
+            log.warning(
+                "agent %s needs a snapshot for revision %d: %s", agent_id, ack.revision, ack.error
+            )
+            if session is not None:
+                session.forget_base()
+                self._sync(session, agent)
         else:
             agent.last_error = ack.error or "apply failed (no reason given)"
+            if session is not None:
+                session.forget_base()  # it still holds its older ruleset: snapshots only
             log.error(
                 "agent %s failed to apply revision %d: %s", agent_id, ack.revision, agent.last_error
             )
@@ -536,7 +551,8 @@ class Controller:
         return Workload(agent.agent_id, agent.labels, addresses), cut_off
 
     def _sync(self, session: AgentSession, agent: AgentRecord) -> None:
-        if agent.applied_hash == agent.desired_hash:
+        in_flight = session.base is not None and session.base.hash != agent.applied_hash
+        if agent.applied_hash == agent.desired_hash and not in_flight:
             session.offer(
                 agent_pb2.ControllerMessage(
                     in_sync=agent_pb2.InSync(
@@ -545,15 +561,20 @@ class Controller:
                 )
             )
             return
-        ruleset = ruleset_pb2.Ruleset.FromString(agent.desired_ruleset)
-        self.snapshots_pushed += 1
-        session.offer(
-            agent_pb2.ControllerMessage(
-                snapshot=agent_pb2.PolicySnapshot(
-                    revision=agent.desired_revision, hash=agent.desired_hash, ruleset=ruleset
-                )
-            )
+        # The session sends it as a delta against what the agent holds, or a snapshot.
+        session.offer_state(
+            RulesetState(agent.desired_revision, agent.desired_hash, agent.desired_ruleset)
         )
+
+
+def _applied_state(agent: AgentRecord) -> RulesetState | None:
+    """What the agent enforces, if the controller has its content (the stored bytes are
+    the deterministic serialisation, so their sha256 is the ruleset hash)."""
+    if not agent.applied_hash:
+        return None
+    if hashlib.sha256(agent.applied_ruleset).hexdigest() != agent.applied_hash:
+        return None
+    return RulesetState(agent.applied_revision, agent.applied_hash, agent.applied_ruleset)
 
 
 def _check_sizes(documents: Sequence[str]) -> None:

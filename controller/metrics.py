@@ -44,8 +44,13 @@ class ControllerCollector(Collector):
         )
         yield CounterMetricFamily(
             "bulkhead_controller_snapshots_pushed",
-            "Policy snapshots offered to agents.",
-            core.snapshots_pushed,
+            "Complete policy snapshots sent to agents.",
+            core.pushes.snapshots,
+        )
+        yield CounterMetricFamily(
+            "bulkhead_controller_deltas_pushed",
+            "Policy deltas (set element changes) sent to agents.",
+            core.pushes.deltas,
         )
 
 

@@ -1,26 +1,61 @@
-"""One connected agent stream's outbox.
+"""One connected agent stream's outbox, and how its next ruleset goes on the wire.
 
-Snapshots are complete, so only the newest pending one matters: a slow agent gets the
-latest state when it catches up, and the controller never blocks on it. Other messages
-(an issued certificate) are each delivered, in order, before any pending snapshot.
+Desired state is offered, not queued: only the newest pending state matters, so a slow
+agent gets the latest state when it catches up and the controller never blocks on it.
+Other messages (an issued certificate) are each delivered, in order, before any pending
+state.
+
+The message for a state is built when it is sent, against `base`: what the agent will
+hold once everything already sent on this stream is applied (the stream is ordered and
+the agent applies in order). When only set elements differ from the base, a PolicyDelta
+goes out; otherwise, or with no base known, a complete PolicySnapshot. An agent that
+cannot apply a delta says so in its ack and the controller forgets the base (forget_base),
+so the next offer is a snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 
-from bulkhead.v1 import agent_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+from bulkhead.v1.contract import set_changes
 from controller.errors import ControllerError
 
 # Bounded: an agent can only have a handful of one-off messages in flight.
 MAX_QUEUED = 16
+_DELTA_HEADER_BYTES = 160
+
+
+@dataclass(frozen=True)
+class RulesetState:
+    """A ruleset as the controller stores it: the deterministic serialisation and its hash."""
+
+    revision: int
+    hash: str
+    ruleset: bytes
+
+
+@dataclass
+class PushCounts:
+    """What went out to agents, for metrics."""
+
+    snapshots: int = 0
+    deltas: int = 0
 
 
 class AgentSession:
-    def __init__(self, agent_id: str) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        base: RulesetState | None = None,
+        counts: PushCounts | None = None,
+    ) -> None:
         self.agent_id = agent_id
-        self._snapshot: agent_pb2.ControllerMessage | None = None
+        self.base = base
+        self._counts = counts if counts is not None else PushCounts()
+        self._pending: agent_pb2.ControllerMessage | RulesetState | None = None
         self._queued: deque[agent_pb2.ControllerMessage] = deque(maxlen=MAX_QUEUED)
         self._wakeup = asyncio.Event()
         self.closed = False
@@ -29,8 +64,17 @@ class AgentSession:
 
     def offer(self, message: agent_pb2.ControllerMessage) -> None:
         """Set the state message to send, replacing one not yet sent (latest wins)."""
-        self._snapshot = message
+        self._pending = message
         self._wakeup.set()
+
+    def offer_state(self, state: RulesetState) -> None:
+        """Set the ruleset the agent should hold next, replacing one not yet sent."""
+        self._pending = state
+        self._wakeup.set()
+
+    def forget_base(self) -> None:
+        """The agent does not hold what was sent (it refused it): snapshots from now on."""
+        self.base = None
 
     def send(self, message: agent_pb2.ControllerMessage) -> None:
         """Queue a message that must be delivered as such."""
@@ -45,8 +89,10 @@ class AgentSession:
         """The next message if one is waiting, without blocking."""
         if self._queued:
             return self._queued.popleft()
-        message, self._snapshot = self._snapshot, None
-        return message
+        pending, self._pending = self._pending, None
+        if isinstance(pending, RulesetState):
+            return self._state_message(pending)
+        return pending
 
     async def next_message(self) -> agent_pb2.ControllerMessage | None:
         """The next message to send, or None once the session is closed."""
@@ -57,3 +103,39 @@ class AgentSession:
             self._wakeup.clear()
             await self._wakeup.wait()
         return None
+
+    def _state_message(self, state: RulesetState) -> agent_pb2.ControllerMessage | None:
+        base, self.base = self.base, state
+        if base is not None and base.hash == state.hash:
+            return None  # already sent on this stream
+        delta = policy_delta(base, state) if base is not None else None
+        if delta is not None:
+            self._counts.deltas += 1
+            return agent_pb2.ControllerMessage(delta=delta)
+        self._counts.snapshots += 1
+        snapshot = agent_pb2.PolicySnapshot(
+            revision=state.revision,
+            hash=state.hash,
+            ruleset=ruleset_pb2.Ruleset.FromString(state.ruleset),
+        )
+        return agent_pb2.ControllerMessage(snapshot=snapshot)
+
+
+def policy_delta(base: RulesetState, state: RulesetState) -> agent_pb2.PolicyDelta | None:
+    """STATE as changes to BASE when only set elements differ and the delta is not much
+    the longer message; None when a snapshot is due."""
+    changes = set_changes(
+        ruleset_pb2.Ruleset.FromString(base.ruleset), ruleset_pb2.Ruleset.FromString(state.ruleset)
+    )
+    if changes is None:
+        return None
+    delta = agent_pb2.PolicyDelta(
+        base_revision=base.revision,
+        base_hash=base.hash,
+        revision=state.revision,
+        hash=state.hash,
+        sets=changes,
+    )
+    # Two hashes and revisions make a small delta a little longer than a small snapshot;
+    # only a delta much longer than the whole ruleset (most elements replaced) loses.
+    return delta if delta.ByteSize() <= len(state.ruleset) + _DELTA_HEADER_BYTES else None

@@ -2,7 +2,8 @@
 
 It says hello with its fake addresses and labels and the revision and hash it last
 "applied", checks every snapshot's hash against its ruleset (as a real agent does before
-applying), acks it ok, and sends heartbeats. It records when each snapshot revision
+applying), applies deltas to the ruleset it holds (asking for a snapshot when one does not
+fit), acks, and sends heartbeats. It records when each snapshot revision
 arrived and when the current stream was first answered (a snapshot or InSync: resynced).
 """
 
@@ -16,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from bulkhead.v1 import agent_pb2, agent_pb2_grpc
-from bulkhead.v1.contract import ruleset_hash
+from bulkhead.v1 import agent_pb2, agent_pb2_grpc, ruleset_pb2
+from bulkhead.v1.contract import DeltaError, apply_set_changes, ruleset_hash
 from controller.pki import CONTROLLER_NAME
 from controller.sim.credentials import AgentCredentials
 
@@ -62,11 +63,13 @@ class SimAgent:
         self._clock = clock
         self.applied_revision = 0
         self.applied_hash = ""
+        self.ruleset = ruleset_pb2.Ruleset()  # what it holds (applied_hash, when that is set)
         # revision -> clock() when its snapshot arrived (first arrival only)
         self.arrivals: dict[int, float] = {}
         self.up = False  # the current stream has been answered
         self.synced_at: float | None = None  # when the current stream was first answered
         self.snapshots = 0
+        self.deltas = 0
         self.in_syncs = 0
         self.hash_mismatches = 0
 
@@ -104,8 +107,13 @@ class SimAgent:
                 )
                 return agent_pb2.AgentMessage(ack=failed)
             self.applied_revision, self.applied_hash = snapshot.revision, snapshot.hash
+            self.ruleset = snapshot.ruleset
             ack = agent_pb2.Ack(revision=snapshot.revision, hash=snapshot.hash, ok=True)
             return agent_pb2.AgentMessage(ack=ack)
+        if kind == "delta":
+            self.deltas += 1
+            self.arrivals.setdefault(message.delta.revision, now)
+            return agent_pb2.AgentMessage(ack=self._apply_delta(message.delta))
         if kind == "in_sync":
             self.in_syncs += 1
             if message.in_sync.hash != self.applied_hash:
@@ -121,6 +129,27 @@ class SimAgent:
             )
             return agent_pb2.AgentMessage(connections=table)
         return None  # a renewed certificate: the simulator keeps its first one
+
+    def _apply_delta(self, delta: agent_pb2.PolicyDelta) -> agent_pb2.Ack:
+        problem = ""
+        if delta.base_hash != self.applied_hash:
+            problem = "delta against a ruleset this agent does not hold"
+        else:
+            try:
+                ruleset = apply_set_changes(self.ruleset, delta.sets)
+            except DeltaError as exc:
+                problem = str(exc)
+            else:
+                if ruleset_hash(ruleset) != delta.hash:
+                    self.hash_mismatches += 1
+                    problem = "the delta's result does not match its hash"
+        if problem:
+            return agent_pb2.Ack(
+                revision=delta.revision, hash=delta.hash, ok=False, error=problem,
+                need_snapshot=True,
+            )  # fmt: skip
+        self.applied_revision, self.applied_hash, self.ruleset = delta.revision, delta.hash, ruleset
+        return agent_pb2.Ack(revision=delta.revision, hash=delta.hash, ok=True)
 
     def first_arrival_after(self, revision: int) -> float | None:
         """When the first snapshot newer than REVISION arrived, None if none has."""

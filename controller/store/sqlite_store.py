@@ -17,7 +17,7 @@ from pathlib import Path
 
 from controller.store.flow_store import FlowStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS agents (
     desired_revision INTEGER NOT NULL DEFAULT 0,
     desired_hash     TEXT NOT NULL DEFAULT '',
     desired_ruleset  BLOB NOT NULL DEFAULT x'',
+    applied_ruleset  BLOB NOT NULL DEFAULT x'',
     last_error       TEXT NOT NULL DEFAULT '',
     first_seen_ms    INTEGER NOT NULL,
     last_seen_ms     INTEGER NOT NULL
@@ -105,6 +106,8 @@ class AgentRecord:
     desired_revision: int = 0
     desired_hash: str = ""
     desired_ruleset: bytes = b""
+    # The acknowledged ruleset, when known: the base of policy deltas.
+    applied_ruleset: bytes = b""
     last_error: str = ""
     first_seen_ms: int = 0
     last_seen_ms: int = 0
@@ -177,6 +180,15 @@ class SqliteStore:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
+        elif row["value"] == "1":
+            # Version 2 keeps each agent's acknowledged ruleset, the base of deltas.
+            with self.transaction():
+                self._db.execute(
+                    "ALTER TABLE agents ADD COLUMN applied_ruleset BLOB NOT NULL DEFAULT x''"
+                )
+                self._db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
         elif row["value"] != str(SCHEMA_VERSION):
             raise StoreCorrupt(
                 f"schema version {row['value']} (this controller reads {SCHEMA_VERSION})"
@@ -372,14 +384,15 @@ class SqliteStore:
         self._db.execute(
             "INSERT INTO agents(agent_id, hostname, reported_labels, label_overrides, addresses, "
             "mode, baseline, applied_revision, applied_hash, desired_revision, desired_hash, "
-            "desired_ruleset, last_error, first_seen_ms, last_seen_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "desired_ruleset, applied_ruleset, last_error, first_seen_ms, last_seen_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(agent_id) DO UPDATE SET hostname=excluded.hostname, "
             "reported_labels=excluded.reported_labels, label_overrides=excluded.label_overrides, "
             "addresses=excluded.addresses, mode=excluded.mode, baseline=excluded.baseline, "
             "applied_revision=excluded.applied_revision, applied_hash=excluded.applied_hash, "
             "desired_revision=excluded.desired_revision, desired_hash=excluded.desired_hash, "
-            "desired_ruleset=excluded.desired_ruleset, last_error=excluded.last_error, "
+            "desired_ruleset=excluded.desired_ruleset, applied_ruleset=excluded.applied_ruleset, "
+            "last_error=excluded.last_error, "
             "last_seen_ms=excluded.last_seen_ms",
             (
                 agent.agent_id,
@@ -394,6 +407,7 @@ class SqliteStore:
                 agent.desired_revision,
                 agent.desired_hash,
                 agent.desired_ruleset,
+                agent.applied_ruleset,
                 agent.last_error,
                 agent.first_seen_ms or now_ms(),
                 agent.last_seen_ms or now_ms(),
@@ -433,6 +447,7 @@ def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
         desired_revision=row["desired_revision"],
         desired_hash=row["desired_hash"],
         desired_ruleset=bytes(row["desired_ruleset"]),
+        applied_ruleset=bytes(row["applied_ruleset"]),
         last_error=row["last_error"],
         first_seen_ms=row["first_seen_ms"],
         last_seen_ms=row["last_seen_ms"],

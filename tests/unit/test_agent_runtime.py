@@ -300,3 +300,73 @@ def test_controller_reachable_needs_a_new_connection(tmp_path: Path) -> None:
         port = server.getsockname()[1]
         assert controller_reachable([Endpoint("127.0.0.1", port)], within=1.0)
     assert not controller_reachable([Endpoint("127.0.0.1", port)], within=0.3)
+
+
+# -- deltas --------------------------------------------------------------------------
+
+
+def delta_to(hosts: list[str], base: agent_pb2.PolicySnapshot) -> agent_pb2.PolicyDelta:
+    after = ruleset_pb2.Ruleset()
+    after.CopyFrom(base.ruleset)
+    after.sets[0].hosts[:] = hosts
+    before_hosts = set(base.ruleset.sets[0].hosts)
+    change = agent_pb2.SetChange(
+        name="p_web",
+        add_hosts=[h for h in hosts if h not in before_hosts],
+        remove_hosts=[h for h in base.ruleset.sets[0].hosts if h not in hosts],
+    )
+    return agent_pb2.PolicyDelta(
+        base_revision=base.revision, base_hash=base.hash, revision=base.revision + 1,
+        hash=ruleset_hash(after), sets=[change],
+    )  # fmt: skip
+
+
+def test_a_delta_changes_what_is_enforced_and_is_persisted(tmp_path: Path) -> None:
+    backend = RecordingBackend()
+    enforcer = Enforcer(backend, ENFORCE, tmp_path, cut_flows=Cuts())
+    base = snapshot()
+    assert enforcer.apply(base, []).ok
+    delta = delta_to(["198.18.0.10", "198.18.0.20"], base)
+    ack = enforcer.apply_delta(delta, [])
+    assert ack.ok, ack.error
+    assert (ack.revision, ack.hash) == (8, delta.hash)
+    assert backend.loaded is not None
+    assert list(backend.loaded.sets[0].hosts) == ["198.18.0.10", "198.18.0.20"]
+    assert list(backend.loaded.rules) == list(base.ruleset.rules)
+    saved = load_snapshot(tmp_path)
+    assert saved is not None
+    assert (saved.revision, saved.hash) == (8, delta.hash)
+    assert enforcer.applied_hash == delta.hash
+
+
+def test_a_delta_that_does_not_fit_asks_for_a_snapshot_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    backend = RecordingBackend()
+    enforcer = Enforcer(backend, ENFORCE, tmp_path, cut_flows=Cuts())
+    base = snapshot()
+    nothing_held = enforcer.apply_delta(delta_to(["198.18.0.20"], base), [])
+    assert (nothing_held.ok, nothing_held.need_snapshot) == (False, True)
+    assert enforcer.apply(base, []).ok
+    other_base = delta_to(["198.18.0.20"], base)
+    other_base.base_hash = "0" * 64
+    wrong_result = delta_to(["198.18.0.20"], base)
+    wrong_result.hash = "1" * 64
+    removes_absent = delta_to(["198.18.0.20"], base)
+    removes_absent.sets[0].remove_hosts[:] = ["198.18.0.99"]
+    for bad, why in (
+        (other_base, "this host holds"),
+        (wrong_result, "does not match its hash"),
+        (removes_absent, "does not hold"),
+    ):
+        ack = enforcer.apply_delta(bad, [])
+        assert (ack.ok, ack.need_snapshot) == (False, True)
+        assert why in ack.error
+    assert backend.applies == 1
+    assert enforcer.applied_hash == base.hash
+    saved = load_snapshot(tmp_path)
+    assert saved is not None
+    assert saved.hash == base.hash
+    backend.remove()  # someone deleted the table: the delta has nothing to change
+    ack = enforcer.apply_delta(delta_to(["198.18.0.20"], base), [])
+    assert (ack.ok, ack.need_snapshot) == (False, True)

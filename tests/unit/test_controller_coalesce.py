@@ -37,7 +37,8 @@ def drain(session: AgentSession) -> list[agent_pb2.ControllerMessage]:
 
 
 def snapshots(messages: list[agent_pb2.ControllerMessage]) -> int:
-    return sum(m.WhichOneof("body") == "snapshot" for m in messages)
+    """Rulesets pushed: complete snapshots and deltas."""
+    return sum(m.WhichOneof("body") in ("snapshot", "delta") for m in messages)
 
 
 async def burst(core: Controller) -> tuple[int, int, list[str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
+from bulkhead.v1.contract import apply_set_changes, ruleset_hash
 from controller.core import Controller
 from controller.errors import Conflict, InvalidArgument, NotFound
 from controller.sessions import AgentSession
@@ -42,6 +43,25 @@ def for_agent(message: agent_pb2.Hello) -> tuple[str, agent_pb2.Hello]:
 def take(session: AgentSession) -> agent_pb2.ControllerMessage | None:
     """The pending message of a session without waiting (None if nothing is pending)."""
     return session.take()
+
+
+def received(
+    message: agent_pb2.ControllerMessage, held: ruleset_pb2.Ruleset | None = None
+) -> ruleset_pb2.Ruleset:
+    """The ruleset an agent holding HELD has after MESSAGE (a snapshot, or a delta
+    against HELD), its hash checked as the agent checks it."""
+    if message.WhichOneof("body") == "snapshot":
+        return message.snapshot.ruleset
+    assert message.WhichOneof("body") == "delta"
+    assert held is not None, "a delta needs the ruleset it is against"
+    ruleset = apply_set_changes(held, message.delta.sets)
+    assert ruleset_hash(ruleset) == message.delta.hash
+    return ruleset
+
+
+def revision_of(message: agent_pb2.ControllerMessage) -> int:
+    body = message.WhichOneof("body")
+    return message.snapshot.revision if body == "snapshot" else message.delta.revision
 
 
 @pytest.fixture
@@ -130,6 +150,9 @@ def test_iplist_in_use_cannot_be_deleted(core: Controller) -> None:
 def test_relabel_moves_agent_into_policy(core: Controller) -> None:
     sessions = connect_three(core)
     core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
+    db_first = take(sessions["db"])
+    assert db_first is not None
+    db_before = received(db_first)
     for session in sessions.values():
         take(session)
     assert core.label("other", {"app": "web"}, [], actor=OPERATOR) == {"app": "web"}
@@ -137,7 +160,8 @@ def test_relabel_moves_agent_into_policy(core: Controller) -> None:
     assert other is not None
     assert other.snapshot.ruleset.rules[0].direction == ruleset_pb2.DIRECTION_EGRESS
     assert db is not None
-    assert sorted(db.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
+    assert db.WhichOneof("body") == "delta", "only db's peer set changed"
+    assert sorted(received(db, db_before).sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
 
 
 def test_bad_label_changes_nothing(core: Controller) -> None:
@@ -204,35 +228,36 @@ def test_address_change_updates_peer_sets_not_rules(core: Controller) -> None:
     core.addresses_changed("web", ["198.18.0.10", "198.18.0.50", "2001:db8::10"])
     after = take(sessions["db"])
     assert after is not None, "db must be told about web's new address"
-    assert list(after.snapshot.ruleset.rules) == list(before.snapshot.ruleset.rules)
-    assert list(after.snapshot.ruleset.sets[0].hosts) == [
-        "198.18.0.10",
-        "198.18.0.50",
-        "2001:db8::10",
-    ]
-    assert after.snapshot.revision > before.snapshot.revision
+    assert after.WhichOneof("body") == "delta", "only set elements changed"
+    assert [c.name for c in after.delta.sets] == [before.snapshot.ruleset.sets[0].name]
+    assert list(after.delta.sets[0].add_hosts) == ["198.18.0.50", "2001:db8::10"]
+    assert after.delta.base_hash == before.snapshot.hash
+    now = received(after, before.snapshot.ruleset)
+    assert list(now.rules) == list(before.snapshot.ruleset.rules)
+    assert list(now.sets[0].hosts) == ["198.18.0.10", "198.18.0.50", "2001:db8::10"]
+    assert revision_of(after) > before.snapshot.revision
     assert take(sessions["other"]) is None
     with pytest.raises(InvalidArgument, match=r"addresses\[0\]"):
         core.addresses_changed("web", ["not-an-ip"])
 
 
-def test_ack_of_an_overtaken_snapshot_triggers_a_resync(core: Controller) -> None:
+def test_a_change_back_while_one_is_in_flight_is_sent_not_taken_for_in_sync(
+    core: Controller,
+) -> None:
     # web enforces H0; H1 (policy) is in flight; the policy is deleted (desired H0 again)
-    # before web acks H1. The controller must not leave web on H1.
+    # before web acks H1. Web will hold H1, so "in sync with H0" would be wrong: H0 is sent.
     sessions = connect_three(core)
     core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     in_flight = take(sessions["web"])
     assert in_flight is not None
     core.delete("Policy", "web-db", actor=OPERATOR)
     offered = take(sessions["web"])
-    assert offered is not None
-    assert offered.WhichOneof("body") == "in_sync"
+    assert offered is not None, "web would keep the deleted policy's rules"
+    assert offered.WhichOneof("body") == "snapshot"
+    assert offered.snapshot.hash == core.agent("web").desired_hash
     snap = in_flight.snapshot
     core.acknowledged("web", agent_pb2.Ack(revision=snap.revision, hash=snap.hash, ok=True))
-    resync = take(sessions["web"])
-    assert resync is not None, "web would keep the deleted policy's rules"
-    assert resync.WhichOneof("body") == "snapshot"
-    assert resync.snapshot.hash == core.agent("web").desired_hash
+    assert take(sessions["web"]) is None, "H0 is already on its way; nothing to resend"
 
 
 def test_unusable_addresses_are_refused(core: Controller) -> None:
@@ -301,14 +326,17 @@ def test_offline_agents_are_shown_and_isolated_only_when_asked(tmp_path: Path) -
                                offline_isolation=isolation)  # fmt: skip
         sessions = connect_three(core)
         core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
-        take(sessions["db"])
+        first = take(sessions["db"])
+        assert first is not None
+        held = received(first)
         _silence(core, sessions["web"])
         assert core.check_offline() == {"web"}
         assert core.is_offline(core.agent("web"))
         pushed = take(sessions["db"])
         if isolation:
             assert pushed is not None, "db must drop the offline web's address"
-            assert list(pushed.snapshot.ruleset.sets[0].hosts) == []
+            held = received(pushed, held)
+            assert list(held.sets[0].hosts) == []
         else:
             assert pushed is None, "without isolation nothing changes for db"
         # web comes back: its address returns to db's set.
@@ -316,17 +344,18 @@ def test_offline_agents_are_shown_and_isolated_only_when_asked(tmp_path: Path) -
         if isolation:
             back = take(sessions["db"])
             assert back is not None
-            assert list(back.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10"]
+            assert list(received(back, held).sets[0].hosts) == ["198.18.0.10"]
 
 
 def test_host_label_change_recompiles_its_peers(core: Controller) -> None:
     sessions = connect_three(core)
     core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
-    take(sessions["db"])
+    first = take(sessions["db"])
+    assert first is not None
     core.config_changed("other", agent_pb2.ConfigChange(labels={"app": "web"}))
     db = take(sessions["db"])
     assert db is not None
-    assert sorted(db.snapshot.ruleset.sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
+    assert sorted(received(db, received(first)).sets[0].hosts) == ["198.18.0.10", "198.18.0.12"]
     with pytest.raises(InvalidArgument, match=r"config\.labels"):
         core.config_changed("other", agent_pb2.ConfigChange(labels={"bad key": "x"}))
 
@@ -344,7 +373,7 @@ def test_revoking_an_agent_takes_its_addresses_out_of_its_peers_sets(core: Contr
     core.revoke_agent("web", actor=OPERATOR)
     after = take(sessions["db"])
     assert after is not None, "db must be told to stop trusting web's address"
-    assert list(after.snapshot.ruleset.sets[0].hosts) == []
+    assert list(received(after, before.snapshot.ruleset).sets[0].hosts) == []
 
 
 def test_an_expired_enrollment_cannot_be_taken_over_with_another_token(tmp_path: Path) -> None:

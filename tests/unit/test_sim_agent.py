@@ -129,3 +129,44 @@ def test_a_connections_request_gets_an_empty_table_with_a_reason() -> None:
     assert answer.connections.request_id == "r1"
     assert not answer.connections.connections
     assert answer.connections.error
+
+
+def _delta(base: agent_pb2.ControllerMessage, add: str) -> agent_pb2.ControllerMessage:
+    after = ruleset_pb2.Ruleset()
+    after.CopyFrom(base.snapshot.ruleset)
+    after.sets[0].hosts.append(add)
+    delta = agent_pb2.PolicyDelta(
+        base_revision=base.snapshot.revision, base_hash=base.snapshot.hash,
+        revision=base.snapshot.revision + 1, hash=ruleset_hash(after),
+        sets=[agent_pb2.SetChange(name="peers", add_hosts=[add])],
+    )  # fmt: skip
+    return agent_pb2.ControllerMessage(delta=delta)
+
+
+def test_a_delta_is_applied_to_what_the_agent_holds_and_acked() -> None:
+    clock = FakeClock()
+    agent = _agent(clock)
+    base = _snapshot(4, 8080)
+    agent.handle(base)
+    clock.now = 101.0
+    message = _delta(base, "198.18.0.9")
+    answer = agent.handle(message)
+    assert answer is not None
+    assert answer.ack == agent_pb2.Ack(revision=5, hash=message.delta.hash, ok=True)
+    assert list(agent.ruleset.sets[0].hosts) == ["198.18.0.3", "198.18.0.9"]
+    assert (agent.deltas, agent.arrivals[5]) == (1, 101.0)
+
+
+def test_a_delta_against_another_ruleset_asks_for_a_snapshot() -> None:
+    agent = _agent(FakeClock())
+    base = _snapshot(4, 8080)
+    answer = agent.handle(_delta(base, "198.18.0.9"))  # it holds nothing yet
+    assert answer is not None
+    assert (answer.ack.ok, answer.ack.need_snapshot) == (False, True)
+    agent.handle(base)
+    forged = _delta(base, "198.18.0.9")
+    forged.delta.hash = "0" * 64
+    answer = agent.handle(forged)
+    assert answer is not None
+    assert (answer.ack.ok, answer.ack.need_snapshot, agent.hash_mismatches) == (False, True, 1)
+    assert agent.applied_hash == base.snapshot.hash

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bulkhead.v1 import ruleset_pb2 as bulkhead_dot_v1_dot_ruleset__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62ulkhead/v1/agent.proto\x12\x0b\x62ulkhead.v1\x1a\x19\x62ulkhead/v1/ruleset.proto\"\x0e\n\x0cGetCARequest\"\x1f\n\rGetCAResponse\x12\x0e\n\x06\x63\x61_pem\x18\x01 \x01(\t\"S\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\"\xa1\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.bulkhead.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x0bTamperEvent\x12\x18\n\x10\x64\x65tected_unix_ms\x18\x01 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08repaired\x18\x03 \x01(\x08\x12\x16\n\x0erepair_seconds\x18\x04 \x01(\x01\"\x95\x01\n\x0c\x43onfigChange\x12\x35\n\x06labels\x18\x01 \x03(\x0b\x32%.bulkhead.v1.ConfigChange.LabelsEntry\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.bulkhead.v1.Mode\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x10RenewCertificate\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\",\n\x11\x43\x65rtificateIssued\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\"f\n\x08\x42\x61seline\x12\x18\n\x10\x66\x61ilsafe_inbound\x18\x01 \x03(\t\x12\x19\n\x11\x66\x61ilsafe_outbound\x18\x02 \x03(\t\x12\x12\n\ncontroller\x18\x03 \x01(\t\x12\x11\n\tdataplane\x18\x04 \x01(\t\"\xae\x02\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.bulkhead.v1.Hello.LabelsEntry\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x18\n\x10\x61pplied_revision\x18\x05 \x01(\x04\x12\x14\n\x0c\x61pplied_hash\x18\x06 \x01(\t\x12\x1f\n\x04mode\x18\x07 \x01(\x0e\x32\x11.bulkhead.v1.Mode\x12\'\n\x08\x62\x61seline\x18\x08 \x01(\x0b\x32\x15.bulkhead.v1.Baseline\x12\x15\n\ragent_version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\"\"\n\rAddressUpdate\x12\x11\n\taddresses\x18\x01 \x03(\t\"@\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xa2\x03\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.bulkhead.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.bulkhead.v1.HeartbeatH\x00\x12/\n\taddresses\x18\x03 \x01(\x0b\x32\x1a.bulkhead.v1.AddressUpdateH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.bulkhead.v1.AckH\x00\x12.\n\x05renew\x18\x05 \x01(\x0b\x32\x1d.bulkhead.v1.RenewCertificateH\x00\x12*\n\x06tamper\x18\x06 \x01(\x0b\x32\x18.bulkhead.v1.TamperEventH\x00\x12+\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x19.bulkhead.v1.ConfigChangeH\x00\x12(\n\x05\x66lows\x18\x08 \x01(\x0b\x32\x17.bulkhead.v1.FlowReportH\x00\x12\x33\n\x0b\x63onnections\x18\t \x01(\x0b\x32\x1c.bulkhead.v1.ConnectionTableH\x00\x42\x06\n\x04\x62ody\"W\n\x0ePolicySnapshot\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12%\n\x07ruleset\x18\x03 \x01(\x0b\x32\x14.bulkhead.v1.Ruleset\"(\n\x06InSync\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"\xeb\x01\n\x11\x43ontrollerMessage\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.bulkhead.v1.PolicySnapshotH\x00\x12&\n\x07in_sync\x18\x02 \x01(\x0b\x32\x13.bulkhead.v1.InSyncH\x00\x12\x35\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0b\x32\x1e.bulkhead.v1.CertificateIssuedH\x00\x12>\n\x13\x63onnections_request\x18\x04 \x01(\x0b\x32\x1f.bulkhead.v1.ConnectionsRequestH\x00\x42\x06\n\x04\x62ody\"}\n\x07Process\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03\x65xe\x18\x03 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x04 \x03(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x15\n\rstart_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0csystemd_unit\x18\x07 \x01(\t\"\x96\x02\n\x04\x46low\x12-\n\tdirection\x18\x01 \x01(\x0e\x32\x1a.bulkhead.v1.FlowDirection\x12\x15\n\rlocal_address\x18\x02 \x01(\t\x12\x14\n\x0cpeer_address\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12%\n\x07process\x18\x06 \x01(\x0b\x32\x14.bulkhead.v1.Process\x12%\n\x07verdict\x18\x07 \x01(\x0e\x32\x14.bulkhead.v1.Verdict\x12\r\n\x05\x63ount\x18\x08 \x01(\x04\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\t \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\n \x01(\x03\"?\n\nFlowReport\x12 \n\x05\x66lows\x18\x01 \x03(\x0b\x32\x11.bulkhead.v1.Flow\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"\xd7\x01\n\nConnection\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rlocal_address\x18\x03 \x01(\t\x12\x12\n\nlocal_port\x18\x04 \x01(\r\x12\x14\n\x0cpeer_address\x18\x05 \x01(\t\x12\x11\n\tpeer_port\x18\x06 \x01(\r\x12-\n\tdirection\x18\x07 \x01(\x0e\x32\x1a.bulkhead.v1.FlowDirection\x12%\n\x07process\x18\x08 \x01(\x0b\x32\x14.bulkhead.v1.Process\"(\n\x12\x43onnectionsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"b\n\x0f\x43onnectionTable\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x0b\x63onnections\x18\x02 \x03(\x0b\x32\x17.bulkhead.v1.Connection\x12\r\n\x05\x65rror\x18\x03 \x01(\t*C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODE_VISIBILITY\x10\x01\x12\x10\n\x0cMODE_ENFORCE\x10\x02*\x83\x01\n\rFlowDirection\x12\x1e\n\x1a\x46LOW_DIRECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46LOW_DIRECTION_INBOUND\x10\x01\x12\x1b\n\x17\x46LOW_DIRECTION_OUTBOUND\x10\x02\x12\x19\n\x15\x46LOW_DIRECTION_LISTEN\x10\x03*c\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_ALLOWED\x10\x01\x12\x12\n\x0eVERDICT_DENIED\x10\x02\x12\x16\n\x12VERDICT_WOULD_DENY\x10\x03\x32X\n\x0c\x41gentService\x12H\n\x07\x43onnect\x12\x19.bulkhead.v1.AgentMessage\x1a\x1e.bulkhead.v1.ControllerMessage(\x01\x30\x01\x32\x96\x01\n\x11\x45nrollmentService\x12>\n\x05GetCA\x12\x19.bulkhead.v1.GetCARequest\x1a\x1a.bulkhead.v1.GetCAResponse\x12\x41\n\x06\x45nroll\x12\x1a.bulkhead.v1.EnrollRequest\x1a\x1b.bulkhead.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62ulkhead/v1/agent.proto\x12\x0b\x62ulkhead.v1\x1a\x19\x62ulkhead/v1/ruleset.proto\"\x0e\n\x0cGetCARequest\"\x1f\n\rGetCAResponse\x12\x0e\n\x06\x63\x61_pem\x18\x01 \x01(\t\"S\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\"\xa1\x01\n\x0e\x45nrollResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\t\x12\x37\n\x06labels\x18\x03 \x03(\x0b\x32\'.bulkhead.v1.EnrollResponse.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x0bTamperEvent\x12\x18\n\x10\x64\x65tected_unix_ms\x18\x01 \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x10\n\x08repaired\x18\x03 \x01(\x08\x12\x16\n\x0erepair_seconds\x18\x04 \x01(\x01\"\x95\x01\n\x0c\x43onfigChange\x12\x35\n\x06labels\x18\x01 \x03(\x0b\x32%.bulkhead.v1.ConfigChange.LabelsEntry\x12\x1f\n\x04mode\x18\x02 \x01(\x0e\x32\x11.bulkhead.v1.Mode\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"#\n\x10RenewCertificate\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\t\",\n\x11\x43\x65rtificateIssued\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\t\"f\n\x08\x42\x61seline\x12\x18\n\x10\x66\x61ilsafe_inbound\x18\x01 \x03(\t\x12\x19\n\x11\x66\x61ilsafe_outbound\x18\x02 \x03(\t\x12\x12\n\ncontroller\x18\x03 \x01(\t\x12\x11\n\tdataplane\x18\x04 \x01(\t\"\xae\x02\n\x05Hello\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12.\n\x06labels\x18\x03 \x03(\x0b\x32\x1e.bulkhead.v1.Hello.LabelsEntry\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x18\n\x10\x61pplied_revision\x18\x05 \x01(\x04\x12\x14\n\x0c\x61pplied_hash\x18\x06 \x01(\t\x12\x1f\n\x04mode\x18\x07 \x01(\x0e\x32\x11.bulkhead.v1.Mode\x12\'\n\x08\x62\x61seline\x18\x08 \x01(\x0b\x32\x15.bulkhead.v1.Baseline\x12\x15\n\ragent_version\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"!\n\tHeartbeat\x12\x14\n\x0csent_unix_ms\x18\x01 \x01(\x03\"\"\n\rAddressUpdate\x12\x11\n\taddresses\x18\x01 \x03(\t\"W\n\x03\x41\x63k\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rneed_snapshot\x18\x05 \x01(\x08\"\xa2\x03\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.bulkhead.v1.HelloH\x00\x12+\n\theartbeat\x18\x02 \x01(\x0b\x32\x16.bulkhead.v1.HeartbeatH\x00\x12/\n\taddresses\x18\x03 \x01(\x0b\x32\x1a.bulkhead.v1.AddressUpdateH\x00\x12\x1f\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x10.bulkhead.v1.AckH\x00\x12.\n\x05renew\x18\x05 \x01(\x0b\x32\x1d.bulkhead.v1.RenewCertificateH\x00\x12*\n\x06tamper\x18\x06 \x01(\x0b\x32\x18.bulkhead.v1.TamperEventH\x00\x12+\n\x06\x63onfig\x18\x07 \x01(\x0b\x32\x19.bulkhead.v1.ConfigChangeH\x00\x12(\n\x05\x66lows\x18\x08 \x01(\x0b\x32\x17.bulkhead.v1.FlowReportH\x00\x12\x33\n\x0b\x63onnections\x18\t \x01(\x0b\x32\x1c.bulkhead.v1.ConnectionTableH\x00\x42\x06\n\x04\x62ody\"W\n\x0ePolicySnapshot\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12%\n\x07ruleset\x18\x03 \x01(\x0b\x32\x14.bulkhead.v1.Ruleset\"(\n\x06InSync\x12\x10\n\x08revision\x18\x01 \x01(\x04\x12\x0c\n\x04hash\x18\x02 \x01(\t\"q\n\tSetChange\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tadd_hosts\x18\x02 \x03(\t\x12\x14\n\x0cremove_hosts\x18\x03 \x03(\t\x12\x14\n\x0c\x61\x64\x64_networks\x18\x04 \x03(\t\x12\x17\n\x0fremove_networks\x18\x05 \x03(\t\"}\n\x0bPolicyDelta\x12\x15\n\rbase_revision\x18\x01 \x01(\x04\x12\x11\n\tbase_hash\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x04\x12\x0c\n\x04hash\x18\x04 \x01(\t\x12$\n\x04sets\x18\x05 \x03(\x0b\x32\x16.bulkhead.v1.SetChange\"\x96\x02\n\x11\x43ontrollerMessage\x12/\n\x08snapshot\x18\x01 \x01(\x0b\x32\x1b.bulkhead.v1.PolicySnapshotH\x00\x12&\n\x07in_sync\x18\x02 \x01(\x0b\x32\x13.bulkhead.v1.InSyncH\x00\x12\x35\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0b\x32\x1e.bulkhead.v1.CertificateIssuedH\x00\x12>\n\x13\x63onnections_request\x18\x04 \x01(\x0b\x32\x1f.bulkhead.v1.ConnectionsRequestH\x00\x12)\n\x05\x64\x65lta\x18\x05 \x01(\x0b\x32\x18.bulkhead.v1.PolicyDeltaH\x00\x42\x06\n\x04\x62ody\"}\n\x07Process\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03\x65xe\x18\x03 \x01(\t\x12\x0f\n\x07\x63mdline\x18\x04 \x03(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\x15\n\rstart_unix_ms\x18\x06 \x01(\x03\x12\x14\n\x0csystemd_unit\x18\x07 \x01(\t\"\x96\x02\n\x04\x46low\x12-\n\tdirection\x18\x01 \x01(\x0e\x32\x1a.bulkhead.v1.FlowDirection\x12\x15\n\rlocal_address\x18\x02 \x01(\t\x12\x14\n\x0cpeer_address\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12%\n\x07process\x18\x06 \x01(\x0b\x32\x14.bulkhead.v1.Process\x12%\n\x07verdict\x18\x07 \x01(\x0e\x32\x14.bulkhead.v1.Verdict\x12\r\n\x05\x63ount\x18\x08 \x01(\x04\x12\x1a\n\x12\x66irst_seen_unix_ms\x18\t \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\n \x01(\x03\"?\n\nFlowReport\x12 \n\x05\x66lows\x18\x01 \x03(\x0b\x32\x11.bulkhead.v1.Flow\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"\xd7\x01\n\nConnection\x12\x10\n\x08protocol\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x15\n\rlocal_address\x18\x03 \x01(\t\x12\x12\n\nlocal_port\x18\x04 \x01(\r\x12\x14\n\x0cpeer_address\x18\x05 \x01(\t\x12\x11\n\tpeer_port\x18\x06 \x01(\r\x12-\n\tdirection\x18\x07 \x01(\x0e\x32\x1a.bulkhead.v1.FlowDirection\x12%\n\x07process\x18\x08 \x01(\x0b\x32\x14.bulkhead.v1.Process\"(\n\x12\x43onnectionsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"b\n\x0f\x43onnectionTable\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x0b\x63onnections\x18\x02 \x03(\x0b\x32\x17.bulkhead.v1.Connection\x12\r\n\x05\x65rror\x18\x03 \x01(\t*C\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fMODE_VISIBILITY\x10\x01\x12\x10\n\x0cMODE_ENFORCE\x10\x02*\x83\x01\n\rFlowDirection\x12\x1e\n\x1a\x46LOW_DIRECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x46LOW_DIRECTION_INBOUND\x10\x01\x12\x1b\n\x17\x46LOW_DIRECTION_OUTBOUND\x10\x02\x12\x19\n\x15\x46LOW_DIRECTION_LISTEN\x10\x03*c\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x13\n\x0fVERDICT_ALLOWED\x10\x01\x12\x12\n\x0eVERDICT_DENIED\x10\x02\x12\x16\n\x12VERDICT_WOULD_DENY\x10\x03\x32X\n\x0c\x41gentService\x12H\n\x07\x43onnect\x12\x19.bulkhead.v1.AgentMessage\x1a\x1e.bulkhead.v1.ControllerMessage(\x01\x30\x01\x32\x96\x01\n\x11\x45nrollmentService\x12>\n\x05GetCA\x12\x19.bulkhead.v1.GetCARequest\x1a\x1a.bulkhead.v1.GetCAResponse\x12\x41\n\x06\x45nroll\x12\x1a.bulkhead.v1.EnrollRequest\x1a\x1b.bulkhead.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,12 +38,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONFIGCHANGE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=2873
-  _globals['_MODE']._serialized_end=2940
-  _globals['_FLOWDIRECTION']._serialized_start=2943
-  _globals['_FLOWDIRECTION']._serialized_end=3074
-  _globals['_VERDICT']._serialized_start=3076
-  _globals['_VERDICT']._serialized_end=3175
+  _globals['_MODE']._serialized_start=3181
+  _globals['_MODE']._serialized_end=3248
+  _globals['_FLOWDIRECTION']._serialized_start=3251
+  _globals['_FLOWDIRECTION']._serialized_end=3382
+  _globals['_VERDICT']._serialized_start=3384
+  _globals['_VERDICT']._serialized_end=3483
   _globals['_GETCAREQUEST']._serialized_start=67
   _globals['_GETCAREQUEST']._serialized_end=81
   _globals['_GETCARESPONSE']._serialized_start=83
@@ -75,29 +75,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADDRESSUPDATE']._serialized_start=1148
   _globals['_ADDRESSUPDATE']._serialized_end=1182
   _globals['_ACK']._serialized_start=1184
-  _globals['_ACK']._serialized_end=1248
-  _globals['_AGENTMESSAGE']._serialized_start=1251
-  _globals['_AGENTMESSAGE']._serialized_end=1669
-  _globals['_POLICYSNAPSHOT']._serialized_start=1671
-  _globals['_POLICYSNAPSHOT']._serialized_end=1758
-  _globals['_INSYNC']._serialized_start=1760
-  _globals['_INSYNC']._serialized_end=1800
-  _globals['_CONTROLLERMESSAGE']._serialized_start=1803
-  _globals['_CONTROLLERMESSAGE']._serialized_end=2038
-  _globals['_PROCESS']._serialized_start=2040
-  _globals['_PROCESS']._serialized_end=2165
-  _globals['_FLOW']._serialized_start=2168
-  _globals['_FLOW']._serialized_end=2446
-  _globals['_FLOWREPORT']._serialized_start=2448
-  _globals['_FLOWREPORT']._serialized_end=2511
-  _globals['_CONNECTION']._serialized_start=2514
-  _globals['_CONNECTION']._serialized_end=2729
-  _globals['_CONNECTIONSREQUEST']._serialized_start=2731
-  _globals['_CONNECTIONSREQUEST']._serialized_end=2771
-  _globals['_CONNECTIONTABLE']._serialized_start=2773
-  _globals['_CONNECTIONTABLE']._serialized_end=2871
-  _globals['_AGENTSERVICE']._serialized_start=3177
-  _globals['_AGENTSERVICE']._serialized_end=3265
-  _globals['_ENROLLMENTSERVICE']._serialized_start=3268
-  _globals['_ENROLLMENTSERVICE']._serialized_end=3418
+  _globals['_ACK']._serialized_end=1271
+  _globals['_AGENTMESSAGE']._serialized_start=1274
+  _globals['_AGENTMESSAGE']._serialized_end=1692
+  _globals['_POLICYSNAPSHOT']._serialized_start=1694
+  _globals['_POLICYSNAPSHOT']._serialized_end=1781
+  _globals['_INSYNC']._serialized_start=1783
+  _globals['_INSYNC']._serialized_end=1823
+  _globals['_SETCHANGE']._serialized_start=1825
+  _globals['_SETCHANGE']._serialized_end=1938
+  _globals['_POLICYDELTA']._serialized_start=1940
+  _globals['_POLICYDELTA']._serialized_end=2065
+  _globals['_CONTROLLERMESSAGE']._serialized_start=2068
+  _globals['_CONTROLLERMESSAGE']._serialized_end=2346
+  _globals['_PROCESS']._serialized_start=2348
+  _globals['_PROCESS']._serialized_end=2473
+  _globals['_FLOW']._serialized_start=2476
+  _globals['_FLOW']._serialized_end=2754
+  _globals['_FLOWREPORT']._serialized_start=2756
+  _globals['_FLOWREPORT']._serialized_end=2819
+  _globals['_CONNECTION']._serialized_start=2822
+  _globals['_CONNECTION']._serialized_end=3037
+  _globals['_CONNECTIONSREQUEST']._serialized_start=3039
+  _globals['_CONNECTIONSREQUEST']._serialized_end=3079
+  _globals['_CONNECTIONTABLE']._serialized_start=3081
+  _globals['_CONNECTIONTABLE']._serialized_end=3179
+  _globals['_AGENTSERVICE']._serialized_start=3485
+  _globals['_AGENTSERVICE']._serialized_end=3573
+  _globals['_ENROLLMENTSERVICE']._serialized_start=3576
+  _globals['_ENROLLMENTSERVICE']._serialized_end=3726
 # @@protoc_insertion_point(module_scope)

@@ -171,16 +171,18 @@ class AddressUpdate(_message.Message):
     def __init__(self, addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("revision", "hash", "ok", "error")
+    __slots__ = ("revision", "hash", "ok", "error", "need_snapshot")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     HASH_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEED_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     revision: int
     hash: str
     ok: bool
     error: str
-    def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    need_snapshot: bool
+    def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., need_snapshot: _Optional[bool] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "addresses", "ack", "renew", "tamper", "config", "flows", "connections")
@@ -222,17 +224,47 @@ class InSync(_message.Message):
     hash: str
     def __init__(self, revision: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
+class SetChange(_message.Message):
+    __slots__ = ("name", "add_hosts", "remove_hosts", "add_networks", "remove_networks")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADD_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_HOSTS_FIELD_NUMBER: _ClassVar[int]
+    ADD_NETWORKS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_NETWORKS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    add_hosts: _containers.RepeatedScalarFieldContainer[str]
+    remove_hosts: _containers.RepeatedScalarFieldContainer[str]
+    add_networks: _containers.RepeatedScalarFieldContainer[str]
+    remove_networks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., add_hosts: _Optional[_Iterable[str]] = ..., remove_hosts: _Optional[_Iterable[str]] = ..., add_networks: _Optional[_Iterable[str]] = ..., remove_networks: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PolicyDelta(_message.Message):
+    __slots__ = ("base_revision", "base_hash", "revision", "hash", "sets")
+    BASE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    BASE_HASH_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    base_revision: int
+    base_hash: str
+    revision: int
+    hash: str
+    sets: _containers.RepeatedCompositeFieldContainer[SetChange]
+    def __init__(self, base_revision: _Optional[int] = ..., base_hash: _Optional[str] = ..., revision: _Optional[int] = ..., hash: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetChange, _Mapping]]] = ...) -> None: ...
+
 class ControllerMessage(_message.Message):
-    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request")
+    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request", "delta")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
     snapshot: PolicySnapshot
     in_sync: InSync
     certificate: CertificateIssued
     connections_request: ConnectionsRequest
-    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ...) -> None: ...
+    delta: PolicyDelta
+    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ..., delta: _Optional[_Union[PolicyDelta, _Mapping]] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("pid", "name", "exe", "cmdline", "user", "start_unix_ms", "systemd_unit")

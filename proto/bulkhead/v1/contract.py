@@ -1,14 +1,18 @@
 """The parts of the contract that are code rather than messages, shared by agent and
-controller (which never import each other): the ruleset hash, the rules for agent ids
-and labels, and the enrollment token format. See PROTOCOL.md beside this file."""
+controller (which never import each other): the ruleset hash, policy deltas, the rules
+for agent ids and labels, and the enrollment token format. See PROTOCOL.md beside this
+file."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import ipaddress
 import re
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 AGENT_ID_RULE = (
     "1-63 lowercase letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
@@ -30,6 +34,113 @@ _LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 def ruleset_hash(ruleset: ruleset_pb2.Ruleset) -> str:
     """Lowercase hex sha256 of the ruleset's deterministic serialisation."""
     return hashlib.sha256(ruleset.SerializeToString(deterministic=True)).hexdigest()
+
+
+def host_order(text: str) -> tuple[int, int]:
+    """Sort key of AddressSet.hosts: IPv4 before IPv6, then numerically."""
+    address = ipaddress.ip_address(text)
+    return (address.version, int(address))
+
+
+def network_order(text: str) -> tuple[int, int, int]:
+    """Sort key of AddressSet.networks: IPv4 before IPv6, by first address, by prefix."""
+    network = ipaddress.ip_network(text)
+    return (network.version, int(network.network_address), network.prefixlen)
+
+
+class DeltaError(ValueError):
+    """A PolicyDelta does not fit the ruleset it is applied to; names the field."""
+
+
+def set_changes(
+    old: ruleset_pb2.Ruleset, new: ruleset_pb2.Ruleset
+) -> list[agent_pb2.SetChange] | None:
+    """The changes that turn OLD into NEW when only set elements differ (same rules, same
+    set names in the same order); None when anything else differs."""
+    if len(old.sets) != len(new.sets) or old.rules != new.rules:
+        return None
+    changes = []
+    for before, after in zip(old.sets, new.sets, strict=True):
+        if before.name != after.name:
+            return None
+        if before == after:
+            continue
+        hosts_before, hosts_after = set(before.hosts), set(after.hosts)
+        networks_before, networks_after = set(before.networks), set(after.networks)
+        changes.append(
+            agent_pb2.SetChange(
+                name=after.name,
+                add_hosts=[h for h in after.hosts if h not in hosts_before],
+                remove_hosts=[h for h in before.hosts if h not in hosts_after],
+                add_networks=[n for n in after.networks if n not in networks_before],
+                remove_networks=[n for n in before.networks if n not in networks_after],
+            )
+        )
+    return changes
+
+
+def apply_set_changes(
+    ruleset: ruleset_pb2.Ruleset, changes: Sequence[agent_pb2.SetChange]
+) -> ruleset_pb2.Ruleset:
+    """RULESET with CHANGES applied, elements kept in AddressSet order (a new message).
+
+    Strict, so a delta against some other ruleset fails here rather than half-fits:
+    every named set must exist, at most one change per set, removed elements must be
+    present and added ones absent. Cost follows the changed sets, not the whole ruleset.
+    """
+    result = ruleset_pb2.Ruleset()
+    result.CopyFrom(ruleset)
+    index = {address_set.name: i for i, address_set in enumerate(result.sets)}
+    seen: set[str] = set()
+    for number, change in enumerate(changes):
+        field = f"delta.sets[{number}]"
+        position = index.get(change.name)
+        if position is None:
+            raise DeltaError(f"{field}.name: {change.name!r} is not a set of the base ruleset")
+        if change.name in seen:
+            raise DeltaError(f"{field}.name: {change.name!r} is changed twice")
+        seen.add(change.name)
+        target = result.sets[position]
+        hosts = _changed(
+            f"{field}.*_hosts", list(target.hosts), change.add_hosts, change.remove_hosts,
+            host_order,
+        )  # fmt: skip
+        networks = _changed(
+            f"{field}.*_networks", list(target.networks), change.add_networks,
+            change.remove_networks, network_order,
+        )  # fmt: skip
+        target.hosts[:] = hosts
+        target.networks[:] = networks
+    return result
+
+
+def _changed(
+    field: str,
+    elements: list[str],
+    add: Sequence[str],
+    remove: Sequence[str],
+    order: Callable[[str], tuple[int, ...]],
+) -> list[str]:
+    present = set(elements)
+    missing = [e for e in remove if e not in present]
+    if missing:
+        raise DeltaError(f"{field}: removes {missing[0]!r}, which the set does not hold")
+    gone = set(remove)
+    if len(gone) != len(remove):
+        raise DeltaError(f"{field}: removes an element twice")
+    kept = [e for e in elements if e not in gone] if gone else elements
+    remaining = present - gone
+    try:
+        for element in add:
+            if element in remaining:
+                raise DeltaError(f"{field}: adds {element!r}, which the set already holds")
+            remaining.add(element)
+            bisect.insort(kept, element, key=order)
+    except ValueError as exc:
+        if isinstance(exc, DeltaError):
+            raise
+        raise DeltaError(f"{field}: {exc}") from exc
+    return kept
 
 
 def is_valid_agent_id(text: str) -> bool:

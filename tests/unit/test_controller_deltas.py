@@ -1,0 +1,193 @@
+"""Deltas on the wire: the controller sends set changes against what the agent
+acknowledged, and a complete snapshot whenever it cannot (rules changed, base unknown,
+the agent refused)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from bulkhead.v1 import agent_pb2, ruleset_pb2
+from bulkhead.v1.contract import apply_set_changes, ruleset_hash
+from controller.core import Controller
+from controller.sessions import AgentSession
+from controller.store.sqlite_store import SqliteStore
+from tests.pki_support import make_controller
+
+OPERATOR = "operator:test"
+
+
+def policy(port: int) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "bulkhead/v1",
+            "kind": "Policy",
+            "metadata": {"name": "web-db"},
+            "spec": {
+                "rules": [{"from": {"app": "web"}, "to": {"app": "db"}, "ports": [f"tcp/{port}"]}]
+            },
+        }
+    )
+
+
+def hello(
+    agent_id: str, app: str, address: str, held: tuple[int, str] = (0, "")
+) -> agent_pb2.Hello:
+    return agent_pb2.Hello(
+        agent_id=agent_id, hostname=agent_id, labels={"app": app}, addresses=[address],
+        applied_revision=held[0], applied_hash=held[1],
+    )  # fmt: skip
+
+
+class FakeAgent:
+    """The agent's side: holds a ruleset, applies snapshots and deltas, acks."""
+
+    def __init__(self, core: Controller, agent_id: str, app: str, address: str) -> None:
+        self.core, self.agent_id = core, agent_id
+        self.app, self.address = app, address
+        self.ruleset = ruleset_pb2.Ruleset()
+        self.revision, self.hash = 0, ""
+        self.kinds: list[str] = []
+        self.session = self.connect()
+
+    def connect(self) -> AgentSession:
+        held = (self.revision, self.hash)
+        self.session = self.core.connect(
+            self.agent_id, hello(self.agent_id, self.app, self.address, held)
+        )
+        return self.session
+
+    def receive(self, *, ack: bool = True) -> str | None:
+        """Take and handle the pending message; its kind (None if nothing came)."""
+        message = self.session.take()
+        if message is None:
+            return None
+        kind: str | None = message.WhichOneof("body")
+        assert kind is not None
+        self.kinds.append(kind)
+        if kind == "snapshot":
+            revision, digest, ruleset = (
+                message.snapshot.revision, message.snapshot.hash, message.snapshot.ruleset
+            )  # fmt: skip
+        elif kind == "delta":
+            assert message.delta.base_hash == self.hash, "a delta against what we hold"
+            revision, digest = message.delta.revision, message.delta.hash
+            ruleset = apply_set_changes(self.ruleset, message.delta.sets)
+        else:
+            return kind
+        assert ruleset_hash(ruleset) == digest
+        if ack:
+            self.ruleset, self.revision, self.hash = ruleset, revision, digest
+            self.core.acknowledged(
+                self.agent_id, agent_pb2.Ack(revision=revision, hash=digest, ok=True)
+            )
+        return kind
+
+
+def fleet(core: Controller) -> tuple[FakeAgent, FakeAgent]:
+    core.apply([policy(5432)], actor=OPERATOR)
+    web, db = (
+        FakeAgent(core, "web", "web", "198.18.0.10"),
+        FakeAgent(core, "db", "db", "198.18.0.11"),
+    )
+    assert web.receive() == "snapshot"
+    assert db.receive() == "snapshot"
+    # db connected after web: web's peer set is not involved (web only has egress to db).
+    web.receive()
+    db.receive()
+    return web, db
+
+
+def test_a_peer_that_moves_reaches_the_agent_as_a_delta_against_its_ack(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    core.addresses_changed("web", ["198.18.0.50"])
+    assert db.receive() == "delta"
+    assert list(db.ruleset.sets[0].hosts) == ["198.18.0.50"]
+    assert core.agent("db").applied_hash == core.agent("db").desired_hash
+    core.addresses_changed("web", ["198.18.0.51", "2001:db8::51"])
+    assert db.receive() == "delta"
+    assert list(db.ruleset.sets[0].hosts) == ["198.18.0.51", "2001:db8::51"]
+    assert core.pushes.deltas == 2
+
+
+def test_a_rule_change_is_sent_as_a_snapshot(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    core.apply([policy(5433)], actor=OPERATOR)
+    assert db.receive() == "snapshot"
+    assert db.ruleset.rules[0].ports[0].first == 5433
+
+
+def test_an_agent_that_cannot_apply_a_delta_gets_a_snapshot(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    core.addresses_changed("web", ["198.18.0.50"])
+    message = db.session.take()
+    assert message is not None
+    assert message.WhichOneof("body") == "delta"
+    refused = agent_pb2.Ack(
+        revision=message.delta.revision, hash=message.delta.hash, ok=False,
+        error="delta is against something else", need_snapshot=True,
+    )  # fmt: skip
+    core.acknowledged("db", refused)
+    assert db.receive() == "snapshot"
+    assert list(db.ruleset.sets[0].hosts) == ["198.18.0.50"]
+    assert core.agent("db").last_error == "", "asking for a snapshot is not a failure"
+
+
+def test_after_a_failed_apply_the_next_change_is_a_snapshot(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    core.addresses_changed("web", ["198.18.0.50"])
+    message = db.session.take()
+    assert message is not None
+    failed = agent_pb2.Ack(
+        revision=message.delta.revision, hash=message.delta.hash, ok=False, error="nft: EPERM"
+    )
+    core.acknowledged("db", failed)
+    assert db.session.take() is None, "a refused apply is not retried by itself"
+    assert core.agent("db").last_error == "nft: EPERM"
+    core.addresses_changed("web", ["198.18.0.51"])
+    assert db.receive() == "snapshot", "db still holds the older ruleset, not the delta's base"
+
+
+def test_the_acknowledged_base_survives_a_controller_restart(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    restarted = make_controller(tmp_path)
+    db.core = restarted
+    db.connect()
+    assert db.receive() == "in_sync"
+    restarted.addresses_changed("web", ["198.18.0.50"])
+    assert db.receive() == "delta"
+
+
+def test_an_agent_holding_something_else_gets_a_snapshot(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    db.session.close()
+    db.hash = "f" * 64  # e.g. it restored an older saved snapshot
+    db.connect()
+    assert db.receive() == "snapshot"
+
+
+def test_a_version_1_database_is_migrated_keeping_its_agents(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    fleet(core)
+    desired = core.agent("db").desired_hash
+    connection = sqlite3.connect(tmp_path / "c.db")
+    connection.execute("ALTER TABLE agents DROP COLUMN applied_ruleset")
+    connection.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    connection.commit()
+    connection.close()
+    store = SqliteStore(tmp_path / "c.db")
+    migrated = store.get_agent("db")
+    assert migrated is not None
+    assert migrated.desired_hash == desired
+    assert migrated.applied_ruleset == b""
+    store.close()
+    connection = sqlite3.connect(tmp_path / "c.db")
+    assert connection.execute("SELECT value FROM meta").fetchone()[0] == "2"
+    connection.close()
