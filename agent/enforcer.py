@@ -40,6 +40,9 @@ class Enforcer:
         # Commit-confirm: can the agent still reach its controller after an apply?
         self._confirm = confirm
         self.current: AppliedSnapshot | None = None
+        # Applied, acked later: the ruleset to judge established connections by, and the
+        # host's addresses (see cut_pending).
+        self._cut_due: tuple[ruleset_pb2.Ruleset, tuple[str, ...]] | None = None
 
     @property
     def applied_revision(self) -> int:
@@ -92,6 +95,14 @@ class Enforcer:
             self._backend.apply(snapshot.ruleset, self._baseline)
         except DataplaneError as exc:
             return self._failed(snapshot, str(exc))
+        return self._settle(snapshot, local_addresses, cut=True)
+
+    def _settle(
+        self, snapshot: agent_pb2.PolicySnapshot, local_addresses: Sequence[str], *, cut: bool
+    ) -> agent_pb2.Ack:
+        """After the kernel took SNAPSHOT: confirm and persist; with CUT, note that the
+        connections it no longer allows are to be cut (cut_pending)."""
+        digest = snapshot.hash
         if not self._confirm():
             self._roll_back()
             return self._failed(
@@ -105,17 +116,30 @@ class Enforcer:
             save_snapshot(self._state_dir, self.current)
         except OSError as exc:
             return self._failed(snapshot, f"applied but not saved to {self._state_dir}: {exc}")
-        if self._baseline.mode is Mode.ENFORCE:
-            try:
-                cut = self._cut_flows(snapshot.ruleset, self._baseline, local_addresses)
-            except Exception:
-                # The new rules are in force for new connections either way.
-                log.exception("could not cut connections the new policy no longer allows")
-            else:
-                if cut:
-                    log.info("cut %d connection(s) no longer allowed", cut)
+        if (cut or self._cut_due is not None) and self._baseline.mode is Mode.ENFORCE:
+            # Always against the latest ruleset: that is what the kernel enforces now.
+            self._cut_due = (snapshot.ruleset, tuple(local_addresses))
         log.info("applied revision %d (%s)", snapshot.revision, digest[:12])
         return agent_pb2.Ack(revision=snapshot.revision, hash=digest, ok=True)
+
+    def cut_pending(self) -> int:
+        """Cut the established connections the last applied ruleset no longer allows; how
+        many. Called after the apply's ack is sent: the kernel already judges every new
+        connection by the new rules, and dumping conntrack (tens of ms, growing with the
+        machine's conntrack table) need not delay the ack."""
+        due, self._cut_due = self._cut_due, None
+        if due is None:
+            return 0
+        ruleset, local_addresses = due
+        try:
+            count = self._cut_flows(ruleset, self._baseline, local_addresses)
+        except Exception:
+            # The new rules are in force for new connections either way.
+            log.exception("could not cut connections the new policy no longer allows")
+            return 0
+        if count:
+            log.info("cut %d connection(s) no longer allowed", count)
+        return count
 
     def apply_delta(
         self, delta: agent_pb2.PolicyDelta, local_addresses: Sequence[str]
@@ -144,7 +168,14 @@ class Enforcer:
             return need_snapshot("the delta's result does not match its hash")
         snapshot = agent_pb2.PolicySnapshot(revision=delta.revision, hash=delta.hash)
         snapshot.ruleset.CopyFrom(ruleset)
-        return self.apply(snapshot, local_addresses)
+        try:
+            if not self._backend.update_elements(delta.sets, ruleset, self._baseline):
+                self._backend.apply(ruleset, self._baseline)
+        except DataplaneError as exc:
+            return self._failed(snapshot, str(exc))
+        # Only removed elements can end a connection the old ruleset allowed.
+        removes = any(change.remove_hosts or change.remove_networks for change in delta.sets)
+        return self._settle(snapshot, local_addresses, cut=removes)
 
     def set_baseline(self, baseline: Baseline) -> None:
         """A new local baseline (e.g. the mode changed): re-apply what is enforced with it."""

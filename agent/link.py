@@ -215,10 +215,12 @@ class ControllerLink:
             addresses: Sequence[str] = list(self.addresses)
             ack = await asyncio.to_thread(self._enforcer.apply, message.snapshot, addresses)
             await outbox.put(agent_pb2.AgentMessage(ack=ack))
+            await asyncio.to_thread(self._enforcer.cut_pending)
         elif kind == "delta":
             addresses = list(self.addresses)
             ack = await asyncio.to_thread(self._enforcer.apply_delta, message.delta, addresses)
             await outbox.put(agent_pb2.AgentMessage(ack=ack))
+            await asyncio.to_thread(self._enforcer.cut_pending)
         elif kind == "certificate":
             self._store_renewed(message.certificate.certificate_pem.encode())
         elif kind == "connections_request":

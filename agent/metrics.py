@@ -6,7 +6,7 @@ when scraped, so the hot paths pay nothing for metrics."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -14,7 +14,7 @@ from prometheus_client.registry import Collector
 
 from agent.dataplane.backend import Backend
 from agent.dataplane.baseline import Baseline
-from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -65,6 +65,18 @@ class TimedBackend:
         started = time.perf_counter()
         self._inner.apply(ruleset, baseline)
         self._histogram.observe(time.perf_counter() - started)
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        started = time.perf_counter()
+        done = self._inner.update_elements(changes, result, baseline)
+        if done:
+            self._histogram.observe(time.perf_counter() - started)
+        return done
 
     def remove(self) -> None:
         self._inner.remove()

@@ -153,6 +153,23 @@ class TamperGuard:
                 raise
             self._remember(ruleset, baseline)
 
+    def _update_and_remember(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        with self._lock:
+            # One batch: refused, the kernel holds what it held, which stays expected.
+            if not self._backend.update_elements(changes, result, baseline):
+                return False
+            # Not read back now (a 100k-element table lists in ~0.4 s, on the ack's path):
+            # element updates happen only in a table the kernel lets no one else change
+            # (nft owner flag), so the next check adopts what it finds.
+            self._applied = _Applied(result, baseline, None)
+            self._unrepaired = None
+            return True
+
     def _remove_and_forget(self) -> None:
         with self._lock:
             self._backend.remove()
@@ -241,6 +258,14 @@ class GuardedBackend:
 
     def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
         self._guard._apply_and_remember(ruleset, baseline)
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        return self._guard._update_and_remember(changes, result, baseline)
 
     def remove(self) -> None:
         self._guard._remove_and_forget()

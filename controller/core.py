@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id, ruleset_hash
 from controller.enrollment import Enrollment
-from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
+from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from controller.observations import Observations, Workloads
 from controller.policy import (
     IPList,
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 KINDS = ("Policy", "IPList")
 DEFAULT_OFFLINE_AFTER_S = 3600.0
+# A connected agent that has not answered a ruleset (or not taken it off the stream) for
+# this long is stuck: its stream is cut so it reconnects and resyncs.
+DEFAULT_STUCK_AFTER_S = 30.0
 # Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
 MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
@@ -64,8 +67,11 @@ class Controller:
         offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
         offline_isolation: bool = False,
         coalesce_s: float = 0.0,
+        stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
     ) -> None:
         self._store = store
+        self._stuck_after_s = stuck_after_s
+        self._stuck: set[str] = set()  # marked until they acknowledge (or are in sync)
         # Changes agents report (hello, addresses, labels) are compiled together after this
         # many seconds, so a burst (a reconnect storm, a fleet relabelled by config
         # management) costs one recompile and one push per affected agent, not one per
@@ -307,6 +313,8 @@ class Controller:
             previous.close()
         session = AgentSession(agent.agent_id, _applied_state(agent), self.pushes)
         self._sessions[agent.agent_id] = session
+        if agent.applied_hash == agent.desired_hash:
+            self._stuck.discard(agent.agent_id)
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
         # Only labels and addresses (and, with isolation, being offline) feed the compiler;
         # an unchanged agent costs no recompile.
@@ -416,7 +424,10 @@ class Controller:
             raise InvalidArgument([f"ack.revision: {ack.revision} is beyond {MAX_REVISION}"])
         agent = self._require_agent(agent_id)
         session = self._sessions.get(agent_id)
+        if session is not None:
+            session.acknowledged()
         if ack.ok:
+            self._stuck.discard(agent_id)
             agent.applied_revision = ack.revision
             agent.applied_hash = ack.hash
             # The base of the next delta; an overtaken revision's content is not kept.
@@ -444,6 +455,42 @@ class Controller:
         agent.last_seen_ms = now_ms()
         with self._store.transaction():
             self._store.put_agent(agent)
+
+    def check_stuck(self) -> set[str]:
+        """Cut the streams of agents that have not answered what they were sent for the
+        stuck threshold (called periodically): each reconnects and resyncs, and stays
+        marked stuck until it acknowledges a ruleset. Returns the agents cut now."""
+        cut = set()
+        for agent_id, session in list(self._sessions.items()):
+            waited = session.waiting_s()
+            if waited <= self._stuck_after_s or session.closed:
+                continue
+            log.warning(
+                "agent %s has not answered its ruleset for %.0f s: closing its stream so it "
+                "reconnects and resyncs", agent_id, waited,
+            )  # fmt: skip
+            session.failure = Unavailable(
+                f"agent '{agent_id}': no answer to its ruleset for {waited:.0f} s; reconnect "
+                "to resync"
+            )
+            session.close()
+            self._stuck.add(agent_id)
+            cut.add(agent_id)
+        if cut:
+            with self._store.transaction():
+                for agent_id in sorted(cut):
+                    self._store.add_audit(
+                        "controller", "agent.stuck", f"agent/{agent_id}",
+                        {"waited_s": self._stuck_after_s},
+                    )  # fmt: skip
+        return cut
+
+    def stuck_count(self) -> int:
+        return len(self._stuck)
+
+    def is_stuck(self, agent_id: str) -> bool:
+        """Its stream was cut for not answering, and it has not acknowledged since."""
+        return agent_id in self._stuck
 
     # -- compilation -------------------------------------------------------------------
 

@@ -52,6 +52,11 @@ class ControllerCollector(Collector):
             "Policy deltas (set element changes) sent to agents.",
             core.pushes.deltas,
         )
+        yield GaugeMetricFamily(
+            "bulkhead_controller_agents_stuck",
+            "Agents whose stream was cut for not answering a ruleset, not yet recovered.",
+            core.stuck_count(),
+        )
 
 
 def serve_metrics(core: Controller, host: str, port: int) -> CollectorRegistry:

@@ -16,7 +16,9 @@ so the next offer is a snapshot.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
@@ -51,11 +53,17 @@ class AgentSession:
         agent_id: str,
         base: RulesetState | None = None,
         counts: PushCounts | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent_id = agent_id
         self.base = base
         self._counts = counts if counts is not None else PushCounts()
+        self._clock = clock
         self._pending: agent_pb2.ControllerMessage | RulesetState | None = None
+        # For stuck agents: since when a state waits to be taken, and when each ruleset
+        # sent but not yet acknowledged went out (acks come in order).
+        self._pending_since: float | None = None
+        self._unacked: deque[float] = deque()
         self._queued: deque[agent_pb2.ControllerMessage] = deque(maxlen=MAX_QUEUED)
         self._wakeup = asyncio.Event()
         self.closed = False
@@ -64,12 +72,29 @@ class AgentSession:
 
     def offer(self, message: agent_pb2.ControllerMessage) -> None:
         """Set the state message to send, replacing one not yet sent (latest wins)."""
-        self._pending = message
-        self._wakeup.set()
+        self._set_pending(message)
 
     def offer_state(self, state: RulesetState) -> None:
         """Set the ruleset the agent should hold next, replacing one not yet sent."""
-        self._pending = state
+        self._set_pending(state)
+
+    def acknowledged(self) -> None:
+        """The agent answered the oldest ruleset sent and not yet acknowledged."""
+        if self._unacked:
+            self._unacked.popleft()
+
+    def waiting_s(self) -> float:
+        """How long the agent has kept the controller waiting: for the oldest ruleset sent
+        and not acknowledged, or for a pending state to be taken off the stream (0: not)."""
+        now = self._clock()
+        oldest_sent = self._unacked[0] if self._unacked else None
+        since = [t for t in (self._pending_since, oldest_sent) if t is not None]
+        return now - min(since) if since else 0.0
+
+    def _set_pending(self, pending: agent_pb2.ControllerMessage | RulesetState) -> None:
+        if self._pending is None:
+            self._pending_since = self._clock()
+        self._pending = pending
         self._wakeup.set()
 
     def forget_base(self) -> None:
@@ -90,8 +115,12 @@ class AgentSession:
         if self._queued:
             return self._queued.popleft()
         pending, self._pending = self._pending, None
+        self._pending_since = None
         if isinstance(pending, RulesetState):
-            return self._state_message(pending)
+            message = self._state_message(pending)
+            if message is not None:
+                self._unacked.append(self._clock())
+            return message
         return pending
 
     async def next_message(self) -> agent_pb2.ControllerMessage | None:

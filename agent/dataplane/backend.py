@@ -9,10 +9,11 @@ Exception tree::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from agent.dataplane.baseline import Baseline
-from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 
 class DataplaneError(Exception):
@@ -28,6 +29,16 @@ class Backend(Protocol):
 
     def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
         """Replace everything the agent owns with this ruleset, atomically."""
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        """Apply a policy delta's set CHANGES to the ruleset applied last, atomically,
+        without reloading it; RESULT is the ruleset they make. False (nothing changed) if
+        the backend cannot; the caller then applies RESULT whole."""
 
     def remove(self) -> None:
         """Delete everything the agent owns; no error if nothing is there."""

@@ -13,7 +13,7 @@ import enum
 import errno
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from typing import Protocol as Interface
@@ -32,8 +32,9 @@ from agent.dataplane.model import (
     Protocol,
     load_ruleset,
 )
+from agent.dataplane.nft_elements import host_updates
 from agent.dataplane.nft_ownership import OwnershipError
-from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 FAMILY = "inet"
 TABLE = "bulkhead"
@@ -218,6 +219,31 @@ class NftablesBackend:
             replacing = self._objects(self._owner)  # after a restart or a conversion: ask
         self._runner.json_cmd(render_compiled(compiled, baseline, replacing))
         self._applied = applied
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        """Add and remove a delta's hosts in the sets of the policy loaded last, without
+        reloading it (one batch). False, with nothing changed, when that is not possible:
+        the table is not owned (someone may have changed it), another baseline, networks
+        change, or the kernel refused the batch."""
+        applied = self._applied
+        if self._owner is None or applied is None or applied.structure[-1] != baseline:
+            return False
+        updates = host_updates(applied.groups, changes)
+        if updates is None:
+            return False
+        commands, groups = updates
+        if commands:
+            try:
+                self._runner.json_cmd({"nftables": [_METAINFO, *commands]})
+            except NftError:
+                return False  # one batch: the kernel holds what it held
+        self._applied = _Applied(applied.structure, groups)
+        return True
 
     def remove(self) -> None:
         self._applied = None

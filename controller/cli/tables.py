@@ -141,11 +141,14 @@ def compact_json(text: str) -> str:
 
 
 def _connection_state(agent: admin_pb2.AgentSummary) -> str:
-    """revoked, offline (silent past the controller's threshold), yes or no."""
+    """revoked, offline (silent past the controller's threshold), stuck (not answering
+    its ruleset), yes or no."""
     if agent.revoked:
         return "revoked"
     if agent.offline:
         return "offline"
+    if agent.stuck:
+        return "stuck"
     return yes_no(agent.connected)
 
 

@@ -164,6 +164,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             revoked=self._core.is_revoked(agent.agent_id),
             certificate_not_after_unix_ms=expiry,
             offline=self._core.is_offline(agent),
+            stuck=self._core.is_stuck(agent.agent_id),
         )
 
 

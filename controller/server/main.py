@@ -93,6 +93,7 @@ async def _watch_offline(core: Controller, offline_after_s: float) -> None:
         await asyncio.sleep(interval)
         core.flush_last_seen()
         core.check_offline()
+        core.check_stuck()
 
 
 def _host_port(value: str | None, option: str) -> str | None:

@@ -40,6 +40,14 @@ class RecordingBackend:
         self.applies += 1
         self.loaded = ruleset
 
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        return False  # deltas are applied whole
+
     def remove(self) -> None:
         self.loaded = None
 
@@ -75,11 +83,13 @@ def snapshot(revision: int = 7) -> agent_pb2.PolicySnapshot:
 class Cuts:
     def __init__(self) -> None:
         self.calls = 0
+        self.judged_by: list[tuple[ruleset_pb2.Ruleset, tuple[str, ...]]] = []
 
     def __call__(
         self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline, addrs: Sequence[str]
     ) -> int:
         self.calls += 1
+        self.judged_by.append((ruleset, tuple(addrs)))
         return 0
 
 
@@ -178,14 +188,19 @@ def test_corrupt_state_keeps_rules_in_kernel(tmp_path: Path) -> None:
     assert backend.loaded == sample_ruleset()
 
 
-def test_apply_acks_persists_and_cuts(tmp_path: Path) -> None:
+def test_apply_acks_persists_and_cuts_after_the_ack(tmp_path: Path) -> None:
     backend, cuts = RecordingBackend(), Cuts()
     enforcer = Enforcer(backend, ENFORCE, tmp_path, cut_flows=cuts)
     ack = enforcer.apply(snapshot(), ["198.18.0.11"])
     assert ack.ok
     assert ack.revision == 7
-    assert cuts.calls == 1
     assert load_snapshot(tmp_path) is not None
+    assert cuts.calls == 0, "the ack does not wait for the conntrack cut"
+    enforcer.cut_pending()
+    assert cuts.calls == 1
+    assert cuts.judged_by == [(sample_ruleset(), ("198.18.0.11",))]
+    enforcer.cut_pending()
+    assert cuts.calls == 1, "one cut per apply"
     again = enforcer.apply(snapshot(8), [])  # same content: acknowledged, not re-applied
     assert again.ok
     assert backend.applies == 1
@@ -197,6 +212,7 @@ def test_visibility_mode_cuts_nothing(tmp_path: Path) -> None:
         RecordingBackend(), Baseline(Mode.VISIBILITY, (), (), ()), tmp_path, cut_flows=cuts
     )
     assert enforcer.apply(snapshot(), []).ok
+    enforcer.cut_pending()
     assert cuts.calls == 0
 
 
@@ -229,7 +245,8 @@ def test_failed_cut_still_acks_and_failed_save_does_not(tmp_path: Path) -> None:
         raise DataplaneError("conntrack netlink: permission denied")
 
     enforcer = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=broken_cut)
-    assert enforcer.apply(snapshot(), []).ok, "the rules are in force; a failed cut is logged"
+    assert enforcer.apply(snapshot(), []).ok
+    assert enforcer.cut_pending() == 0, "the rules are in force; a failed cut is logged"
     blocked = tmp_path / "not-a-dir"
     blocked.write_text("")
     unsaved = Enforcer(RecordingBackend(), ENFORCE, blocked, cut_flows=Cuts())
@@ -370,3 +387,31 @@ def test_a_delta_that_does_not_fit_asks_for_a_snapshot_and_changes_nothing(
     backend.remove()  # someone deleted the table: the delta has nothing to change
     ack = enforcer.apply_delta(delta_to(["198.18.0.20"], base), [])
     assert (ack.ok, ack.need_snapshot) == (False, True)
+
+
+def test_only_a_delta_that_removes_peers_cuts_and_then_by_the_latest_ruleset(
+    tmp_path: Path,
+) -> None:
+    cuts = Cuts()
+    enforcer = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=cuts)
+    base = snapshot()
+    assert enforcer.apply(base, []).ok
+    enforcer.cut_pending()
+    grow = delta_to(["198.18.0.10", "198.18.0.20"], base)
+    assert enforcer.apply_delta(grow, []).ok
+    enforcer.cut_pending()
+    assert cuts.calls == 1, "adding peers cannot end an allowed connection"
+    shrink = delta_to(["198.18.0.20"], enforcer_snapshot(enforcer))
+    assert enforcer.apply_delta(shrink, []).ok
+    regrow = delta_to(["198.18.0.20", "198.18.0.30"], enforcer_snapshot(enforcer))
+    assert enforcer.apply_delta(regrow, []).ok  # before the cut ran: it judges by this one
+    enforcer.cut_pending()
+    assert cuts.calls == 2
+    assert list(cuts.judged_by[-1][0].sets[0].hosts) == ["198.18.0.20", "198.18.0.30"]
+
+
+def enforcer_snapshot(enforcer: Enforcer) -> agent_pb2.PolicySnapshot:
+    assert enforcer.current is not None
+    held = agent_pb2.PolicySnapshot(revision=enforcer.current.revision, hash=enforcer.current.hash)
+    held.ruleset.CopyFrom(enforcer.current.ruleset)
+    return held

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import apply_set_changes, ruleset_hash
 from controller.core import Controller
+from controller.errors import Unavailable
 from controller.sessions import AgentSession
 from controller.store.sqlite_store import SqliteStore
 from tests.pki_support import make_controller
@@ -191,3 +193,44 @@ def test_a_version_1_database_is_migrated_keeping_its_agents(tmp_path: Path) -> 
     connection = sqlite3.connect(tmp_path / "c.db")
     assert connection.execute("SELECT value FROM meta").fetchone()[0] == "2"
     connection.close()
+
+
+def test_an_agent_that_does_not_answer_is_cut_marked_and_resynced(tmp_path: Path) -> None:
+    core = make_controller(tmp_path, stuck_after_s=0.05)
+    web, db = fleet(core)
+    core.apply([policy(5433)], actor=OPERATOR)
+    assert web.receive() == "snapshot"  # web answers at once
+    assert db.receive(ack=False) == "snapshot"  # db takes it and never answers
+    time.sleep(0.1)
+    assert core.check_stuck() == {"db"}
+    assert db.session.closed
+    assert isinstance(db.session.failure, Unavailable)
+    assert core.is_stuck("db")
+    assert not core.is_stuck("web")
+    assert core.is_connected("web"), "the others keep their streams"
+    assert [r.action for r in core.audit(0, 100)].count("agent.stuck") == 1
+    core.disconnect(db.session)
+    db.connect()  # it comes back, still holding the older ruleset: resynced
+    assert db.receive() in ("snapshot", "delta")
+    assert not core.is_stuck("db")
+    assert db.ruleset.rules[0].ports[0].first == 5433
+
+
+def test_a_state_never_taken_off_the_stream_counts_as_stuck(tmp_path: Path) -> None:
+    core = make_controller(tmp_path, stuck_after_s=0.05)
+    web, _ = fleet(core)
+    core.apply([policy(5433)], actor=OPERATOR)  # offered to db, never taken
+    assert web.receive() == "snapshot"
+    assert core.check_stuck() == set(), "not yet"
+    time.sleep(0.1)
+    assert core.check_stuck() == {"db"}
+
+
+def test_an_answering_agent_is_never_stuck(tmp_path: Path) -> None:
+    core = make_controller(tmp_path, stuck_after_s=0.05)
+    agents = fleet(core)
+    for port in (5433, 5434):
+        core.apply([policy(port)], actor=OPERATOR)
+        assert [agent.receive() for agent in agents] == ["snapshot", "snapshot"]
+        time.sleep(0.06)
+    assert core.check_stuck() == set()

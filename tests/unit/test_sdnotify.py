@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -21,7 +21,7 @@ import controller.sdnotify
 from agent.config import load_config
 from agent.dataplane.baseline import Baseline
 from agent.main import REQUIRE_NETNS_ENV, AgentStartError, run_agent
-from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 COPIES = [agent.sdnotify, controller.sdnotify]
@@ -150,6 +150,14 @@ class RecordingBackend:
         if self.ready_before_apply is None:
             readable, _, _ = select.select([self._listener], [], [], 0)
             self.ready_before_apply = bool(readable)
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        return False  # deltas are applied whole
 
     def remove(self) -> None:
         pass

@@ -7,7 +7,7 @@ import asyncio
 import json
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,14 @@ class FakeKernel:
             "chain input": baseline.mode.value,
             "set web_v4": list(ruleset.sets[0].hosts) if ruleset.sets else [],
         }
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        return False  # deltas are applied whole
 
     def remove(self) -> None:
         self.components = {}

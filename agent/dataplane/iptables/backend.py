@@ -28,7 +28,7 @@ Rules go through iptables-legacy-restore rather than python-iptables: with iptab
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from agent.dataplane.baseline import Baseline
@@ -43,7 +43,7 @@ from agent.dataplane.iptables.tables import (
     apply_script,
     removal_script,
 )
-from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 
 class IptablesBackend:
@@ -69,6 +69,15 @@ class IptablesBackend:
         self._ipsets.restore(
             destroy_script(name for name in self._ipsets.our_names() if name not in wanted)
         )
+
+    def update_elements(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        # Not yet: a delta is applied whole (ipsets refilled and swapped, rules re-committed).
+        return False
 
     def remove(self) -> None:
         for tables in self._tables:

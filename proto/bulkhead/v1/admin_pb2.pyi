@@ -39,7 +39,7 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentSummary(_message.Message):
-    __slots__ = ("agent_id", "hostname", "labels", "addresses", "mode", "connected", "applied_revision", "applied_hash", "desired_revision", "desired_hash", "last_seen_unix_ms", "revoked", "certificate_not_after_unix_ms", "offline")
+    __slots__ = ("agent_id", "hostname", "labels", "addresses", "mode", "connected", "applied_revision", "applied_hash", "desired_revision", "desired_hash", "last_seen_unix_ms", "revoked", "certificate_not_after_unix_ms", "offline", "stuck")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class AgentSummary(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_FIELD_NUMBER: _ClassVar[int]
+    STUCK_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
@@ -75,7 +76,8 @@ class AgentSummary(_message.Message):
     revoked: bool
     certificate_not_after_unix_ms: int
     offline: bool
-    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., addresses: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[_agent_pb2.Mode, str]] = ..., connected: _Optional[bool] = ..., applied_revision: _Optional[int] = ..., applied_hash: _Optional[str] = ..., desired_revision: _Optional[int] = ..., desired_hash: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., certificate_not_after_unix_ms: _Optional[int] = ..., offline: _Optional[bool] = ...) -> None: ...
+    stuck: bool
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., addresses: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[_agent_pb2.Mode, str]] = ..., connected: _Optional[bool] = ..., applied_revision: _Optional[int] = ..., applied_hash: _Optional[str] = ..., desired_revision: _Optional[int] = ..., desired_hash: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., certificate_not_after_unix_ms: _Optional[int] = ..., offline: _Optional[bool] = ..., stuck: _Optional[bool] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)
