@@ -9,6 +9,9 @@ For each size the ruleset holds that many host addresses (nine in ten IPv4 from
 eight rules; a second variant adds 1,000 CIDR networks, which go to interval sets.
 Measured per ruleset: the full apply into a namespace with no table, the re-apply that
 atomically replaces the same table's content, the update when one peer address moves
+(a whole snapshot, diffed by the backend), the same move as a controller delta through
+the agent's Enforcer and tamper guard up to its ack (`Enforcer.apply_delta`; the conntrack
+cut runs after the ack and is not in it),
 (set elements only, one transaction), and the pure-Python part of an apply (render to
 the JSON document, then json.dumps), so what remains is libnftables and the kernel.
 
@@ -29,6 +32,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -44,7 +48,11 @@ from agent.dataplane.baseline import Baseline, Endpoint, Mode, PortSpec
 from agent.dataplane.libnftables import LibNftables
 from agent.dataplane.model import load_ruleset
 from agent.dataplane.nftables import NftablesBackend, element_changes, render
+from agent.enforcer import Enforcer
+from agent.tamper import TamperGuard
+from bulkhead.v1 import agent_pb2
 from bulkhead.v1 import ruleset_pb2 as pb
+from bulkhead.v1.contract import host_order, ruleset_hash, set_changes
 
 SIZES = (1_000, 10_000, 100_000)
 MOVED_ADDRESS = "198.19.127.254"  # inside the hosts' range, never generated at these sizes
@@ -174,6 +182,7 @@ def measure_inside(scenario: Scenario) -> dict[str, Any]:
     with LibNftables() as nft:
         backend = NftablesBackend(nft, owner=nft)
         full, replace, update, kernel_update = [], [], [], []
+        agent_delta = measure_agent_delta(nft, scenario)
         before = {g.name: g for g in load_ruleset(ruleset).groups}
         delta = {
             "nftables": [
@@ -211,8 +220,44 @@ def measure_inside(scenario: Scenario) -> dict[str, Any]:
         "replace": replace,
         "update": update,
         "kernel_update": kernel_update,
+        "agent_delta": agent_delta,
         "loaded_elements": loaded,
     }
+
+
+def measure_agent_delta(nft: LibNftables, scenario: Scenario) -> list[float]:
+    """One peer moving and back, as controller deltas through the agent's Enforcer and
+    tamper guard, timed to the ack; the table is removed afterwards."""
+    ruleset = make_ruleset(scenario.hosts, scenario.networks)
+    moved = make_ruleset(scenario.hosts, scenario.networks)
+    moved.sets[0].hosts[0] = MOVED_ADDRESS
+    for rules in (ruleset, moved):  # AddressSet order, as the controller sends it
+        for address_set in rules.sets:
+            address_set.hosts[:] = sorted(address_set.hosts, key=host_order)
+    there, back = ruleset_hash(moved), ruleset_hash(ruleset)
+    forth = agent_pb2.PolicyDelta(base_hash=back, revision=2, hash=there)
+    forth.sets.extend(set_changes(ruleset, moved) or [])
+    home = agent_pb2.PolicyDelta(base_hash=there, revision=3, hash=back)
+    home.sets.extend(set_changes(moved, ruleset) or [])
+    backend = NftablesBackend(nft, owner=nft)
+    guard = TamperGuard.for_dataplane("nftables", backend)
+    timings = []
+    with tempfile.TemporaryDirectory() as state:
+        enforcer = Enforcer(guard.backend, BASELINE, Path(state), cut_flows=lambda *_: 0)
+        first = enforcer.apply(agent_pb2.PolicySnapshot(revision=1, hash=back, ruleset=ruleset), [])
+        if not first.ok:
+            raise RuntimeError(first.error)
+        for _ in range(scenario.runs):
+            time.sleep(SETTLE_SECONDS)
+            timings.append(timed(lambda: _acked(enforcer.apply_delta(forth, []))))
+            _acked(enforcer.apply_delta(home, []))
+        backend.remove()
+    return timings
+
+
+def _acked(ack: agent_pb2.Ack) -> None:
+    if not ack.ok:
+        raise RuntimeError(f"delta not applied: {ack.error}")
 
 
 def _ip(*argv: str) -> None:
@@ -277,6 +322,7 @@ def results_table(rows: Sequence[tuple[Scenario, dict[str, Any]]], markdown: boo
     kernel = bool(rows) and "full" in rows[0][1]
     if kernel:
         columns += ["full apply", "re-apply", "one address moved", "of which kernel"]
+        columns += ["as a delta, to the ack"]
         columns += ["µs/elem full"]
         columns += ["µs/elem re-apply", "Python share"]
     for column in columns:
@@ -297,6 +343,7 @@ def results_table(rows: Sequence[tuple[Scenario, dict[str, Any]]], markdown: boo
                 ms(result["replace"]),
                 ms(result["update"]),
                 ms(result["kernel_update"]),
+                ms(result["agent_delta"]),
                 _per_element_us(result["full"], scenario.elements),
                 _per_element_us(result["replace"], scenario.elements),
                 f"{python / statistics.median(result['full']):.0%}",
@@ -355,7 +402,8 @@ def main() -> None:
             kernel = measure_kernel(scenario)
             if kernel["loaded_elements"] != scenario.elements:
                 sys.exit(f"loaded {kernel['loaded_elements']} elements, not {scenario.elements}")
-            result |= {key: kernel[key] for key in ("full", "replace", "update", "kernel_update")}
+            timings = ("full", "replace", "update", "kernel_update", "agent_delta")
+            result |= {key: kernel[key] for key in timings}
         rows.append((scenario, result))
     console.print(results_table(rows, args.markdown))
 
