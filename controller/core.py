@@ -460,7 +460,7 @@ class Controller:
         """Cut the streams of agents that have not answered what they were sent for the
         stuck threshold (called periodically): each reconnects and resyncs, and stays
         marked stuck until it acknowledges a ruleset. Returns the agents cut now."""
-        cut = set()
+        cut: dict[str, float] = {}  # agent id -> seconds it kept us waiting
         for agent_id, session in list(self._sessions.items()):
             waited = session.waiting_s()
             if waited <= self._stuck_after_s or session.closed:
@@ -475,15 +475,14 @@ class Controller:
             )
             session.close()
             self._stuck.add(agent_id)
-            cut.add(agent_id)
+            cut[agent_id] = round(waited, 1)
         if cut:
             with self._store.transaction():
-                for agent_id in sorted(cut):
+                for agent_id, waited in sorted(cut.items()):
                     self._store.add_audit(
-                        "controller", "agent.stuck", f"agent/{agent_id}",
-                        {"waited_s": self._stuck_after_s},
-                    )  # fmt: skip
-        return cut
+                        "controller", "agent.stuck", f"agent/{agent_id}", {"waited_s": waited}
+                    )
+        return set(cut)
 
     def stuck_count(self) -> int:
         return len(self._stuck)
