@@ -16,7 +16,7 @@ from agent.state import (
     save_snapshot,
 )
 from bulkhead.v1 import agent_pb2, ruleset_pb2
-from bulkhead.v1.contract import DeltaError, apply_set_changes, ruleset_hash
+from bulkhead.v1.contract import DeltaError, delta_result, ruleset_hash
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +155,13 @@ class Enforcer:
                 need_snapshot=True,
             )  # fmt: skip
 
-        if self.current is None or delta.base_hash != self.current.hash:
-            held = self.current.hash[:12] if self.current else "nothing"
-            return need_snapshot(f"delta is against {delta.base_hash[:12]}, this host holds {held}")
-        if not self._backend.is_present():
-            return need_snapshot("no Bulkhead rules in the kernel to change")
+        held = self.current or AppliedSnapshot(0, "", ruleset_pb2.Ruleset())
         try:
-            ruleset = apply_set_changes(self.current.ruleset, delta.sets)
+            ruleset = delta_result(held.ruleset, held.hash, delta)
         except DeltaError as exc:
             return need_snapshot(str(exc))
-        if ruleset_hash(ruleset) != delta.hash:
-            return need_snapshot("the delta's result does not match its hash")
+        if not self._backend.is_present():
+            return need_snapshot("no Bulkhead rules in the kernel to change")
         snapshot = agent_pb2.PolicySnapshot(revision=delta.revision, hash=delta.hash)
         snapshot.ruleset.CopyFrom(ruleset)
         try:

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc, ruleset_pb2
-from bulkhead.v1.contract import DeltaError, apply_set_changes, ruleset_hash
+from bulkhead.v1.contract import DeltaError, DeltaHashMismatch, delta_result, ruleset_hash
 from controller.pki import CONTROLLER_NAME
 from controller.sim.credentials import AgentCredentials
 
@@ -131,21 +131,13 @@ class SimAgent:
         return None  # a renewed certificate: the simulator keeps its first one
 
     def _apply_delta(self, delta: agent_pb2.PolicyDelta) -> agent_pb2.Ack:
-        problem = ""
-        if delta.base_hash != self.applied_hash:
-            problem = "delta against a ruleset this agent does not hold"
-        else:
-            try:
-                ruleset = apply_set_changes(self.ruleset, delta.sets)
-            except DeltaError as exc:
-                problem = str(exc)
-            else:
-                if ruleset_hash(ruleset) != delta.hash:
-                    self.hash_mismatches += 1
-                    problem = "the delta's result does not match its hash"
-        if problem:
+        try:
+            ruleset = delta_result(self.ruleset, self.applied_hash, delta)
+        except DeltaError as exc:
+            if isinstance(exc, DeltaHashMismatch):
+                self.hash_mismatches += 1
             return agent_pb2.Ack(
-                revision=delta.revision, hash=delta.hash, ok=False, error=problem,
+                revision=delta.revision, hash=delta.hash, ok=False, error=str(exc),
                 need_snapshot=True,
             )  # fmt: skip
         self.applied_revision, self.applied_hash, self.ruleset = delta.revision, delta.hash, ruleset

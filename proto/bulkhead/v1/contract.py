@@ -52,6 +52,25 @@ class DeltaError(ValueError):
     """A PolicyDelta does not fit the ruleset it is applied to; names the field."""
 
 
+class DeltaHashMismatch(DeltaError):
+    """A PolicyDelta applied cleanly, but the result is not the ruleset it announced."""
+
+
+def delta_result(
+    held: ruleset_pb2.Ruleset, held_hash: str, delta: agent_pb2.PolicyDelta
+) -> ruleset_pb2.Ruleset:
+    """The ruleset DELTA makes of HELD (whose hash is HELD_HASH, "" for nothing held).
+    DeltaError when the delta is against another ruleset or does not fit it;
+    DeltaHashMismatch when its result does not hash to `delta.hash`."""
+    if delta.base_hash != held_hash:
+        holding = held_hash[:12] or "nothing"
+        raise DeltaError(f"delta is against {delta.base_hash[:12]}, this host holds {holding}")
+    ruleset = apply_set_changes(held, delta.sets)
+    if ruleset_hash(ruleset) != delta.hash:
+        raise DeltaHashMismatch("the delta's result does not match its hash")
+    return ruleset
+
+
 def set_changes(
     old: ruleset_pb2.Ruleset, new: ruleset_pb2.Ruleset
 ) -> list[agent_pb2.SetChange] | None:
