@@ -137,25 +137,24 @@ class AgentSession:
         base, self.base = self.base, state
         if base is not None and base.hash == state.hash:
             return None  # already sent on this stream
-        delta = policy_delta(base, state) if base is not None else None
+        ruleset = ruleset_pb2.Ruleset.FromString(state.ruleset)  # parsed once, used by both
+        delta = policy_delta(base, state, ruleset) if base is not None else None
         if delta is not None:
             self._counts.deltas += 1
             return agent_pb2.ControllerMessage(delta=delta)
         self._counts.snapshots += 1
         snapshot = agent_pb2.PolicySnapshot(
-            revision=state.revision,
-            hash=state.hash,
-            ruleset=ruleset_pb2.Ruleset.FromString(state.ruleset),
+            revision=state.revision, hash=state.hash, ruleset=ruleset
         )
         return agent_pb2.ControllerMessage(snapshot=snapshot)
 
 
-def policy_delta(base: RulesetState, state: RulesetState) -> agent_pb2.PolicyDelta | None:
-    """STATE as changes to BASE when only set elements differ and the delta is not much
-    the longer message; None when a snapshot is due."""
-    changes = set_changes(
-        ruleset_pb2.Ruleset.FromString(base.ruleset), ruleset_pb2.Ruleset.FromString(state.ruleset)
-    )
+def policy_delta(
+    base: RulesetState, state: RulesetState, ruleset: ruleset_pb2.Ruleset
+) -> agent_pb2.PolicyDelta | None:
+    """STATE (whose parsed RULESET is given) as changes to BASE when only set elements
+    differ and the delta is not much the longer message; None when a snapshot is due."""
+    changes = set_changes(ruleset_pb2.Ruleset.FromString(base.ruleset), ruleset)
     if changes is None:
         return None
     delta = agent_pb2.PolicyDelta(
