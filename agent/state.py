@@ -15,7 +15,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from bulkhead.v1 import ruleset_pb2
-from bulkhead.v1.contract import ruleset_hash
+from bulkhead.v1.contract import legacy_ruleset_hash, ruleset_hash
 
 SNAPSHOT_FILE = "snapshot.json"
 
@@ -72,6 +72,10 @@ def load_snapshot(state_dir: Path) -> AppliedSnapshot | None:
         raise StateCorrupt(f"{path}: unreadable ({exc})") from exc
     if not 0 <= revision < 2**64:
         raise StateCorrupt(f"{path}: revision {revision} is out of range")
-    if ruleset_hash(ruleset) != expected:
+    digest = ruleset_hash(ruleset)
+    # A file from before the hash was built from parts: its content is as trustworthy, and
+    # dropping it would leave a rebooted host with the baseline alone until the controller
+    # is reached.
+    if expected not in (digest, legacy_ruleset_hash(ruleset)):
         raise StateCorrupt(f"{path}: content does not match its hash (truncated or edited?)")
-    return AppliedSnapshot(revision=revision, hash=expected, ruleset=ruleset)
+    return AppliedSnapshot(revision=revision, hash=digest, ruleset=ruleset)

@@ -7,7 +7,6 @@ can be driven directly by tests and offline tools.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import ipaddress
 import json
 import logging
@@ -16,24 +15,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
-from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id, ruleset_hash
+from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
+from controller.desired import DesiredRuleset, part_digests_of
 from controller.enrollment import Enrollment
 from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from controller.observations import Observations, Workloads
 from controller.policy import (
+    Estate,
     IPList,
     Policy,
     Resource,
     ValidationFailed,
     Workload,
-    affected_agents,
-    compile_rulesets,
     parse_documents,
     referenced_iplists,
     resource_to_json,
 )
 from controller.policy.names import label_key_problem, label_value_problem
-from controller.sessions import AgentSession, PushCounts, RulesetState
+from controller.sessions import AgentSession, PushCounts
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
 log = logging.getLogger(__name__)
@@ -86,8 +85,13 @@ class Controller:
         # that changes hands must not inherit the old workload's access.
         self._offline_isolation = offline_isolation
         self._isolated: frozenset[str] = frozenset()
-        # The compiler's view of every agent as last compiled (None: not yet).
-        self._workloads: dict[str, Workload] | None = None
+        # Every agent's rules and the address sets they share, as last compiled (None: not
+        # yet), and per agent the revision at which its ruleset last changed. Desired state
+        # lives here only: it is recompiled at start, so nothing per agent is written when
+        # a change reaches thousands of agents.
+        self._estate: Estate | None = None
+        self._revisions: dict[str, int] = {}
+        self._desired: dict[str, DesiredRuleset] = {}  # built on first use since a change
         self._sessions: dict[str, AgentSession] = {}
         self.pushes = PushCounts()  # for metrics
         self._seen_ms: dict[str, int] = {}  # last heard from, not yet written
@@ -95,6 +99,8 @@ class Controller:
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
+        # Parts of acknowledged rulesets already in the store (each is written once).
+        self._stored_parts = self._prune_parts()
         self.observations = Observations(store.flow_store(), self.workloads)
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
@@ -301,7 +307,7 @@ class Controller:
         agent.mode = hello.mode
         agent.baseline = hello.baseline.SerializeToString(deterministic=True)
         if hello.applied_hash != agent.applied_hash:
-            agent.applied_ruleset = b""  # not what it acknowledged here: content unknown
+            agent.applied_parts = b""  # not what it acknowledged here: content unknown
         agent.applied_revision = hello.applied_revision
         agent.applied_hash = hello.applied_hash
         agent.last_seen_ms = now_ms()
@@ -311,16 +317,22 @@ class Controller:
         if previous is not None:
             log.warning("agent %s opened a new stream; closing the old one", agent.agent_id)
             previous.close()
-        session = AgentSession(agent.agent_id, _applied_state(agent), self.pushes)
+        session = AgentSession(
+            agent.agent_id,
+            lambda: self.desired(agent_id),
+            self._applied_state(agent),
+            self.pushes,
+        )
         self._sessions[agent.agent_id] = session
-        if agent.applied_hash == agent.desired_hash:
+        if agent.applied_hash == self.desired(agent_id).hash:
             self._stuck.discard(agent.agent_id)
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
         # Only labels and addresses (and, with isolation, being offline) feed the compiler;
         # an unchanged agent costs no recompile.
         changed = (
             known is None
-            or not agent.desired_hash
+            or self._estate is None
+            or agent.agent_id not in self._estate
             or before != (agent.labels, agent.addresses)
             or agent.agent_id in self._isolated
         )
@@ -424,16 +436,18 @@ class Controller:
             raise InvalidArgument([f"ack.revision: {ack.revision} is beyond {MAX_REVISION}"])
         agent = self._require_agent(agent_id)
         session = self._sessions.get(agent_id)
-        if session is not None:
-            session.acknowledged()
+        answered = session.acknowledged() if session is not None else None
+        held: DesiredRuleset | None = None
         if ack.ok:
             self._stuck.discard(agent_id)
             agent.applied_revision = ack.revision
             agent.applied_hash = ack.hash
-            # The base of the next delta; an overtaken revision's content is not kept.
-            agent.applied_ruleset = agent.desired_ruleset if ack.hash == agent.desired_hash else b""
+            # What it holds, the base of deltas after a restart (kept as part digests; each
+            # part is stored once for every agent holding it).
+            held = answered if answered is not None and answered.hash == ack.hash else None
+            agent.applied_parts = held.part_digests() if held is not None else b""
             agent.last_error = ""
-            if ack.hash != agent.desired_hash and session is not None:
+            if ack.hash != self.desired(agent_id).hash and session is not None:
                 # The ack is for a snapshot that was overtaken in flight (perhaps by an
                 # InSync sent while the stored applied hash was still the older one).
                 self._sync(session, agent)
@@ -454,6 +468,8 @@ class Controller:
             )
         agent.last_seen_ms = now_ms()
         with self._store.transaction():
+            if held is not None:
+                self._store_parts(held)
             self._store.put_agent(agent)
 
     def check_stuck(self) -> set[str]:
@@ -509,58 +525,77 @@ class Controller:
         return offline
 
     def _recompile(self, changed: Iterable[str] | None = None) -> set[str]:
-        """Recompile and push to agents whose ruleset hash changed; returns them.
+        """Bring the estate current and push to the agents whose ruleset changed; returns
+        them.
 
-        With CHANGED (agents whose labels, addresses, isolation or existence changed),
-        only the agents that can be affected are compiled (compiler.affected_agents);
-        policies and IP lists changing recompile everyone."""
+        With CHANGED (agents whose labels, addresses, isolation or existence changed) the
+        estate is updated in place, at a cost that follows what changed; policies and IP
+        lists changing rebuild it."""
         at = now_ms()
         # Revoked agents always lose their peers' access; offline ones with isolation on.
         # (One query for the revoked: this runs on every change.)
         revoked = self.enrollment.revoked_agents()
-        policies, iplists = list(self._policies.values()), list(self._iplists.values())
-        before = self._workloads
-        if changed is None or before is None:
-            records = {a.agent_id: a for a in self._store.list_agents()}
-            built = {i: self._workload(a, revoked, at) for i, a in records.items()}
-            after = {i: workload for i, (workload, _) in built.items()}
+        if changed is None or self._estate is None:
+            records = self._store.list_agents()
+            built = {a.agent_id: self._workload(a, revoked, at) for a in records}
             isolated = {i for i, (_, cut_off) in built.items() if cut_off}
-            targets: set[str] = set(after)
+            previous = self._estate
+            before = {i: self.desired(i).hash for i in previous.agent_ids} if previous else {}
+            self._estate = estate = Estate(
+                (workload for workload, _ in built.values()),
+                self._iplists.values(),
+                self._policies.values(),
+            )
+            self._desired.clear()
+            targets = {i for i in estate.agent_ids if before.get(i) != estate.hash(i)}
+            if previous is None:
+                # Starting: an agent that holds what it should keeps that revision.
+                for known in records:
+                    if known.applied_revision and known.applied_hash == estate.hash(known.agent_id):
+                        self._revisions[known.agent_id] = known.applied_revision
+                        targets.discard(known.agent_id)
         else:
-            changed = set(changed)
-            after = dict(before)
-            isolated = set(self._isolated) - changed
+            changes: dict[str, Workload | None] = {}
+            isolated = set(self._isolated) - set(changed)
             for agent_id in changed:
                 record = self._store.get_agent(agent_id)
                 if record is None:
-                    after.pop(agent_id, None)
+                    changes[agent_id] = None
                     continue
-                after[agent_id], cut_off = self._workload(record, revoked, at)
+                changes[agent_id], cut_off = self._workload(record, revoked, at)
                 if cut_off:
                     isolated.add(agent_id)
-            targets = affected_agents(before.values(), after.values(), iplists, policies, changed)
-            records = {i: r for i in targets if (r := self._store.get_agent(i)) is not None}
-        self._workloads = after
+            targets = self._estate.update(changes)
+            targets |= {i for i, w in changes.items() if w is not None and i not in self._revisions}
         self._isolated = frozenset(isolated)
-        rulesets = compile_rulesets(after.values(), iplists, policies, only=targets)
-        changed_agents: list[AgentRecord] = []
-        with self._store.transaction():
-            for agent_id in sorted(records):
-                agent = records[agent_id]
-                ruleset = rulesets.get(agent_id, ruleset_pb2.Ruleset())
-                digest = ruleset_hash(ruleset)
-                if digest == agent.desired_hash:
-                    continue
-                agent.desired_revision = self._store.next_revision()
-                agent.desired_hash = digest
-                agent.desired_ruleset = ruleset.SerializeToString(deterministic=True)
-                self._store.put_agent(agent)
-                changed_agents.append(agent)
-        for agent in changed_agents:
-            session = self._sessions.get(agent.agent_id)
-            if session is not None:
-                self._sync(session, agent)
-        return {a.agent_id for a in changed_agents}
+        targets = {i for i in targets if i in self._estate}  # not the ones that left
+        if targets:
+            with self._store.transaction():
+                revision = self._store.next_revision()
+            for agent_id in targets:
+                self._revisions[agent_id] = revision
+                self._desired.pop(agent_id, None)
+            for agent_id in targets:
+                session = self._sessions.get(agent_id)
+                if session is not None:
+                    # Built when sent: a delta or snapshot against what it will hold.
+                    session.offer_desired()
+        return targets
+
+    def desired(self, agent_id: str) -> DesiredRuleset:
+        """The ruleset the agent should hold (empty, at revision 0, if it is not known)."""
+        found = self._desired.get(agent_id)
+        if found is None:
+            estate = self._estate
+            if estate is None or agent_id not in estate:
+                return DesiredRuleset.from_ruleset(0, ruleset_pb2.Ruleset())
+            found = DesiredRuleset(
+                self._revisions.get(agent_id, 0),
+                estate.skeleton(agent_id),
+                estate.versions(agent_id),
+            )
+            self._desired[agent_id] = found
+        return found
 
     def _agent_changed(self, agent_id: str) -> None:
         """Recompile for an agent-reported change: now, or with the next coalesced batch."""
@@ -597,30 +632,43 @@ class Controller:
         return Workload(agent.agent_id, agent.labels, addresses), cut_off
 
     def _sync(self, session: AgentSession, agent: AgentRecord) -> None:
+        desired = self.desired(agent.agent_id)
         in_flight = session.base is not None and session.base.hash != agent.applied_hash
-        if agent.applied_hash == agent.desired_hash and not in_flight:
+        if agent.applied_hash == desired.hash and not in_flight:
             session.offer(
                 agent_pb2.ControllerMessage(
-                    in_sync=agent_pb2.InSync(
-                        revision=agent.desired_revision, hash=agent.desired_hash
-                    )
+                    in_sync=agent_pb2.InSync(revision=desired.revision, hash=desired.hash)
                 )
             )
             return
         # The session sends it as a delta against what the agent holds, or a snapshot.
-        session.offer_state(
-            RulesetState(agent.desired_revision, agent.desired_hash, agent.desired_ruleset)
-        )
+        session.offer_desired()
 
+    # -- acknowledged rulesets, kept as parts ----------------------------------------------
 
-def _applied_state(agent: AgentRecord) -> RulesetState | None:
-    """What the agent enforces, if the controller has its content (the stored bytes are
-    the deterministic serialisation, so their sha256 is the ruleset hash)."""
-    if not agent.applied_hash:
-        return None
-    if hashlib.sha256(agent.applied_ruleset).hexdigest() != agent.applied_hash:
-        return None
-    return RulesetState(agent.applied_revision, agent.applied_hash, agent.applied_ruleset)
+    def _applied_state(self, agent: AgentRecord) -> DesiredRuleset | None:
+        """What the agent enforces, if the store has its parts and they hash as it says."""
+        if not agent.applied_hash or not agent.applied_parts:
+            return None
+        parts = self._store.get_parts(part_digests_of(agent.applied_parts))
+        held = DesiredRuleset.from_parts(agent.applied_revision, agent.applied_parts, parts)
+        return held if held is not None and held.hash == agent.applied_hash else None
+
+    def _store_parts(self, held: DesiredRuleset) -> None:
+        """Write the parts of HELD the store does not have yet (inside a transaction)."""
+        new = {d: b for d, b in held.parts().items() if d not in self._stored_parts}
+        if new:
+            self._store.put_parts(new)
+            self._stored_parts.update(new)
+
+    def _prune_parts(self) -> set[bytes]:
+        """Drop stored parts no agent's acknowledged ruleset uses; the digests kept."""
+        used = {d for a in self._store.list_agents() for d in part_digests_of(a.applied_parts)}
+        with self._store.transaction():
+            dropped = self._store.prune_parts(used)
+        if dropped:
+            log.info("dropped %d stored ruleset part(s) no agent holds any more", dropped)
+        return self._store.part_digests()
 
 
 def _check_sizes(documents: Sequence[str]) -> None:

@@ -8,7 +8,8 @@ state.
 The message for a state is built when it is sent, against `base`: what the agent will
 hold once everything already sent on this stream is applied (the stream is ordered and
 the agent applies in order). When only set elements differ from the base, a PolicyDelta
-goes out; otherwise, or with no base known, a complete PolicySnapshot. An agent that
+goes out (controller.desired.policy_delta); otherwise, or with no base known, a complete
+PolicySnapshot. An agent that
 cannot apply a delta says so in its ack and the controller forgets the base (forget_base),
 so the next offer is a snapshot.
 """
@@ -21,22 +22,19 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bulkhead.v1 import agent_pb2, ruleset_pb2
-from bulkhead.v1.contract import set_changes
+from bulkhead.v1 import agent_pb2
+from controller.desired import DesiredRuleset, policy_delta
 from controller.errors import ControllerError
 
 # Bounded: an agent can only have a handful of one-off messages in flight.
 MAX_QUEUED = 16
-_DELTA_HEADER_BYTES = 160
 
 
-@dataclass(frozen=True)
-class RulesetState:
-    """A ruleset as the controller stores it: the deterministic serialisation and its hash."""
+class _Desired:
+    """Pending: whatever the agent's desired ruleset is when the message is built."""
 
-    revision: int
-    hash: str
-    ruleset: bytes
+
+_DESIRED = _Desired()
 
 
 @dataclass
@@ -51,19 +49,21 @@ class AgentSession:
     def __init__(
         self,
         agent_id: str,
-        base: RulesetState | None = None,
+        desired: Callable[[], DesiredRuleset],
+        base: DesiredRuleset | None = None,
         counts: PushCounts | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent_id = agent_id
+        self._desired = desired  # the agent's desired ruleset as of now
         self.base = base
         self._counts = counts if counts is not None else PushCounts()
         self._clock = clock
-        self._pending: agent_pb2.ControllerMessage | RulesetState | None = None
+        self._pending: agent_pb2.ControllerMessage | _Desired | None = None
         # For stuck agents: since when a state waits to be taken, and when each ruleset
         # sent but not yet acknowledged went out (acks come in order).
         self._pending_since: float | None = None
-        self._unacked: deque[float] = deque()
+        self._unacked: deque[tuple[float, DesiredRuleset]] = deque()
         self._queued: deque[agent_pb2.ControllerMessage] = deque(maxlen=MAX_QUEUED)
         self._wakeup = asyncio.Event()
         self.closed = False
@@ -74,24 +74,24 @@ class AgentSession:
         """Set the state message to send, replacing one not yet sent (latest wins)."""
         self._set_pending(message)
 
-    def offer_state(self, state: RulesetState) -> None:
-        """Set the ruleset the agent should hold next, replacing one not yet sent."""
-        self._set_pending(state)
+    def offer_desired(self) -> None:
+        """Send the agent's desired ruleset, as it is when the message goes out (built then:
+        thousands of sessions offered at once cost nothing until each is sent)."""
+        self._set_pending(_DESIRED)
 
-    def acknowledged(self) -> None:
-        """The agent answered the oldest ruleset sent and not yet acknowledged."""
-        if self._unacked:
-            self._unacked.popleft()
+    def acknowledged(self) -> DesiredRuleset | None:
+        """The agent answered the oldest ruleset sent and not yet acknowledged: that one."""
+        return self._unacked.popleft()[1] if self._unacked else None
 
     def waiting_s(self) -> float:
         """How long the agent has kept the controller waiting: for the oldest ruleset sent
         and not acknowledged, or for a pending state to be taken off the stream (0: not)."""
         now = self._clock()
-        oldest_sent = self._unacked[0] if self._unacked else None
+        oldest_sent = self._unacked[0][0] if self._unacked else None
         since = [t for t in (self._pending_since, oldest_sent) if t is not None]
         return now - min(since) if since else 0.0
 
-    def _set_pending(self, pending: agent_pb2.ControllerMessage | RulesetState) -> None:
+    def _set_pending(self, pending: agent_pb2.ControllerMessage | _Desired) -> None:
         if self._pending is None:
             self._pending_since = self._clock()
         self._pending = pending
@@ -116,10 +116,11 @@ class AgentSession:
             return self._queued.popleft()
         pending, self._pending = self._pending, None
         self._pending_since = None
-        if isinstance(pending, RulesetState):
-            message = self._state_message(pending)
+        if isinstance(pending, _Desired):
+            state = self._desired()
+            message = self._state_message(state)
             if message is not None:
-                self._unacked.append(self._clock())
+                self._unacked.append((self._clock(), state))
             return message
         return pending
 
@@ -133,37 +134,16 @@ class AgentSession:
             await self._wakeup.wait()
         return None
 
-    def _state_message(self, state: RulesetState) -> agent_pb2.ControllerMessage | None:
+    def _state_message(self, state: DesiredRuleset) -> agent_pb2.ControllerMessage | None:
         base, self.base = self.base, state
         if base is not None and base.hash == state.hash:
             return None  # already sent on this stream
-        ruleset = ruleset_pb2.Ruleset.FromString(state.ruleset)  # parsed once, used by both
-        delta = policy_delta(base, state, ruleset) if base is not None else None
+        delta = policy_delta(base, state) if base is not None else None
         if delta is not None:
             self._counts.deltas += 1
             return agent_pb2.ControllerMessage(delta=delta)
         self._counts.snapshots += 1
         snapshot = agent_pb2.PolicySnapshot(
-            revision=state.revision, hash=state.hash, ruleset=ruleset
+            revision=state.revision, hash=state.hash, ruleset=state.ruleset()
         )
         return agent_pb2.ControllerMessage(snapshot=snapshot)
-
-
-def policy_delta(
-    base: RulesetState, state: RulesetState, ruleset: ruleset_pb2.Ruleset
-) -> agent_pb2.PolicyDelta | None:
-    """STATE (whose parsed RULESET is given) as changes to BASE when only set elements
-    differ and the delta is not much the longer message; None when a snapshot is due."""
-    changes = set_changes(ruleset_pb2.Ruleset.FromString(base.ruleset), ruleset)
-    if changes is None:
-        return None
-    delta = agent_pb2.PolicyDelta(
-        base_revision=base.revision,
-        base_hash=base.hash,
-        revision=state.revision,
-        hash=state.hash,
-        sets=changes,
-    )
-    # Two hashes and revisions make a small delta a little longer than a small snapshot;
-    # only a delta much longer than the whole ruleset (most elements replaced) loses.
-    return delta if delta.ByteSize() <= len(state.ruleset) + _DELTA_HEADER_BYTES else None

@@ -4,17 +4,13 @@ Pure logic: no gRPC, no storage. The modules:
 
     resources  Policy and IPList documents, parse_documents (all or nothing), resource_to_json
     selector   label selector expressions (parse_selector, Selector)
-    compiler   compile_rulesets: workloads + IP lists + policies -> one Ruleset per agent
+    clauses    policies as clauses (members of one peer list get rules towards another)
+    estate     Estate: clauses over workloads, kept current incrementally; compile_rulesets
     peers, ports, addresses, names   the validated field types the resources are made of
     errors     the exception tree
 """
 
-from controller.policy.compiler import (
-    Workload,
-    affected_agents,
-    compile_rulesets,
-    referenced_iplists,
-)
+from controller.policy.clauses import Workload, referenced_iplists
 from controller.policy.errors import (
     FieldError,
     FieldProblem,
@@ -22,6 +18,7 @@ from controller.policy.errors import (
     SelectorError,
     ValidationFailed,
 )
+from controller.policy.estate import Estate, compile_rulesets
 from controller.policy.resources import (
     IPList,
     Policy,
@@ -32,6 +29,7 @@ from controller.policy.resources import (
 from controller.policy.selector import Selector, parse_selector, selector_from_labels
 
 __all__ = [
+    "Estate",
     "FieldError",
     "FieldProblem",
     "IPList",
@@ -42,7 +40,6 @@ __all__ = [
     "SelectorError",
     "ValidationFailed",
     "Workload",
-    "affected_agents",
     "compile_rulesets",
     "parse_documents",
     "parse_selector",

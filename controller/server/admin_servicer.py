@@ -7,7 +7,7 @@ from typing import Any, TypeVar, cast
 
 import grpc
 
-from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, ruleset_pb2
+from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 from controller.core import Controller
 from controller.errors import ControllerError
 from controller.server.auth import operator_caller
@@ -55,7 +55,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         agent = await self._run(context, lambda _: self._core.agent(request.agent_id), write=False)
         return admin_pb2.AgentDetail(
             summary=self._summary(agent),
-            ruleset=ruleset_pb2.Ruleset.FromString(agent.desired_ruleset),
+            ruleset=self._core.desired(agent.agent_id).ruleset(),
             baseline=agent_pb2.Baseline.FromString(agent.baseline),
             last_error=agent.last_error,
         )
@@ -149,6 +149,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     def _summary(self, agent: AgentRecord) -> admin_pb2.AgentSummary:
         expiry = self._core.enrollment.certificate_expiry_ms(agent.agent_id)
+        desired = self._core.desired(agent.agent_id)
         return admin_pb2.AgentSummary(
             agent_id=agent.agent_id,
             hostname=agent.hostname,
@@ -158,8 +159,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             connected=self._core.is_connected(agent.agent_id),
             applied_revision=agent.applied_revision,
             applied_hash=agent.applied_hash,
-            desired_revision=agent.desired_revision,
-            desired_hash=agent.desired_hash,
+            desired_revision=desired.revision,
+            desired_hash=desired.hash,
             last_seen_unix_ms=self._core.last_seen_ms(agent),
             revoked=self._core.is_revoked(agent.agent_id),
             certificate_not_after_unix_ms=expiry,

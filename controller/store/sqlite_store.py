@@ -17,7 +17,7 @@ from pathlib import Path
 
 from controller.store.flow_store import FlowStore
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -34,13 +34,14 @@ CREATE TABLE IF NOT EXISTS agents (
     baseline         BLOB NOT NULL DEFAULT x'',
     applied_revision INTEGER NOT NULL DEFAULT 0,
     applied_hash     TEXT NOT NULL DEFAULT '',
-    desired_revision INTEGER NOT NULL DEFAULT 0,
-    desired_hash     TEXT NOT NULL DEFAULT '',
-    desired_ruleset  BLOB NOT NULL DEFAULT x'',
-    applied_ruleset  BLOB NOT NULL DEFAULT x'',
+    applied_parts    BLOB NOT NULL DEFAULT x'',
     last_error       TEXT NOT NULL DEFAULT '',
     first_seen_ms    INTEGER NOT NULL,
     last_seen_ms     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ruleset_parts (
+    digest  BLOB PRIMARY KEY,
+    content BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS resources (
     kind     TEXT NOT NULL,
@@ -103,11 +104,9 @@ class AgentRecord:
     baseline: bytes = b""
     applied_revision: int = 0
     applied_hash: str = ""
-    desired_revision: int = 0
-    desired_hash: str = ""
-    desired_ruleset: bytes = b""
-    # The acknowledged ruleset, when known: the base of policy deltas.
-    applied_ruleset: bytes = b""
+    # The acknowledged ruleset, when known (the base of policy deltas): the digests of its
+    # parts, which are stored once each in ruleset_parts (controller.desired).
+    applied_parts: bytes = b""
     last_error: str = ""
     first_seen_ms: int = 0
     last_seen_ms: int = 0
@@ -180,18 +179,28 @@ class SqliteStore:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        elif row["value"] == "1":
-            # Version 2 keeps each agent's acknowledged ruleset, the base of deltas.
-            with self.transaction():
-                self._db.execute(
-                    "ALTER TABLE agents ADD COLUMN applied_ruleset BLOB NOT NULL DEFAULT x''"
-                )
-                self._db.execute(
-                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
-                )
+        elif row["value"] in ("1", "2"):
+            self._migrate_from(int(row["value"]))
         elif row["value"] != str(SCHEMA_VERSION):
             raise StoreCorrupt(
                 f"schema version {row['value']} (this controller reads {SCHEMA_VERSION})"
+            )
+
+    def _migrate_from(self, version: int) -> None:
+        # Version 2 kept each agent's acknowledged ruleset whole, and 1 and 2 its desired
+        # one; 3 keeps acknowledged rulesets as shared parts and desired state in memory
+        # only. The old content is dropped: each agent gets one snapshot after the upgrade.
+        old_columns = ["desired_revision", "desired_hash", "desired_ruleset"]
+        if version == 2:
+            old_columns.append("applied_ruleset")
+        with self.transaction():
+            self._db.execute(
+                "ALTER TABLE agents ADD COLUMN applied_parts BLOB NOT NULL DEFAULT x''"
+            )
+            for column in old_columns:
+                self._db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
+            self._db.execute(
+                "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
             )
 
     def close(self) -> None:
@@ -236,6 +245,34 @@ class SqliteStore:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (revision, now_ms(), kind, name, action, document),
         )
+
+    # -- ruleset parts --------------------------------------------------------------
+
+    def put_parts(self, parts: Mapping[bytes, bytes]) -> None:
+        """Store parts by digest (content-addressed: one already there stays)."""
+        self._db.executemany(
+            "INSERT OR IGNORE INTO ruleset_parts(digest, content) VALUES (?, ?)", parts.items()
+        )
+
+    def get_parts(self, digests: Sequence[bytes]) -> dict[bytes, bytes]:
+        """The stored parts among DIGESTS, by digest."""
+        found: dict[bytes, bytes] = {}
+        for digest in set(digests):
+            row = self._db.execute(
+                "SELECT content FROM ruleset_parts WHERE digest=?", (digest,)
+            ).fetchone()
+            if row is not None:
+                found[digest] = bytes(row["content"])
+        return found
+
+    def part_digests(self) -> set[bytes]:
+        return {bytes(r[0]) for r in self._db.execute("SELECT digest FROM ruleset_parts")}
+
+    def prune_parts(self, keep: set[bytes]) -> int:
+        """Delete every part not in KEEP; call inside a transaction. Returns how many."""
+        unused = [(d,) for d in self.part_digests() if d not in keep]
+        self._db.executemany("DELETE FROM ruleset_parts WHERE digest=?", unused)
+        return len(unused)
 
     # -- resources ----------------------------------------------------------------
 
@@ -383,16 +420,14 @@ class SqliteStore:
     def put_agent(self, agent: AgentRecord) -> None:
         self._db.execute(
             "INSERT INTO agents(agent_id, hostname, reported_labels, label_overrides, addresses, "
-            "mode, baseline, applied_revision, applied_hash, desired_revision, desired_hash, "
-            "desired_ruleset, applied_ruleset, last_error, first_seen_ms, last_seen_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "mode, baseline, applied_revision, applied_hash, applied_parts, last_error, "
+            "first_seen_ms, last_seen_ms) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(agent_id) DO UPDATE SET hostname=excluded.hostname, "
             "reported_labels=excluded.reported_labels, label_overrides=excluded.label_overrides, "
             "addresses=excluded.addresses, mode=excluded.mode, baseline=excluded.baseline, "
             "applied_revision=excluded.applied_revision, applied_hash=excluded.applied_hash, "
-            "desired_revision=excluded.desired_revision, desired_hash=excluded.desired_hash, "
-            "desired_ruleset=excluded.desired_ruleset, applied_ruleset=excluded.applied_ruleset, "
-            "last_error=excluded.last_error, "
+            "applied_parts=excluded.applied_parts, last_error=excluded.last_error, "
             "last_seen_ms=excluded.last_seen_ms",
             (
                 agent.agent_id,
@@ -404,10 +439,7 @@ class SqliteStore:
                 agent.baseline,
                 agent.applied_revision,
                 agent.applied_hash,
-                agent.desired_revision,
-                agent.desired_hash,
-                agent.desired_ruleset,
-                agent.applied_ruleset,
+                agent.applied_parts,
                 agent.last_error,
                 agent.first_seen_ms or now_ms(),
                 agent.last_seen_ms or now_ms(),
@@ -444,10 +476,7 @@ def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
         baseline=bytes(row["baseline"]),
         applied_revision=row["applied_revision"],
         applied_hash=row["applied_hash"],
-        desired_revision=row["desired_revision"],
-        desired_hash=row["desired_hash"],
-        desired_ruleset=bytes(row["desired_ruleset"]),
-        applied_ruleset=bytes(row["applied_ruleset"]),
+        applied_parts=bytes(row["applied_parts"]),
         last_error=row["last_error"],
         first_seen_ms=row["first_seen_ms"],
         last_seen_ms=row["last_seen_ms"],

@@ -21,7 +21,7 @@ from agent.state import (
     save_snapshot,
 )
 from bulkhead.v1 import agent_pb2, ruleset_pb2
-from bulkhead.v1.contract import ruleset_hash
+from bulkhead.v1.contract import legacy_ruleset_hash, ruleset_hash
 
 ENFORCE = Baseline(Mode.ENFORCE, (), (), ())
 
@@ -158,6 +158,15 @@ def test_snapshot_round_trip_and_corruption(tmp_path: Path) -> None:
     )
     with pytest.raises(StateCorrupt, match="does not match its hash"):
         load_snapshot(tmp_path)
+
+
+def test_a_state_file_with_the_older_hash_is_read_and_rekeyed(tmp_path: Path) -> None:
+    ruleset = sample_ruleset()
+    save_snapshot(tmp_path, AppliedSnapshot(3, legacy_ruleset_hash(ruleset), ruleset))
+    loaded = load_snapshot(tmp_path)
+    assert loaded is not None
+    assert loaded.ruleset == ruleset
+    assert loaded.hash == ruleset_hash(ruleset) != legacy_ruleset_hash(ruleset)
 
 
 # -- enforcer ------------------------------------------------------------------------

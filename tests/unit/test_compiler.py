@@ -12,11 +12,7 @@ import pytest
 
 from bulkhead.v1 import ruleset_pb2
 from bulkhead.v1.contract import ruleset_hash
-from controller.policy.compiler import (
-    Workload,
-    compile_rulesets,
-    referenced_iplists,
-)
+from controller.policy import Estate, Workload, compile_rulesets, referenced_iplists
 from controller.policy.resources import IPList, Policy, parse_documents
 
 INGRESS = ruleset_pb2.DIRECTION_INGRESS
@@ -289,10 +285,19 @@ def test_same_input_in_any_order_gives_the_same_hashes() -> None:
     assert len(set(expected.values())) == len(expected)  # the inputs do differ per agent
 
 
-def test_ruleset_hash_is_sha256_of_the_deterministic_serialisation() -> None:
+def test_ruleset_hash_is_built_from_parts_as_protocol_md_says() -> None:
     ruleset = compile_rulesets([WEB, DB], [], [WEB_TO_DB])["db-1"]
-    digest = hashlib.sha256(ruleset.SerializeToString(deterministic=True)).hexdigest()
-    assert ruleset_hash(ruleset) == digest
+    skeleton = ruleset_pb2.Ruleset()
+    skeleton.CopyFrom(ruleset)
+    for address_set in skeleton.sets:
+        del address_set.hosts[:]
+        del address_set.networks[:]
+    bare = skeleton.SerializeToString(deterministic=True)
+    digest = hashlib.sha256(b"bulkhead.v1 ruleset\0" + len(bare).to_bytes(8, "big") + bare)
+    for address_set in ruleset.sets:
+        digest.update(hashlib.sha256(address_set.SerializeToString(deterministic=True)).digest())
+    assert ruleset_hash(ruleset) == digest.hexdigest()
+    assert Estate([WEB, DB], [], [WEB_TO_DB]).hash("db-1") == digest.hexdigest()
 
 
 def test_bad_workload_address_is_refused_by_name() -> None:

@@ -7,7 +7,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from bulkhead.v1 import agent_pb2, ruleset_pb2
+from bulkhead.v1 import agent_pb2
 from controller.core import Controller
 from controller.sessions import AgentSession
 from tests.pki_support import make_controller
@@ -58,7 +58,7 @@ async def burst(core: Controller) -> tuple[int, int, list[str]]:
 
 
 def hosts_of(core: Controller, agent_id: str) -> list[str]:
-    ruleset = ruleset_pb2.Ruleset.FromString(core.agent(agent_id).desired_ruleset)
+    ruleset = core.desired(agent_id).ruleset()
     return [host for s in ruleset.sets for host in s.hosts]
 
 

@@ -182,7 +182,8 @@ def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> No
             snap = message.snapshot
             core.acknowledged(name, agent_pb2.Ack(revision=snap.revision, hash=snap.hash, ok=True))
     for agent in core.agents():
-        applied[agent.agent_id] = (agent.desired_revision, agent.desired_hash)
+        desired = core.desired(agent.agent_id)
+        applied[agent.agent_id] = (desired.revision, desired.hash)
     revision_before = max(r for r, _ in applied.values())
 
     restarted = make_controller(tmp_path)
@@ -254,7 +255,7 @@ def test_a_change_back_while_one_is_in_flight_is_sent_not_taken_for_in_sync(
     offered = take(sessions["web"])
     assert offered is not None, "web would keep the deleted policy's rules"
     assert offered.WhichOneof("body") == "snapshot"
-    assert offered.snapshot.hash == core.agent("web").desired_hash
+    assert offered.snapshot.hash == core.desired("web").hash
     snap = in_flight.snapshot
     core.acknowledged("web", agent_pb2.Ack(revision=snap.revision, hash=snap.hash, ok=True))
     assert take(sessions["web"]) is None, "H0 is already on its way; nothing to resend"

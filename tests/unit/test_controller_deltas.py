@@ -9,9 +9,12 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import apply_set_changes, ruleset_hash
 from controller.core import Controller
+from controller.desired import part_digests_of
 from controller.errors import Unavailable
 from controller.sessions import AgentSession
 from controller.store.sqlite_store import SqliteStore
@@ -107,7 +110,7 @@ def test_a_peer_that_moves_reaches_the_agent_as_a_delta_against_its_ack(tmp_path
     core.addresses_changed("web", ["198.18.0.50"])
     assert db.receive() == "delta"
     assert list(db.ruleset.sets[0].hosts) == ["198.18.0.50"]
-    assert core.agent("db").applied_hash == core.agent("db").desired_hash
+    assert core.agent("db").applied_hash == core.desired("db").hash
     core.addresses_changed("web", ["198.18.0.51", "2001:db8::51"])
     assert db.receive() == "delta"
     assert list(db.ruleset.sets[0].hosts) == ["198.18.0.51", "2001:db8::51"]
@@ -175,23 +178,57 @@ def test_an_agent_holding_something_else_gets_a_snapshot(tmp_path: Path) -> None
     assert db.receive() == "snapshot"
 
 
-def test_a_version_1_database_is_migrated_keeping_its_agents(tmp_path: Path) -> None:
+def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    web, _ = fleet(core)
+    web_before = set(part_digests_of(core.agent("web").applied_parts))
+    second = FakeAgent(core, "db-2", "db", "198.18.0.12")  # holds what db holds
+    assert second.receive() == "snapshot"
+    assert web.receive() == "delta"  # its set of db members grew
+    assert core.agent("db").applied_parts == core.agent("db-2").applied_parts
+    held = {d for a in ("web", "db") for d in part_digests_of(core.agent(a).applied_parts)}
+    store = SqliteStore(tmp_path / "c.db")
+    stale = web_before - held  # web's set before db-2 joined: nobody holds it any more
+    assert stale
+    assert store.part_digests() == held | stale, "each part once, however many hold it"
+    store.close()
+    make_controller(tmp_path)
+    store = SqliteStore(tmp_path / "c.db")
+    assert store.part_digests() == held, "parts nobody holds are dropped at start"
+    store.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_database_is_migrated_keeping_its_agents(tmp_path: Path, version: int) -> None:
     core = make_controller(tmp_path)
     fleet(core)
-    desired = core.agent("db").desired_hash
+    applied = core.agent("db").applied_hash
+    assert applied
+    assert core.agent("db").applied_parts
     connection = sqlite3.connect(tmp_path / "c.db")
-    connection.execute("ALTER TABLE agents DROP COLUMN applied_ruleset")
-    connection.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    # The shape of that version: desired state per agent (and, in 2, the applied ruleset).
+    old_columns = ["desired_revision INTEGER NOT NULL DEFAULT 0", "desired_hash TEXT NOT NULL "
+                   "DEFAULT ''", "desired_ruleset BLOB NOT NULL DEFAULT x''"]  # fmt: skip
+    if version == 2:
+        old_columns.append("applied_ruleset BLOB NOT NULL DEFAULT x''")
+    for column in old_columns:
+        connection.execute(f"ALTER TABLE agents ADD COLUMN {column}")
+    connection.execute("ALTER TABLE agents DROP COLUMN applied_parts")
+    connection.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     connection.commit()
     connection.close()
     store = SqliteStore(tmp_path / "c.db")
     migrated = store.get_agent("db")
     assert migrated is not None
-    assert migrated.desired_hash == desired
-    assert migrated.applied_ruleset == b""
+    assert migrated.applied_hash == applied
+    assert migrated.applied_parts == b""  # content unknown: one snapshot after the upgrade
     store.close()
     connection = sqlite3.connect(tmp_path / "c.db")
-    assert connection.execute("SELECT value FROM meta").fetchone()[0] == "2"
+    assert (
+        connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+    )
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(agents)")}
+    assert not {"desired_hash", "desired_ruleset", "applied_ruleset"} & columns
     connection.close()
 
 

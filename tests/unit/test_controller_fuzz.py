@@ -72,7 +72,7 @@ def _snapshot(core: Controller) -> tuple[Any, ...]:
     return (
         core.list_resources("Policy"),
         core.list_resources("IPList"),
-        [(a.agent_id, a.desired_hash) for a in core.agents()],
+        [(a.agent_id, core.desired(a.agent_id).hash) for a in core.agents()],
     )
 
 

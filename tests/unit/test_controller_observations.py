@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bulkhead.v1 import admin_pb2, agent_pb2
+from bulkhead.v1 import admin_pb2, agent_pb2, ruleset_pb2
+from controller.desired import DesiredRuleset
 from controller.errors import InvalidArgument, Unavailable
 from controller.observations import Observations, Workloads, merge
 from controller.sessions import AgentSession
@@ -25,6 +26,11 @@ WORKLOADS = Workloads(
     owners={WEB: "web", DB: "db"},
     iplists=[(ipaddress.ip_network("203.0.113.0/24"), {"zone": "office"})],
 )
+
+
+def idle_session(agent_id: str) -> AgentSession:
+    """A session whose agent should hold nothing (only connection tables are asked)."""
+    return AgentSession(agent_id, lambda: DesiredRuleset.from_ruleset(0, ruleset_pb2.Ruleset()))
 
 
 def flow(
@@ -162,7 +168,7 @@ def test_merge_of_nothing_is_nothing() -> None:
 
 def test_connections_are_asked_for_and_the_answer_returned(observations: Observations) -> None:
     async def scenario() -> agent_pb2.ConnectionTable:
-        session = AgentSession("db")
+        session = idle_session("db")
         asking = asyncio.create_task(observations.connections("db", session, timeout=5))
         message = await session.next_message()
         assert message is not None
@@ -181,4 +187,4 @@ def test_connections_of_a_silent_or_absent_agent_are_unavailable(
     with pytest.raises(Unavailable, match="not connected"):
         asyncio.run(observations.connections("db", None))
     with pytest.raises(Unavailable, match="did not send"):
-        asyncio.run(observations.connections("db", AgentSession("db"), timeout=0.05))
+        asyncio.run(observations.connections("db", idle_session("db"), timeout=0.05))

@@ -31,8 +31,39 @@ _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
 _LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 
 
+_HASH_DOMAIN = b"bulkhead.v1 ruleset\0"
+
+
 def ruleset_hash(ruleset: ruleset_pb2.Ruleset) -> str:
-    """Lowercase hex sha256 of the ruleset's deterministic serialisation."""
+    """The ruleset's hash (PROTOCOL.md, "Revisions and hashes"): sha256 over its skeleton
+    (rules, and sets by name only) and then each set's digest, in order. Built from parts
+    so the controller can hash thousands of rulesets sharing a set without re-reading it."""
+    skeleton = ruleset_pb2.Ruleset(
+        sets=[ruleset_pb2.AddressSet(name=s.name) for s in ruleset.sets], rules=ruleset.rules
+    )
+    return composed_hash(
+        skeleton.SerializeToString(deterministic=True), [set_digest(s) for s in ruleset.sets]
+    )
+
+
+def set_digest(address_set: ruleset_pb2.AddressSet) -> bytes:
+    """sha256 of one address set's deterministic serialisation (name and elements)."""
+    return hashlib.sha256(address_set.SerializeToString(deterministic=True)).digest()
+
+
+def composed_hash(skeleton: bytes, set_digests: Sequence[bytes]) -> str:
+    """ruleset_hash from its parts: the skeleton's serialisation and the sets' digests."""
+    digest = hashlib.sha256(_HASH_DOMAIN)
+    digest.update(len(skeleton).to_bytes(8, "big"))
+    digest.update(skeleton)
+    for part in set_digests:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def legacy_ruleset_hash(ruleset: ruleset_pb2.Ruleset) -> str:
+    """The hash before 2026-11 (sha256 of the whole serialisation): only for reading an
+    agent state file written by an older version."""
     return hashlib.sha256(ruleset.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -82,20 +113,24 @@ def set_changes(
     for before, after in zip(old.sets, new.sets, strict=True):
         if before.name != after.name:
             return None
-        if before == after:
-            continue
-        hosts_before, hosts_after = set(before.hosts), set(after.hosts)
-        networks_before, networks_after = set(before.networks), set(after.networks)
-        changes.append(
-            agent_pb2.SetChange(
-                name=after.name,
-                add_hosts=[h for h in after.hosts if h not in hosts_before],
-                remove_hosts=[h for h in before.hosts if h not in hosts_after],
-                add_networks=[n for n in after.networks if n not in networks_before],
-                remove_networks=[n for n in before.networks if n not in networks_after],
-            )
-        )
+        if before != after:
+            changes.append(set_change(before, after))
     return changes
+
+
+def set_change(
+    before: ruleset_pb2.AddressSet, after: ruleset_pb2.AddressSet
+) -> agent_pb2.SetChange:
+    """What turns set BEFORE into AFTER (same name), elements in AddressSet order."""
+    hosts_before, hosts_after = set(before.hosts), set(after.hosts)
+    networks_before, networks_after = set(before.networks), set(after.networks)
+    return agent_pb2.SetChange(
+        name=after.name,
+        add_hosts=[h for h in after.hosts if h not in hosts_before],
+        remove_hosts=[h for h in before.hosts if h not in hosts_after],
+        add_networks=[n for n in after.networks if n not in networks_before],
+        remove_networks=[n for n in before.networks if n not in networks_after],
+    )
 
 
 def apply_set_changes(
