@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -76,8 +77,18 @@ def _snapshot(core: Controller) -> tuple[Any, ...]:
     )
 
 
+# Every controller's state goes under one directory, removed when the module is done.
+_SCRATCH = tempfile.TemporaryDirectory(prefix="bh-fuzz-")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_scratch() -> Iterator[None]:
+    yield
+    _SCRATCH.cleanup()
+
+
 def _fresh() -> Controller:
-    core = make_controller(Path(tempfile.mkdtemp(prefix="bh-fuzz-")))
+    core = make_controller(Path(tempfile.mkdtemp(dir=_SCRATCH.name)))
     core.apply([json.dumps({**VALID, "metadata": {"name": "existing"}})], actor=ACTOR)
     return core
 
