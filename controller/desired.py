@@ -44,8 +44,15 @@ class DesiredRuleset:
         return len(self.skeleton.serialized) + sum(len(v.serialized) for v in self.versions)
 
     def ruleset(self) -> ruleset_pb2.Ruleset:
-        sets = [version.address_set for version in self.versions]
-        return ruleset_pb2.Ruleset(sets=sets, rules=self.skeleton.rules)
+        ruleset = ruleset_pb2.Ruleset()
+        self.fill(ruleset)
+        return ruleset
+
+    def fill(self, ruleset: ruleset_pb2.Ruleset) -> None:
+        """Copy the whole ruleset into RULESET, an empty message (e.g. inside a snapshot
+        being built: one copy of the elements instead of two)."""
+        ruleset.sets.extend(version.address_set for version in self.versions)
+        ruleset.rules.extend(self.skeleton.rules)
 
     def part_digests(self) -> bytes:
         """The digests of the skeleton and of each set, concatenated (what the store keeps

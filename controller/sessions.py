@@ -143,7 +143,8 @@ class AgentSession:
             self._counts.deltas += 1
             return agent_pb2.ControllerMessage(delta=delta)
         self._counts.snapshots += 1
-        snapshot = agent_pb2.PolicySnapshot(
-            revision=state.revision, hash=state.hash, ruleset=state.ruleset()
-        )
-        return agent_pb2.ControllerMessage(snapshot=snapshot)
+        message = agent_pb2.ControllerMessage()
+        message.snapshot.revision = state.revision
+        message.snapshot.hash = state.hash
+        state.fill(message.snapshot.ruleset)
+        return message

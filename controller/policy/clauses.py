@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bulkhead.v1 import ruleset_pb2
-from controller.policy.addresses import parse_host
+from controller.policy.addresses import Address, parse_host
 from controller.policy.peers import IPListPeer, Peer, peer_key
 from controller.policy.ports import PortProtocol, PortSpec
 from controller.policy.resources import Policy
@@ -34,10 +34,11 @@ class Workload:
     agent_id: str
     labels: Mapping[str, str]
     addresses: tuple[str, ...]
+    # Parsed here, once: a failure names the address before anything is compiled.
+    hosts: frozenset[Address] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for address in self.addresses:
-            parse_host(address)  # fail here, naming the address, rather than mid-compile
+        object.__setattr__(self, "hosts", frozenset(parse_host(a) for a in self.addresses))
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from controller.policy.addresses import (
     address_order,
     is_single_host,
     network_order,
-    parse_host,
 )
 from controller.policy.clauses import Clause, Workload, clauses_of, list_key, set_name
 from controller.policy.peers import CidrPeer, IPListPeer, LabelsPeer, Peer, SelectorPeer, peer_key
@@ -196,6 +195,9 @@ class Estate:
     def agent_ids(self) -> list[str]:
         return sorted(self._workloads)
 
+    def workloads(self) -> list[Workload]:
+        return list(self._workloads.values())
+
     def __contains__(self, agent_id: object) -> bool:
         return agent_id in self._workloads
 
@@ -263,7 +265,7 @@ class Estate:
             self._memberships.pop(agent_id, None)
         else:
             new_lists = frozenset(self._matching_lists(workload.labels))
-            new_hosts = frozenset(parse_host(a) for a in workload.addresses)
+            new_hosts = workload.hosts
             self._workloads[agent_id] = workload
             self._hosts[agent_id] = new_hosts
             self._memberships[agent_id] = new_lists

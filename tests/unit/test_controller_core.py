@@ -185,6 +185,7 @@ def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> No
         desired = core.desired(agent.agent_id)
         applied[agent.agent_id] = (desired.revision, desired.hash)
     revision_before = max(r for r, _ in applied.values())
+    core.flush_last_seen()  # as a stopping controller does (acks are written in batches)
 
     restarted = make_controller(tmp_path)
     assert [name for name, _, _ in restarted.list_resources("Policy")] == ["web-db"]

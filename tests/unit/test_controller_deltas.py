@@ -161,6 +161,7 @@ def test_after_a_failed_apply_the_next_change_is_a_snapshot(tmp_path: Path) -> N
 def test_the_acknowledged_base_survives_a_controller_restart(tmp_path: Path) -> None:
     core = make_controller(tmp_path)
     _, db = fleet(core)
+    core.flush_last_seen()  # as a stopping controller does (acks are written in batches)
     restarted = make_controller(tmp_path)
     db.core = restarted
     db.connect()
@@ -187,6 +188,7 @@ def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: P
     assert web.receive() == "delta"  # its set of db members grew
     assert core.agent("db").applied_parts == core.agent("db-2").applied_parts
     held = {d for a in ("web", "db") for d in part_digests_of(core.agent(a).applied_parts)}
+    core.flush_last_seen()
     store = SqliteStore(tmp_path / "c.db")
     stale = web_before - held  # web's set before db-2 joined: nobody holds it any more
     assert stale
@@ -202,6 +204,7 @@ def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: P
 def test_an_older_database_is_migrated_keeping_its_agents(tmp_path: Path, version: int) -> None:
     core = make_controller(tmp_path)
     fleet(core)
+    core.flush_last_seen()
     applied = core.agent("db").applied_hash
     assert applied
     assert core.agent("db").applied_parts

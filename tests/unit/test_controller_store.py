@@ -44,6 +44,61 @@ def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     assert store.current_revision() == 0
 
 
+def test_agents_in_memory_follow_the_transaction_and_copies_are_not_the_store(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    with store.transaction():
+        store.put_agent(AgentRecord(agent_id="web", addresses=["198.18.0.1"]))
+    seen_inside: list[list[str]] = []
+
+    def put_then_fail() -> None:
+        with store.transaction():
+            store.put_agent(AgentRecord(agent_id="web", addresses=["198.18.0.2"]))
+            seen_inside.append(addresses(store))
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        put_then_fail()
+    assert seen_inside == [["198.18.0.2"]], "a put is read back inside its transaction"
+    assert addresses(store) == ["198.18.0.1"], "a rolled-back put is not kept"
+    copy = store.get_agent("web")
+    assert copy is not None
+    copy.addresses.append("198.18.0.9")
+    assert store.list_agents()[0].addresses == ["198.18.0.1"]
+
+
+def test_an_agent_put_later_is_read_at_once_and_written_in_the_batch(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    with store.transaction():
+        store.put_agent(AgentRecord(agent_id="web"))
+    acked = store.get_agent("web")
+    assert acked is not None
+    acked.applied_revision = 7
+    store.put_agent_later(acked)
+    assert applied_revision(store) == 7
+    assert applied_revision(SqliteStore(tmp_path / "c.db")) == 0, "not written yet"
+    with store.transaction():
+        assert store.write_unwritten() == 1
+    assert applied_revision(SqliteStore(tmp_path / "c.db")) == 7
+    acked.applied_revision = 8
+    store.put_agent_later(acked)
+    store.close()  # writes what is left
+    assert applied_revision(SqliteStore(tmp_path / "c.db")) == 8
+
+
+def addresses(store: SqliteStore) -> list[str]:
+    agent = store.get_agent("web")
+    assert agent is not None
+    return agent.addresses
+
+
+def applied_revision(store: SqliteStore) -> int:
+    agent = store.get_agent("web")
+    assert agent is not None
+    return agent.applied_revision
+
+
 def test_label_overrides_win_and_remove() -> None:
     agent = AgentRecord(
         agent_id="x",
