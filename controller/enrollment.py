@@ -188,6 +188,11 @@ class Enrollment:
         live = self._store.live_certificates(agent_identity(agent_id), now_ms())
         return live[-1][1] if live else 0
 
+    def certificate_expiries_ms(self) -> dict[str, int]:
+        """certificate_expiry_ms of every agent with a live certificate, in one query."""
+        latest = self._store.latest_live_certificates(AGENT_URI_PREFIX, now_ms())
+        return {identity.removeprefix(AGENT_URI_PREFIX): ms for identity, ms in latest.items()}
+
     def _usable_token(self, token_text: str) -> TokenRecord:
         try:
             token_id, secret, fingerprint = parse_token(token_text)

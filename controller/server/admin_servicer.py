@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -49,12 +49,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def ListAgents(self, request: admin_pb2.ListAgentsRequest, context: Context) -> Any:
         agents = await self._run(context, lambda _: self._core.agents(), write=False)
-        return admin_pb2.ListAgentsResponse(agents=[self._summary(a) for a in agents])
+        # Certificates in two queries for the whole fleet, not two per agent.
+        enrollment = self._core.enrollment
+        revoked, expiries = enrollment.revoked_agents(), enrollment.certificate_expiries_ms()
+        return admin_pb2.ListAgentsResponse(
+            agents=[self._summary(a, a.agent_id in revoked, expiries) for a in agents]
+        )
 
     async def DescribeAgent(self, request: admin_pb2.DescribeAgentRequest, context: Context) -> Any:
         agent = await self._run(context, lambda _: self._core.agent(request.agent_id), write=False)
         return admin_pb2.AgentDetail(
-            summary=self._summary(agent),
+            summary=self._summary(
+                agent,
+                self._core.is_revoked(agent.agent_id),
+                {agent.agent_id: self._core.enrollment.certificate_expiry_ms(agent.agent_id)},
+            ),
             ruleset=self._core.desired(agent.agent_id).ruleset(),
             baseline=agent_pb2.Baseline.FromString(agent.baseline),
             last_error=agent.last_error,
@@ -147,8 +156,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
 
-    def _summary(self, agent: AgentRecord) -> admin_pb2.AgentSummary:
-        expiry = self._core.enrollment.certificate_expiry_ms(agent.agent_id)
+    def _summary(
+        self, agent: AgentRecord, revoked: bool, expiries: Mapping[str, int]
+    ) -> admin_pb2.AgentSummary:
         desired = self._core.desired(agent.agent_id)
         return admin_pb2.AgentSummary(
             agent_id=agent.agent_id,
@@ -162,8 +172,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             desired_revision=desired.revision,
             desired_hash=desired.hash,
             last_seen_unix_ms=self._core.last_seen_ms(agent),
-            revoked=self._core.is_revoked(agent.agent_id),
-            certificate_not_after_unix_ms=expiry,
+            revoked=revoked,
+            certificate_not_after_unix_ms=expiries.get(agent.agent_id, 0),
             offline=self._core.is_offline(agent),
             stuck=self._core.is_stuck(agent.agent_id),
         )

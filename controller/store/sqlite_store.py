@@ -379,6 +379,16 @@ class SqliteStore:
         ).fetchall()
         return [(r["serial"], r["not_after_ms"]) for r in rows]
 
+    def latest_live_certificates(self, prefix: str, at_ms: int) -> dict[str, int]:
+        """The latest not_after_ms of the unrevoked, unexpired certificates of every
+        identity starting with PREFIX."""
+        rows = self._db.execute(
+            "SELECT identity, MAX(not_after_ms) AS latest FROM certificates "
+            "WHERE substr(identity, 1, ?) = ? AND revoked=0 AND not_after_ms>? GROUP BY identity",
+            (len(prefix), prefix, at_ms),
+        ).fetchall()
+        return {r["identity"]: r["latest"] for r in rows}
+
     def agent_revoked(self, identity: str) -> bool:
         """IDENTITY had certificates and every one of them is revoked."""
         row = self._db.execute(

@@ -125,3 +125,22 @@ def test_a_new_database_and_its_journal_are_readable_by_the_controller_alone(
     store.close()
     assert modes["controller.db"] == 0o600
     assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+def test_latest_live_certificates_of_the_fleet_match_each_identity_asked_alone(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    with store.transaction():
+        store.put_certificate("1", "agent:web", 5_000)
+        store.put_certificate("2", "agent:web", 9_000)  # renewed: the later one counts
+        store.put_certificate("3", "agent:db", 8_000)
+        store.put_certificate("4", "agent:old", 500)  # expired
+        store.put_certificate("5", "operator:alice", 9_000)  # not an agent
+        store.put_certificate("6", "agent:gone", 9_000)
+        store.revoke_certificates("agent:gone")
+    latest = store.latest_live_certificates("agent:", 1_000)
+    assert latest == {"agent:web": 9_000, "agent:db": 8_000}
+    for identity in ("agent:web", "agent:db", "agent:old", "agent:gone"):
+        alone = store.live_certificates(identity, 1_000)
+        assert latest.get(identity, 0) == (alone[-1][1] if alone else 0)
