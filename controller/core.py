@@ -93,6 +93,7 @@ class Controller:
         self._revisions: dict[str, int] = {}
         self._desired: dict[str, DesiredRuleset] = {}  # built on first use since a change
         self._sessions: dict[str, AgentSession] = {}
+        self._closing = False
         self.pushes = PushCounts()  # for metrics
         self._seen_ms: dict[str, int] = {}  # last heard from, not yet written
         self._workloads_view: tuple[float, Workloads] | None = None
@@ -311,8 +312,9 @@ class Controller:
         agent.applied_revision = hello.applied_revision
         agent.applied_hash = hello.applied_hash
         agent.last_seen_ms = now_ms()
-        with self._store.transaction():
-            self._store.put_agent(agent)
+        # Written with the next batch: all of it is the agent's own report, which it sends
+        # again on its next connect (a reconnect storm is 10,000 of these at once).
+        self._store.put_agent_later(agent)
         previous = self._sessions.get(agent.agent_id)
         if previous is not None:
             log.warning("agent %s opened a new stream; closing the old one", agent.agent_id)
@@ -352,7 +354,19 @@ class Controller:
             self._seen_ms[session.agent_id] = now_ms()  # written with the next batch
             # Connection state is not compiled: an agent's peers keep its addresses while it
             # is away, so a restart or a network blip causes no churn.
-            log.info("agent %s disconnected", session.agent_id)
+            if not self._closing:  # close_all says it once for all of them
+                log.info("agent %s disconnected", session.agent_id)
+
+    def close_all(self) -> int:
+        """End every agent stream with UNAVAILABLE, so each agent reconnects (to whichever
+        controller answers) with its backoff; for shutdown. Returns how many."""
+        self._closing = True
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session.failure = Unavailable("the controller is shutting down; reconnect")
+            session.close()
+        log.info("closing %d agent stream(s)", len(sessions))
+        return len(sessions)
 
     def revoke_agent(self, agent_id: str, *, actor: str) -> int:
         """Revoke every certificate of the agent and cut its stream now."""

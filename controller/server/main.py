@@ -214,6 +214,9 @@ async def serve(
     sdnotify.stopping()
     if watchdog is not None:
         watchdog.cancel()
+    # Streams end on our side first, each with a status, rather than being cancelled by
+    # the server one by one after the grace period (seconds with thousands of agents).
+    core.close_all()
     await server.stop(grace=2)
     core.flush_last_seen()
     store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import apply_set_changes, ruleset_hash
 from controller.core import Controller
-from controller.errors import Conflict, InvalidArgument, NotFound
+from controller.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from controller.sessions import AgentSession
 from tests.pki_support import make_controller
 
@@ -413,3 +414,15 @@ def test_heartbeats_are_written_in_batches_and_never_move_back(core: Controller)
     core.flush_last_seen()
     assert core.agent("web").last_seen_ms == flushed
     assert core.flush_last_seen() == 0
+
+
+def test_shutdown_ends_every_stream_with_unavailable_so_agents_reconnect(
+    core: Controller,
+) -> None:
+    sessions = connect_three(core)
+    assert core.close_all() == 3
+    for session in sessions.values():
+        assert session.closed
+        assert isinstance(session.failure, Unavailable)
+        assert "shutting down" in str(session.failure)
+        assert asyncio.run(session.next_message()) is None
