@@ -58,10 +58,15 @@ class TamperGuard:
         *,
         interval: float,
         monitor: Sequence[str] | None = None,
+        elements_owned_by_kernel: bool = False,
     ) -> None:
+        """ELEMENTS_OWNED_BY_KERNEL: the backend updates set elements only where the kernel
+        lets no other process change anything (an owned nftables table), so an element
+        update needs no reading back. Otherwise (iptables) one is guarded like an apply."""
         self._backend = backend
         self._interval = interval
         self._monitor = tuple(monitor) if monitor else None
+        self._elements_owned_by_kernel = elements_owned_by_kernel
         self._lock = threading.Lock()
         self._applied: _Applied | None = None
         # The live fingerprint a failed repair left: reported once, retried silently.
@@ -73,7 +78,10 @@ class TamperGuard:
     def for_dataplane(cls, dataplane: str, backend: Backend) -> TamperGuard:
         """The guard for DATAPLANE ('nftables' or 'iptables') with its detection settings."""
         if dataplane == "nftables":
-            return cls(backend, interval=NFT_BACKSTOP_S, monitor=NFT_MONITOR)
+            # NftablesBackend.update_elements refuses unless it owns the table.
+            return cls(
+                backend, interval=NFT_BACKSTOP_S, monitor=NFT_MONITOR, elements_owned_by_kernel=True
+            )
         return cls(backend, interval=IPTABLES_INTERVAL_S)
 
     @property
@@ -160,6 +168,8 @@ class TamperGuard:
         baseline: Baseline,
     ) -> bool:
         with self._lock:
+            if not self._elements_owned_by_kernel:
+                return self._update_unowned(changes, result, baseline)
             # One batch: refused, the kernel holds what it held, which stays expected.
             if not self._backend.update_elements(changes, result, baseline):
                 return False
@@ -169,6 +179,36 @@ class TamperGuard:
             self._applied = _Applied(result, baseline, None)
             self._unrepaired = None
             return True
+
+    def _update_unowned(
+        self,
+        changes: Sequence[agent_pb2.SetChange],
+        result: ruleset_pb2.Ruleset,
+        baseline: Baseline,
+    ) -> bool:
+        # Anyone may have changed our rules or sets since the last check, and an element
+        # update keeps what it does not touch: read first, and leave a changed (or
+        # unreadable) kernel to the full apply, which rewrites all of it. Afterwards read
+        # again, as after an apply, so a change made later is noticed.
+        applied = self._applied
+        if applied is None or applied.fingerprint is None:
+            return False
+        try:
+            live = self._backend.state_fingerprint()
+        except DataplaneError:
+            return False
+        if live != applied.fingerprint:
+            log.warning("%s: the delta goes in whole", describe(applied.fingerprint, live))
+            return False
+        try:
+            if not self._backend.update_elements(changes, result, baseline):
+                return False
+        except DataplaneError:
+            # What it left is expected until the next apply, as after a failed apply.
+            self._remember(applied.ruleset, applied.baseline)
+            raise
+        self._remember(result, baseline)
+        return True
 
     def _remove_and_forget(self) -> None:
         with self._lock:

@@ -1,4 +1,5 @@
-"""The iptables and nftables backends side by side: apply, one-address update, removal.
+"""The iptables and nftables backends side by side: apply, one-address update (whole and
+as a policy delta), removal.
 
 Run as root: .venv/bin/python bench/backend_compare.py [--sizes 1000,10000] [--runs 7]
              [--large-runs 5] [--markdown]
@@ -8,9 +9,17 @@ four peer sets sharing that many host addresses (nine in ten IPv4 from 198.18.0.
 rest IPv6 from 2001:db8::/32) used by eight rules. Measured per backend and size:
 * full apply: Backend.apply into a namespace holding nothing of ours;
 * update: the same ruleset with one IPv4 peer address replaced, applied over the loaded
-  one (both backends re-render everything today: nftables replaces its table in one
-  transaction, iptables swaps every ipset and restores its chains);
-* removal: Backend.remove of the updated ruleset.
+  one with Backend.apply (nftables, in its owned table, changes only the elements that
+  differ after checking the whole ruleset; iptables swaps every ipset and restores its
+  chains);
+* update as a delta: one more address replaced, as a policy delta's SetChange, through
+  Backend.update_elements (nftables: one element batch; iptables: one `ipset restore`);
+* the delta through the tamper guard: that address put back, through the agent's
+  TamperGuard (nftables, owned table: nothing read; iptables: our chains and sets read
+  before and after, 5 tool processes each);
+* update through the tamper guard: the first ruleset applied again through the guard,
+  as the agent applies a snapshot (the apply, then what it loaded read back);
+* removal: Backend.remove of the ruleset loaded last.
 
 Each backend runs in a fresh namespace per size (bh-bench-<pid>, created and always
 deleted by apply_bench.bench_namespace), in a child process started there with
@@ -42,7 +51,10 @@ from agent.dataplane.backend import Backend
 from agent.dataplane.iptables.plan import ipset_name, is_our_set
 from agent.dataplane.nftables import FAMILY, TABLE, set_name
 from agent.dataplane.select import make_backend
+from agent.tamper import TamperGuard
+from bulkhead.v1 import agent_pb2
 from bulkhead.v1 import ruleset_pb2 as pb
+from bulkhead.v1.contract import set_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # bench/ is not an installed package
@@ -65,7 +77,14 @@ SIZES = (1_000, 10_000)
 RUNS = 7
 LARGE_RUNS = 5  # from LARGE hosts up
 LARGE = 10_000
-MEASURES = {"full": "full apply", "update": "update (1 address)", "remove": "removal"}
+MEASURES = {
+    "full": "full apply",
+    "update": "update (1 address)",
+    "delta": "update (1 address) as a delta",
+    "guarded": "the delta through the tamper guard",
+    "guarded_update": "update through the tamper guard",
+    "remove": "removal",
+}
 LAB_V4 = ipaddress.ip_network("198.18.0.0/15")
 # Members as the kernel tools print them, keyed by set name.
 Members = dict[str, set[str]]
@@ -178,9 +197,21 @@ def measure_inside(backend_name: str, scenario: Scenario) -> dict[str, Any]:
     refuse_foreign_namespace()
     ruleset = make_ruleset(scenario.hosts, scenario.networks)
     changed = with_one_address_changed(ruleset)
+    moved = with_one_address_changed(changed)
+    forth, back = set_changes(changed, moved), set_changes(moved, changed)
+    if forth is None or back is None:
+        sys.exit("the rulesets differ in more than set elements")
     backend = make_backend(backend_name)
+    guard = TamperGuard.for_dataplane(backend_name, backend)
     times: dict[str, list[float]] = {measure: [] for measure in MEASURES}
     loaded = 0
+
+    def update_elements(
+        through: Backend, changes: Sequence[agent_pb2.SetChange], result: pb.Ruleset
+    ) -> None:
+        if not through.update_elements(changes, result, BASELINE):
+            sys.exit(f"{backend_name}: the delta was refused")
+
     for _ in range(scenario.runs):
         verify(backend_name, backend, None, "start")
         time.sleep(SETTLE_SECONDS)
@@ -188,7 +219,17 @@ def measure_inside(backend_name: str, scenario: Scenario) -> dict[str, Any]:
         verify(backend_name, backend, ruleset, "full apply")
         time.sleep(SETTLE_SECONDS)
         times["update"].append(timed(lambda: backend.apply(changed, BASELINE)))
-        loaded = verify(backend_name, backend, changed, "update")
+        verify(backend_name, backend, changed, "update")
+        time.sleep(SETTLE_SECONDS)
+        times["delta"].append(timed(lambda: update_elements(backend, forth, moved)))
+        verify(backend_name, backend, moved, "delta")
+        guard.remember(moved, BASELINE)  # as after the agent's own apply
+        time.sleep(SETTLE_SECONDS)
+        times["guarded"].append(timed(lambda: update_elements(guard.backend, back, changed)))
+        verify(backend_name, backend, changed, "guarded delta")
+        time.sleep(SETTLE_SECONDS)
+        times["guarded_update"].append(timed(lambda: guard.backend.apply(ruleset, BASELINE)))
+        loaded = verify(backend_name, backend, ruleset, "guarded update")
         time.sleep(SETTLE_SECONDS)
         times["remove"].append(timed(backend.remove))
         verify(backend_name, backend, None, "removal")

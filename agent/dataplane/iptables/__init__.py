@@ -3,7 +3,8 @@ tables, peers in ipsets.
 
 Modules: ``plan`` (what gets loaded: rule lines per family and table, ipsets, names),
 ``render`` (ruleset -> plan, pure), ``commands`` (running the tools), ``ipsets`` (set
-swaps), ``tables`` (one family's filter and security tables), ``backend`` (IptablesBackend).
+swaps), ``elements`` (a policy delta's member updates, pure), ``tables`` (one family's
+filter and security tables), ``backend`` (IptablesBackend).
 """
 
 from agent.dataplane.iptables.backend import IptablesBackend

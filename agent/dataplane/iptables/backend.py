@@ -21,6 +21,10 @@ two commits a packet meets the old rules in one table and the new in the other, 
 passes only if both policies allow it. If a commit fails, the apply fails and the next one
 repairs it.
 
+A policy delta that changes set elements only goes into the ipsets with one `ipset
+restore` of `add`/`del` lines, rules untouched (elements.py); the backend remembers what
+its last apply loaded to check that the delta fits it.
+
 Rules go through iptables-legacy-restore rather than python-iptables: with iptables
 1.8.9, python-iptables 1.2.0 hands the NFLOG extension a buffer it has already freed
 (Target.reset keeps `udata` in a local), so setting `--nflog-prefix` corrupts the heap.
@@ -28,22 +32,28 @@ Rules go through iptables-legacy-restore rather than python-iptables: with iptab
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from agent.dataplane.backend import DataplaneError
 from agent.dataplane.baseline import Baseline
 from agent.dataplane.fingerprint import compose
 from agent.dataplane.iptables.commands import CommandRunner, SubprocessRunner
+from agent.dataplane.iptables.elements import LoadedSets
 from agent.dataplane.iptables.ipsets import IPSET, Ipsets, destroy_script, swap_script
 from agent.dataplane.iptables.plan import CHAIN_PREFIX, FAMILIES, TABLES, Family, Table, is_our_set
-from agent.dataplane.iptables.render import render_iptables
+from agent.dataplane.iptables.render import render_compiled
 from agent.dataplane.iptables.tables import (
     LegacyTables,
     TableState,
     apply_script,
     removal_script,
 )
+from agent.dataplane.model import load_ruleset
 from bulkhead.v1 import agent_pb2, ruleset_pb2
+
+log = logging.getLogger(__name__)
 
 
 class IptablesBackend:
@@ -59,9 +69,13 @@ class IptablesBackend:
         self._runner = runner
         self._ipsets = Ipsets(runner)
         self._tables = [LegacyTables(family, runner, names.get(family)) for family in FAMILIES]
+        # What the last apply loaded (None after a failed one), for element updates.
+        self._loaded: LoadedSets | None = None
 
     def apply(self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> None:
-        plan = render_iptables(ruleset, baseline)  # RulesetError before anything changes
+        compiled = load_ruleset(ruleset)  # RulesetError before anything changes
+        plan = render_compiled(compiled, baseline)
+        self._loaded = None
         self._ipsets.restore(swap_script(plan.ipsets, set(self._ipsets.names())))
         for tables in self._tables:
             tables.restore(apply_script(plan.family(tables.family), tables.states()))
@@ -69,6 +83,7 @@ class IptablesBackend:
         self._ipsets.restore(
             destroy_script(name for name in self._ipsets.our_names() if name not in wanted)
         )
+        self._loaded = LoadedSets.of(ruleset, compiled, plan, baseline)
 
     def update_elements(
         self,
@@ -76,10 +91,32 @@ class IptablesBackend:
         result: ruleset_pb2.Ruleset,
         baseline: Baseline,
     ) -> bool:
-        # Not yet: a delta is applied whole (ipsets refilled and swapped, rules re-committed).
-        return False
+        """Add and delete the delta's hosts and networks in the ipsets of the policy loaded
+        last, in one `ipset restore`, rules untouched. False, with nothing changed, when
+        RESULT is not that policy with other elements (or the delta does not fit it; see
+        LoadedSets.update). Nothing here owns the sets: a caller that guards them reads
+        them back (TamperGuard does)."""
+        loaded = self._loaded
+        if loaded is None:
+            return False
+        update = loaded.update(changes, result, baseline)
+        if update is None:
+            return False
+        try:
+            self._ipsets.restore(update.script)
+        except DataplaneError as exc:
+            # Only a kernel error or someone else's change to our sets gets here, and
+            # the restore kept the lines before the failing one: the sets hold part of
+            # the delta (never more open than the old or the new policy, by the order
+            # of the lines). Swapping in whole sets puts exactly RESULT there.
+            log.warning("element update failed (%s); applying the whole ruleset", exc)
+            self.apply(result, baseline)
+            return True
+        loaded.commit(update)
+        return True
 
     def remove(self) -> None:
+        self._loaded = None
         for tables in self._tables:
             # Only loaded tables are read: nothing of ours can be in one that does not exist.
             script = removal_script(tables.states())

@@ -20,12 +20,17 @@ MAXELEM_MIN = 65536  # ipset's default; larger sets get room for all their membe
 _ERROR_LINE = re.compile(r"Error in line (\d+)")
 
 
+def maxelem_for(count: int) -> int:
+    """The maxelem a set is created with for COUNT members: beyond it, adds fail."""
+    return max(MAXELEM_MIN, count)
+
+
 def _create(name: str, ipset: IpSet) -> str:
     count = len(ipset.members)
     hashsize = HASHSIZE_MIN
     while hashsize < count:
         hashsize *= 2
-    maxelem = max(MAXELEM_MIN, count)
+    maxelem = maxelem_for(count)
     return (
         f"create {name} hash:net family {ipset.ipset_family} hashsize {hashsize} maxelem {maxelem}"
     )

@@ -38,6 +38,10 @@ from agent.dataplane.model import (
     AddressGroup,
     CompiledRuleset,
     Direction,
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
     PolicyRule,
     Protocol,
     load_ruleset,
@@ -84,7 +88,11 @@ _WHOLE_SPACE: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, tuple[str, str
 
 def render_iptables(ruleset: ruleset_pb2.Ruleset, baseline: Baseline) -> IptablesPlan:
     """The rules and ipsets that enforce this ruleset; RulesetError if it is invalid."""
-    compiled = load_ruleset(ruleset)
+    return render_compiled(load_ruleset(ruleset), baseline)
+
+
+def render_compiled(compiled: CompiledRuleset, baseline: Baseline) -> IptablesPlan:
+    """render_iptables() for a ruleset already checked by load_ruleset."""
     v4, v6 = (
         FamilyRules(
             family,
@@ -225,17 +233,29 @@ def _tail(chain: str, mode: Mode, *, log: bool) -> Iterator[str]:
     yield _rule(chain, [], ["RETURN"], comment="would-deny")
 
 
+def host_member(host: IPv4Address | IPv6Address) -> str:
+    """A host as the member of a `hash:net` set (and as `ipset save` prints it)."""
+    return f"{host}/{host.max_prefixlen}"
+
+
+def network_members(
+    networks: Iterable[IPv4Network | IPv6Network],
+) -> Iterator[tuple[int, int, str]]:
+    """The `hash:net` members of collapsed NETWORKS as (first address, prefix length, text)."""
+    for network in networks:
+        halves = _WHOLE_SPACE.get(network)
+        for net in [ipaddress.ip_network(half) for half in halves] if halves else [network]:
+            yield int(net.network_address), net.prefixlen, str(net)
+
+
 def _ipset(group: AddressGroup, family: Family) -> IpSet:
     hosts = group.v4_hosts if family == 4 else group.v6_hosts
     networks = group.v4_networks if family == 4 else group.v6_networks
     # (address, prefix length, text): sorted and deduplicated, as a host may also be a /32.
     members: set[tuple[int, int, str]] = {
-        (int(host), host.max_prefixlen, f"{host}/{host.max_prefixlen}") for host in hosts
+        (int(host), host.max_prefixlen, host_member(host)) for host in hosts
     }
-    for network in networks:
-        halves = _WHOLE_SPACE.get(network)
-        for net in [ipaddress.ip_network(half) for half in halves] if halves else [network]:
-            members.add((int(net.network_address), net.prefixlen, str(net)))
+    members.update(network_members(networks))
     return IpSet(
         name=ipset_name(group.name, family),
         family=family,
