@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -25,12 +26,14 @@ from agent.enroll import EnrollmentError, enroll
 from agent.identity import AgentCredentials, IdentityError, load_credentials
 from agent.install import install_service
 from agent.link import Backoff, ControllerLink
-from agent.metrics import AgentMetrics, TimedBackend
 from agent.observe.observer import Observer
 from agent.reload import HostSettings, host_settings, watch_settings
 from agent.state import StateCorrupt, load_snapshot
 from agent.tamper import TamperGuard
 from bulkhead.v1 import agent_pb2, ruleset_pb2
+
+if TYPE_CHECKING:
+    from agent.metrics import AgentMetrics  # imported when metrics_listen is set
 
 log = logging.getLogger("bulkhead.agent")
 
@@ -133,15 +136,25 @@ def _baseline_message(config: AgentConfig, dataplane: str) -> agent_pb2.Baseline
     )
 
 
-def _open_backend(config: AgentConfig, metrics: AgentMetrics) -> tuple[str, Backend]:
-    """The configured dataplane's name and backend, its applies timed into METRICS."""
+def open_metrics(config: AgentConfig) -> AgentMetrics | None:
+    """The agent's metrics if `metrics_listen` is set, else None. Only then is
+    prometheus_client imported: once loaded, a module stays resident for good."""
+    if config.metrics_listen is None:
+        return None
+    from agent.metrics import AgentMetrics
+
+    return AgentMetrics()
+
+
+def _open_backend(config: AgentConfig, metrics: AgentMetrics | None) -> tuple[str, Backend]:
+    """The configured dataplane's name and backend, its applies timed into METRICS (if on)."""
     dataplane = selected_dataplane(config)
     try:
         backend = make_backend(dataplane)
     except (DataplaneError, ImportError, OSError) as exc:
         raise AgentStartError(f"dataplane {dataplane}: cannot start ({exc})") from exc
     log.info("dataplane: %s (configured: %s)", dataplane, config.dataplane)
-    return dataplane, TimedBackend(backend, metrics.apply_seconds)
+    return dataplane, backend if metrics is None else metrics.timed(backend)
 
 
 async def run_agent(config: AgentConfig, config_path: Path) -> None:
@@ -151,7 +164,7 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     except ConfigError as exc:
         raise AgentStartError(str(exc)) from exc
     baseline = build_baseline(config, settings.mode)
-    metrics = AgentMetrics()
+    metrics = open_metrics(config)
     dataplane, backend = _open_backend(config, metrics)
     # Tamper guard: every apply goes through guard.backend, so it knows what to repair to.
     guard = TamperGuard.for_dataplane(dataplane, backend)
@@ -242,12 +255,12 @@ def _start_observing(
     observer: Observer | None,
     loop: asyncio.AbstractEventLoop,
     config: AgentConfig,
-    metrics: AgentMetrics,
+    metrics: AgentMetrics | None,
     link: ControllerLink,
 ) -> asyncio.Task[None] | None:
     """Start the observer (if on) and the metrics endpoint (if configured)."""
-    _register_metrics(metrics, link, observer)
-    if config.metrics_listen is not None:
+    if metrics is not None and config.metrics_listen is not None:
+        _register_metrics(metrics, link, observer)
         host, port = split_host_port(config.metrics_listen)
         try:
             metrics.serve(host, port)

@@ -1,7 +1,9 @@
 """Prometheus metrics of the agent (prometheus-client), read at scrape time.
 
 Counters live where the work happens (the observer, the link); a collector reads them
-when scraped, so the hot paths pay nothing for metrics."""
+when scraped, so the hot paths pay nothing for metrics. agent.main imports this module
+only when `metrics_listen` is set: prometheus_client costs ~1-2 MB of resident memory that
+an agent without metrics would carry for nothing."""
 
 from __future__ import annotations
 
@@ -37,6 +39,10 @@ class AgentMetrics:
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         self._sources.append(lambda: iter([GaugeMetricFamily(name, documentation, read())]))
+
+    def timed(self, backend: Backend) -> TimedBackend:
+        """BACKEND with its applies timed into bulkhead_agent_apply_seconds."""
+        return TimedBackend(backend, self.apply_seconds)
 
     def serve(self, host: str, port: int) -> None:
         """Answer scrapes on HOST:PORT from a background thread."""
