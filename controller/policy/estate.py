@@ -3,11 +3,12 @@ as workloads come, go and change.
 
 A policy rule "from F to T on P" gives two clauses: INGRESS on T's members from F's
 addresses, and EGRESS on F's members towards T's addresses. Each distinct peer list (F
-or T) is tracked once, with its members and, when some clause reaches it, its address
-set: a count of contributors per host, so a host shared by two members stays while
-either does. An agent's ruleset is its skeleton (the rules of the clauses whose local
-side it is a member of, and the names of their sets) plus the current version of each
-of those sets. Sets are shared by every agent that uses them, never copied per agent.
+or T) is tracked once (each workload knows the lists it is a member of) and, when some
+clause reaches it, has an address set: a count of contributors per host, so a host
+shared by two members stays while either does. An agent's ruleset is its skeleton (the
+rules of the clauses whose local side it is a member of, and the names of their sets)
+plus the current version of each of those sets. Sets are shared by every agent that uses
+them, never copied per agent.
 
 A workload that joins, leaves, is relabelled or readdressed changes the membership of
 the peer lists that match it before or after (found through a label index; only
@@ -76,12 +77,12 @@ EMPTY_SKELETON = Skeleton.of((), ())
 
 
 class _PeerList:
-    """One distinct peer list: its members and, if a clause reaches it, its address set."""
+    """One distinct peer list: the clauses on its members and, if a clause reaches it, its
+    address set."""
 
     def __init__(self, key: str, peers: Sequence[Peer]) -> None:
         self.key = key
         self.peers = tuple(peers)
-        self.members: set[str] = set()
         self.local_clauses: list[int] = []  # clauses on this list's members
         self.set_name: str | None = None  # set only when some clause's remote side
         self.hosts: Counter[Address] = Counter()  # contributors per host
@@ -177,7 +178,6 @@ class Estate:
         self._selectors: list[tuple[SelectorPeer, list[_PeerList]]] = []
         self._index_peers()
         self._workloads: dict[str, Workload] = {}
-        self._hosts: dict[str, frozenset[Address]] = {}
         self._memberships: dict[str, frozenset[str]] = {}  # agent id -> list keys
         self._skeletons: dict[str, Skeleton] = {}
         self._interned: dict[tuple[int, ...], Skeleton] = {(): EMPTY_SKELETON}
@@ -222,21 +222,18 @@ class Estate:
         sets = [version.address_set for version in self.versions(agent_id)]
         return ruleset_pb2.Ruleset(sets=sets, rules=skeleton.rules)
 
-    def users(self, set_name: str) -> frozenset[str]:
-        """The agents whose rules use the set."""
-        return frozenset(self._users.get(set_name, ()))
-
     # -- changes ------------------------------------------------------------------------
 
     def update(self, changes: Mapping[str, Workload | None]) -> set[str]:
         """Apply CHANGES (agent id -> its workload now, None: gone) and return the agents
         whose ruleset changed: the changed workloads whose own rules or sets changed, and
         every agent using a set that gained or lost a host."""
+        for agent_id, workload in changes.items():  # before anything changes
+            if workload is not None and workload.agent_id != agent_id:
+                raise ValueError(f"workload {workload.agent_id!r} is given as {agent_id!r}")
         hosts_changed = _HostChanges()
         touched: dict[str, Skeleton] = {}
         for agent_id, workload in changes.items():
-            if workload is not None and workload.agent_id != agent_id:
-                raise ValueError(f"workload {workload.agent_id!r} is given as {agent_id!r}")
             touched[agent_id] = self.skeleton(agent_id)
             self._move(agent_id, workload, hosts_changed)
         changed_sets = hosts_changed.changed(self._lists)
@@ -256,27 +253,22 @@ class Estate:
         """Take AGENT_ID out of the lists it leaves and its old hosts out of their sets;
         put it and its new hosts into the lists it now matches."""
         old_lists = self._memberships.get(agent_id, frozenset())
-        old_hosts = self._hosts.get(agent_id, frozenset())
+        old = self._workloads.get(agent_id)
+        old_hosts = old.hosts if old is not None else frozenset()
         if workload is None:
             new_lists: frozenset[str] = frozenset()
             new_hosts: frozenset[Address] = frozenset()
             self._workloads.pop(agent_id, None)
-            self._hosts.pop(agent_id, None)
             self._memberships.pop(agent_id, None)
         else:
             new_lists = frozenset(self._matching_lists(workload.labels))
             new_hosts = workload.hosts
             self._workloads[agent_id] = workload
-            self._hosts[agent_id] = new_hosts
             self._memberships[agent_id] = new_lists
         for key in old_lists | new_lists:
             peer_list = self._lists[key]
             before = old_hosts if key in old_lists else frozenset()
             after = new_hosts if key in new_lists else frozenset()
-            if key in new_lists:
-                peer_list.members.add(agent_id)
-            else:
-                peer_list.members.discard(agent_id)
             if peer_list.set_name is None or before == after:
                 continue
             for host in before - after:
