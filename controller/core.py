@@ -48,6 +48,7 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_REVISION = 2**63 - 1  # revisions are SQLite integers
 HOSTNAME_MAX = 253  # a DNS name's limit
 TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
+PARTS_SLACK = 1000  # stored ruleset parts beyond twice those in use before pruning
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Controller:
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
         # Parts of acknowledged rulesets already in the store (each is written once).
+        self._parts_in_use = 0
         self._stored_parts = self._prune_parts()
         self.observations = Observations(store.flow_store(), self.workloads)
         # Addresses or labels may have changed while we were down; bring desired state current.
@@ -396,6 +398,10 @@ class Controller:
             self._store.write_unwritten()
             if seen:
                 self._store.touch_agents(seen)
+        # Every change leaves the parts of the rulesets it replaced: drop them once they
+        # outnumber the ones in use, so a long-running controller's store does not grow.
+        if len(self._stored_parts) > 2 * self._parts_in_use + PARTS_SLACK:
+            self._stored_parts = self._prune_parts()
         return len(seen)
 
     def addresses_changed(self, agent_id: str, addresses: Sequence[str]) -> None:
@@ -691,7 +697,9 @@ class Controller:
             dropped = self._store.prune_parts(used)
         if dropped:
             log.info("dropped %d stored ruleset part(s) no agent holds any more", dropped)
-        return self._store.part_digests()
+        kept = self._store.part_digests()
+        self._parts_in_use = len(kept)
+        return kept
 
 
 def _check_sizes(documents: Sequence[str]) -> None:

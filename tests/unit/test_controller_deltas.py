@@ -13,6 +13,7 @@ import pytest
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import apply_set_changes, ruleset_hash
+from controller import core as core_module
 from controller.core import Controller
 from controller.desired import part_digests_of
 from controller.errors import Unavailable
@@ -197,6 +198,23 @@ def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: P
     make_controller(tmp_path)
     store = SqliteStore(tmp_path / "c.db")
     assert store.part_digests() == held, "parts nobody holds are dropped at start"
+    store.close()
+
+
+def test_a_running_controller_drops_parts_nobody_holds_once_they_pile_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_module, "PARTS_SLACK", 0)
+    core = make_controller(tmp_path)
+    _, db = fleet(core)
+    for last in range(50, 56):  # web moves six times: db acks six versions of its set
+        core.addresses_changed("web", [f"198.18.0.{last}"])
+        assert db.receive() == "delta"
+    held = {d for a in ("web", "db") for d in part_digests_of(core.agent(a).applied_parts)}
+    store = SqliteStore(tmp_path / "c.db")
+    assert store.part_digests() > held
+    core.flush_last_seen()
+    assert store.part_digests() == held
     store.close()
 
 
