@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
-from controller.desired import DesiredRuleset, part_digests_of
+from controller.applied import AppliedRulesets
+from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
 from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from controller.observations import Observations, Workloads
@@ -48,7 +49,6 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_REVISION = 2**63 - 1  # revisions are SQLite integers
 HOSTNAME_MAX = 253  # a DNS name's limit
 TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
-PARTS_SLACK = 1000  # stored ruleset parts beyond twice those in use before pruning
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,7 @@ class Controller:
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
-        # Parts of acknowledged rulesets already in the store (each is written once).
-        self._parts_in_use = 0
-        self._stored_parts = self._prune_parts()
+        self._applied = AppliedRulesets(store)
         self.observations = Observations(store.flow_store(), self.workloads)
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
@@ -324,7 +322,7 @@ class Controller:
         session = AgentSession(
             agent.agent_id,
             lambda: self.desired(agent_id),
-            self._applied_state(agent),
+            self._applied.held(agent),
             self.pushes,
         )
         self._sessions[agent.agent_id] = session
@@ -398,10 +396,7 @@ class Controller:
             self._store.write_unwritten()
             if seen:
                 self._store.touch_agents(seen)
-        # Every change leaves the parts of the rulesets it replaced: drop them once they
-        # outnumber the ones in use, so a long-running controller's store does not grow.
-        if len(self._stored_parts) > 2 * self._parts_in_use + PARTS_SLACK:
-            self._stored_parts = self._prune_parts()
+        self._applied.prune_if_piled_up()
         return len(seen)
 
     def addresses_changed(self, agent_id: str, addresses: Sequence[str]) -> None:
@@ -459,15 +454,13 @@ class Controller:
         agent = self._require_agent(agent_id)
         session = self._sessions.get(agent_id)
         answered = session.acknowledged() if session is not None else None
-        held: DesiredRuleset | None = None
         if ack.ok:
             self._stuck.discard(agent_id)
             agent.applied_revision = ack.revision
             agent.applied_hash = ack.hash
-            # What it holds, the base of deltas after a restart (kept as part digests; each
-            # part is stored once for every agent holding it).
+            # What it holds: the base of deltas after a restart.
             held = answered if answered is not None and answered.hash == ack.hash else None
-            agent.applied_parts = held.part_digests() if held is not None else b""
+            self._applied.keep(agent, held)
             agent.last_error = ""
             if ack.hash != self.desired(agent_id).hash and session is not None:
                 # The ack is for a snapshot that was overtaken in flight (perhaps by an
@@ -489,9 +482,6 @@ class Controller:
                 "agent %s failed to apply revision %d: %s", agent_id, ack.revision, agent.last_error
             )
         agent.last_seen_ms = now_ms()
-        if held is not None and any(d not in self._stored_parts for d in held.parts()):
-            with self._store.transaction():  # before any row names them
-                self._store_parts(held)
         # Written with the next batch (flush_last_seen): one transaction per ack was most
         # of the controller's time when a change reached thousands of agents. A crash
         # loses nothing the agents do not report again when they reconnect.
@@ -672,34 +662,6 @@ class Controller:
             return
         # The session sends it as a delta against what the agent holds, or a snapshot.
         session.offer_desired()
-
-    # -- acknowledged rulesets, kept as parts ----------------------------------------------
-
-    def _applied_state(self, agent: AgentRecord) -> DesiredRuleset | None:
-        """What the agent enforces, if the store has its parts and they hash as it says."""
-        if not agent.applied_hash or not agent.applied_parts:
-            return None
-        parts = self._store.get_parts(part_digests_of(agent.applied_parts))
-        held = DesiredRuleset.from_parts(agent.applied_revision, agent.applied_parts, parts)
-        return held if held is not None and held.hash == agent.applied_hash else None
-
-    def _store_parts(self, held: DesiredRuleset) -> None:
-        """Write the parts of HELD the store does not have yet (inside a transaction)."""
-        new = {d: b for d, b in held.parts().items() if d not in self._stored_parts}
-        if new:
-            self._store.put_parts(new)
-            self._stored_parts.update(new)
-
-    def _prune_parts(self) -> set[bytes]:
-        """Drop stored parts no agent's acknowledged ruleset uses; the digests kept."""
-        used = {d for a in self._store.list_agents() for d in part_digests_of(a.applied_parts)}
-        with self._store.transaction():
-            dropped = self._store.prune_parts(used)
-        if dropped:
-            log.info("dropped %d stored ruleset part(s) no agent holds any more", dropped)
-        kept = self._store.part_digests()
-        self._parts_in_use = len(kept)
-        return kept
 
 
 def _check_sizes(documents: Sequence[str]) -> None:

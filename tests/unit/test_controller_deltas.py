@@ -13,7 +13,7 @@ import pytest
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import apply_set_changes, ruleset_hash
-from controller import core as core_module
+from controller import applied
 from controller.core import Controller
 from controller.desired import part_digests_of
 from controller.errors import Unavailable
@@ -204,7 +204,7 @@ def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: P
 def test_a_running_controller_drops_parts_nobody_holds_once_they_pile_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(core_module, "PARTS_SLACK", 0)
+    monkeypatch.setattr(applied, "PARTS_SLACK", 0)
     core = make_controller(tmp_path)
     _, db = fleet(core)
     for last in range(50, 56):  # web moves six times: db acks six versions of its set
