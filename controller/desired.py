@@ -114,8 +114,9 @@ def policy_delta(base: DesiredRuleset, state: DesiredRuleset) -> agent_pb2.Polic
     return delta if delta.ByteSize() <= state.size + _DELTA_HEADER_BYTES else None
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=256)
 def _set_change(before: SetVersion, after: SetVersion) -> agent_pb2.SetChange:
     # Keyed by the versions themselves (identity): every agent taking the same step
-    # shares one computation and one message.
+    # shares one computation and one message. Small, because it keeps old versions (whole
+    # sets) alive, and one change makes one step per changed set, shared by all.
     return set_change(before.address_set, after.address_set)
