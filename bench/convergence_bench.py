@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from controller.gc_tuning import tune_for_many_streams
 from controller.sim.benchmark import BenchConfig, BenchReport, StormResult, run_benchmark
 from controller.sim.errors import SimError
-from controller.sim.fleet import FleetOptions
+from controller.sim.fleet import DEFAULT_HEARTBEAT_S, FleetOptions
 
 MIB = 1024 * 1024
 TARGET_P99_S = 2.0
@@ -44,7 +45,7 @@ def _parse(argv: list[str]) -> BenchConfig:
     parser.add_argument("--deadline", type=float, default=30.0, help="seconds per round")
     parser.add_argument("--enroll-concurrency", type=int, default=50)
     parser.add_argument("--connect-concurrency", type=int, default=200)
-    parser.add_argument("--heartbeat-interval", type=float, default=5.0)
+    parser.add_argument("--heartbeat-interval", type=float, default=DEFAULT_HEARTBEAT_S)
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
     parser.add_argument("--storm-deadline", type=float, default=120.0)
     parser.add_argument("--controller-log-level", default="info")
@@ -149,6 +150,7 @@ def main(argv: list[str]) -> int:
         print(f"[{time.monotonic() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
 
     try:
+        tune_for_many_streams()  # the simulator holds as many streams as the controller
         report = asyncio.run(run_benchmark(config, progress))
     except SimError as exc:
         print(f"error: {exc}", file=sys.stderr)

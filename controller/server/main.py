@@ -20,6 +20,7 @@ from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
 from controller import sdnotify
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
+from controller.gc_tuning import tune_for_many_streams
 from controller.metrics import serve_metrics
 from controller.pki import (
     OPERATOR_ROLES,
@@ -170,6 +171,8 @@ async def serve(
         server_cert, server_key = ca.issue_server(sans)
     except PkiError as exc:
         raise StartupError(f"--san: {exc}") from exc
+    # State loaded and compiled: from here on the heap grows with streams, not with start-up.
+    tune_for_many_streams()
     server = grpc.aio.server(options=SERVER_OPTIONS)
     _add_agent_service(AgentServicer(core), server)
     _add_enrollment_service(EnrollmentServicer(enrollment), server)

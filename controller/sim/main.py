@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from controller.gc_tuning import tune_for_many_streams
 from controller.sim.agents import SimAgent
 from controller.sim.credentials import CredentialCache
 from controller.sim.enroll import enroll_fleet, mint_tokens
@@ -286,6 +287,7 @@ async def _hold(
     if not agents:
         raise SimError("no agent has credentials; nothing to run")
     fleet = Fleet(list(agents.values()), options)
+    tune_for_many_streams()  # as the controller: thousands of streams in one process
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
