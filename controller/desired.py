@@ -9,6 +9,7 @@ for every agent making the same step, and the store keeps each part once, by dig
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -120,3 +121,54 @@ def _set_change(before: SetVersion, after: SetVersion) -> agent_pb2.SetChange:
     # shares one computation and one message. Small, because it keeps old versions (whole
     # sets) alive, and one change makes one step per changed set, shared by all.
     return set_change(before.address_set, after.address_set)
+
+
+class StateMessages:
+    """The message bringing an agent from one ruleset to another (a delta, else a
+    snapshot), built once and shared by every stream taking the same step. Workloads with
+    the same labels get the same ruleset, so a change builds one message per distinct
+    step rather than one per agent; the messages are never changed once built. The least
+    recently used go once the rulesets they were built for pass BUDGET bytes."""
+
+    def __init__(self, budget: int = 64 * 1024 * 1024) -> None:
+        self._budget = budget
+        self._held = 0
+        # (base revision, base hash, revision, hash) -> (message, the ruleset's size)
+        self._messages: OrderedDict[
+            tuple[int, str, int, str], tuple[agent_pb2.ControllerMessage, int]
+        ] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def step(
+        self, base: DesiredRuleset | None, state: DesiredRuleset
+    ) -> agent_pb2.ControllerMessage:
+        """From BASE (None: nothing known to be held) to STATE."""
+        if base is None or base.skeleton.serialized != state.skeleton.serialized:
+            base = None  # rules changed: a snapshot, whatever the agent held
+            key = (-1, "", state.revision, state.hash)
+        else:
+            key = (base.revision, base.hash, state.revision, state.hash)
+        found = self._messages.get(key)
+        if found is not None:
+            self._messages.move_to_end(key)
+            return found[0]
+        message = _message(base, state)
+        self._messages[key] = (message, state.size)
+        self._held += state.size
+        while self._held > self._budget and len(self._messages) > 1:
+            _, (_, size) = self._messages.popitem(last=False)
+            self._held -= size
+        return message
+
+
+def _message(base: DesiredRuleset | None, state: DesiredRuleset) -> agent_pb2.ControllerMessage:
+    delta = policy_delta(base, state) if base is not None else None
+    if delta is not None:
+        return agent_pb2.ControllerMessage(delta=delta)
+    message = agent_pb2.ControllerMessage()
+    message.snapshot.revision = state.revision
+    message.snapshot.hash = state.hash
+    state.fill(message.snapshot.ruleset)
+    return message

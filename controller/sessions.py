@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2
-from controller.desired import DesiredRuleset, policy_delta
+from controller.desired import DesiredRuleset, StateMessages
 from controller.errors import ControllerError
 
 # Bounded: an agent can only have a handful of one-off messages in flight.
@@ -35,6 +35,8 @@ class _Desired:
 
 
 _DESIRED = _Desired()
+# Shared by all sessions: keyed by content, so also across controllers in one process.
+MESSAGES = StateMessages()
 
 
 @dataclass
@@ -138,13 +140,9 @@ class AgentSession:
         base, self.base = self.base, state
         if base is not None and base.hash == state.hash:
             return None  # already sent on this stream
-        delta = policy_delta(base, state) if base is not None else None
-        if delta is not None:
+        message = MESSAGES.step(base, state)
+        if message.HasField("delta"):
             self._counts.deltas += 1
-            return agent_pb2.ControllerMessage(delta=delta)
-        self._counts.snapshots += 1
-        message = agent_pb2.ControllerMessage()
-        message.snapshot.revision = state.revision
-        message.snapshot.hash = state.hash
-        state.fill(message.snapshot.ruleset)
+        else:
+            self._counts.snapshots += 1
         return message

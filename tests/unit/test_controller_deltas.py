@@ -15,7 +15,7 @@ from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import apply_set_changes, ruleset_hash
 from controller import applied
 from controller.core import Controller
-from controller.desired import part_digests_of
+from controller.desired import DesiredRuleset, StateMessages, part_digests_of
 from controller.errors import Unavailable
 from controller.sessions import AgentSession
 from controller.store.sqlite_store import SqliteStore
@@ -169,6 +169,50 @@ def test_the_acknowledged_base_survives_a_controller_restart(tmp_path: Path) -> 
     assert db.receive() == "in_sync"
     restarted.addresses_changed("web", ["198.18.0.50"])
     assert db.receive() == "delta"
+
+
+def test_agents_taking_the_same_step_are_sent_one_shared_message(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    core.apply([policy(5432)], actor=OPERATOR)
+    web = FakeAgent(core, "web", "web", "198.18.0.10")
+    replicas = [FakeAgent(core, f"db-{i}", "db", f"198.18.0.{20 + i}") for i in range(3)]
+    for agent in (web, *replicas):
+        while agent.receive() is not None:
+            pass
+    # A rule change: the replicas' rulesets are equal, so one snapshot serves all three.
+    core.apply([policy(5433)], actor=OPERATOR)
+    taken = [agent.session.take() for agent in replicas]
+    assert all(message is not None and message.HasField("snapshot") for message in taken)
+    assert taken[0] is taken[1] is taken[2]
+    for agent, message in zip(replicas, taken, strict=True):
+        assert message is not None
+        core.acknowledged(agent.agent_id, agent_pb2.Ack(
+            revision=message.snapshot.revision, hash=message.snapshot.hash, ok=True,
+        ))  # fmt: skip
+    # A peer moves: the same delta from the same base, built once.
+    core.addresses_changed("web", ["198.18.0.50"])
+    deltas = [agent.session.take() for agent in replicas]
+    assert all(message is not None and message.HasField("delta") for message in deltas)
+    assert deltas[0] is deltas[1] is deltas[2]
+    assert core.pushes.snapshots >= 3, "each shared message still counts once per agent"
+
+
+def test_shared_messages_are_bounded_by_the_size_of_their_rulesets() -> None:
+    def state(revision: int, hosts: int) -> DesiredRuleset:
+        address_set = ruleset_pb2.AddressSet(
+            name="peers", hosts=[f"198.18.{i // 250}.{i % 250}" for i in range(hosts)]
+        )
+        return DesiredRuleset.from_ruleset(revision, ruleset_pb2.Ruleset(sets=[address_set]))
+
+    small, large = state(1, 10), state(2, 1000)
+    messages = StateMessages(budget=large.size + small.size)
+    first = messages.step(None, small)
+    assert messages.step(None, state(1, 10)) is first, "equal content, equal message"
+    messages.step(None, large)
+    assert len(messages) == 2
+    messages.step(None, state(3, 1000))  # over budget: the least recently used go
+    assert len(messages) == 1
+    assert messages.step(None, small) is not first
 
 
 def test_an_agent_holding_something_else_gets_a_snapshot(tmp_path: Path) -> None:
