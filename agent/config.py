@@ -73,7 +73,7 @@ class AgentConfig(BaseModel):
     # After each apply the controller must be reachable over a new connection within this
     # many seconds, or the previous ruleset is put back. 0 turns the check off.
     commit_confirm_seconds: float = Field(default=10.0, ge=0, le=300, allow_inf_nan=False)
-    heartbeat_interval: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
+    heartbeat_interval: float = Field(default=30.0, gt=0, le=300, allow_inf_nan=False)
     address_poll_interval: float = Field(default=2.0, gt=0, le=300, allow_inf_nan=False)
     # Observation (agent/observe): flows and the socket-to-process table. At most
     # flow_capacity flows wait for the controller; beyond that the oldest are dropped.
