@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 
 from cryptography import x509
@@ -30,6 +31,22 @@ MAX_TOKEN_USES = 10_000
 
 def agent_identity(agent_id: str) -> str:
     return AGENT_URI_PREFIX + agent_id
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What a stream keeps of the certificate it was opened with: enough to check it again
+    when the agent renews, in a few bytes (the parsed certificate is about 4 KB a stream)."""
+
+    serial: str  # hex, as the store keeps it
+    not_after_ms: int
+
+    @classmethod
+    def of(cls, certificate: x509.Certificate) -> Presented:
+        return cls(
+            format(certificate.serial_number, "x"),
+            int(certificate.not_valid_after_utc.timestamp() * 1000),
+        )
 
 
 class Enrollment:
@@ -135,13 +152,13 @@ class Enrollment:
         log.info("agent %s enrolled with token %s", agent_id, token.token_id)
         return cert_pem(certificate), dict(token.labels)
 
-    def renew(self, agent_id: str, csr_pem: bytes, presented: x509.Certificate) -> bytes:
+    def renew(self, agent_id: str, csr_pem: bytes, presented: Presented) -> bytes:
         """A fresh certificate for an agent whose stream was opened with PRESENTED, provided
         that one is still on record, unrevoked and unexpired (a long-lived stream must not
         outlive its certificate by renewing, nor a revocation that raced the request)."""
         if not self.is_trusted(presented, agent_identity(agent_id)):
             raise Unauthenticated(f"agent '{agent_id}': certificate revoked; not renewed")
-        if presented.not_valid_after_utc.timestamp() * 1000 <= now_ms():
+        if presented.not_after_ms <= now_ms():
             raise Unauthenticated(f"agent '{agent_id}': certificate expired; enroll again")
         certificate = self._issue(csr_pem, agent_id)
         with self._store.transaction():
@@ -160,14 +177,11 @@ class Enrollment:
             )
         return count
 
-    def is_trusted(self, certificate: x509.Certificate, uri: str) -> bool:
+    def is_trusted(self, presented: Presented, uri: str) -> bool:
         """Issued by this controller to URI (on record) and not revoked. The CA signature
         alone is not enough: with an operator-supplied CA, other certificates of that CA
         must not become Bulkhead identities, and a lost record must not revive anything."""
-        return self._store.certificate_status(format(certificate.serial_number, "x")) == (
-            uri,
-            False,
-        )
+        return self._store.certificate_status(presented.serial) == (uri, False)
 
     def record_certificate(self, certificate: x509.Certificate, uri: str) -> None:
         """Put a certificate issued outside enrollment (an operator's) on record."""

@@ -7,11 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from cryptography import x509
 from google.protobuf.message import DecodeError
 
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 from controller.core import Controller
+from controller.enrollment import Presented
 from controller.errors import ControllerError, InvalidArgument
 from controller.server.auth import agent_caller
 from controller.server.errors import status_for
@@ -36,7 +36,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         # Who is calling comes first and only from the certificate: an untrusted peer
         # gets nothing, not even a read of its first message.
         try:
-            agent_id, certificate = agent_caller(context, self._core.enrollment)
+            agent_id, presented = agent_caller(context, self._core.enrollment)
         except ControllerError as exc:
             await context.abort(status_for(exc), str(exc))
         try:
@@ -54,7 +54,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             session = self._core.connect(agent_id, first.hello)
         except ControllerError as exc:
             await context.abort(status_for(exc), str(exc))
-        reader = asyncio.create_task(self._read(session, certificate, request_iterator))
+        reader = asyncio.create_task(self._read(session, presented, request_iterator))
         try:
             while (message := await session.next_message()) is not None:
                 yield message
@@ -67,7 +67,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def _read(
         self,
         session: AgentSession,
-        certificate: x509.Certificate,
+        presented: Presented,
         requests: AsyncIterator[agent_pb2.AgentMessage],
     ) -> None:
         """Dispatch what the agent sends until its side of the stream ends."""
@@ -92,7 +92,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                     self._core.observations.answered(session.agent_id, message.connections)
                 elif kind == "renew":
                     pem = self._core.enrollment.renew(
-                        session.agent_id, message.renew.csr_pem.encode(), certificate
+                        session.agent_id, message.renew.csr_pem.encode(), presented
                     )
                     issued = agent_pb2.CertificateIssued(certificate_pem=pem.decode())
                     session.send(agent_pb2.ControllerMessage(certificate=issued))

@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-from cryptography import x509
 
-from controller.enrollment import Enrollment
+from controller.enrollment import Enrollment, Presented
 from controller.errors import PermissionDenied, Unauthenticated
 from controller.pki import Identity, PkiError, certificate_from_pem, identity_from_certificate
 
@@ -27,7 +26,7 @@ def caller(context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment) 
 
 def caller_certificate(
     context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment
-) -> tuple[Identity, x509.Certificate]:
+) -> tuple[Identity, Presented]:
     """The identity and the certificate the peer presented, once both are trusted."""
     pem = next(iter(context.auth_context().get("x509_pem_cert") or []), None)
     if pem is None:
@@ -40,21 +39,22 @@ def caller_certificate(
         identity = identity_from_certificate(certificate)
     except PkiError as exc:
         raise Unauthenticated(f"client certificate: {exc}") from exc
-    if not enrollment.is_trusted(certificate, identity.uri):
+    presented = Presented.of(certificate)
+    if not enrollment.is_trusted(presented, identity.uri):
         raise Unauthenticated(
             f"{identity.uri}: certificate revoked or not issued by this controller"
         )
-    return identity, certificate
+    return identity, presented
 
 
 def agent_caller(
     context: grpc.aio.ServicerContext[Any, Any], enrollment: Enrollment
-) -> tuple[str, x509.Certificate]:
+) -> tuple[str, Presented]:
     """The agent id of an agent caller, and the certificate it connected with."""
-    identity, certificate = caller_certificate(context, enrollment)
+    identity, presented = caller_certificate(context, enrollment)
     if identity.kind != "agent":
         raise PermissionDenied(f"{identity.uri} is not an agent")
-    return identity.name, certificate
+    return identity.name, presented
 
 
 def operator_caller(
