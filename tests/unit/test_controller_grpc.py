@@ -15,6 +15,7 @@ import pytest
 
 from agent.identity import generate_key, key_pem, make_csr
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
+from bulkhead.v1.contract import ruleset_hash
 from controller.core import Controller
 from controller.pki import CertificateAuthority
 from controller.server.admin_servicer import AdminServicer
@@ -139,6 +140,35 @@ async def test_stream_snapshot_ack_and_admin_view(r: Running) -> None:
         summary = listed.agents[0]
         assert summary.connected
         assert summary.applied_revision == summary.desired_revision == snap.revision
+        call.cancel()
+
+
+@scenario
+async def test_messages_far_larger_than_a_tls_frame_cross_both_ways(r: Running) -> None:
+    # SERVER_OPTIONS caps the controller's TLS frames at a few KB (memory per stream):
+    # a 20,000-address IP list goes up in an Apply and down in a snapshot, whole.
+    hosts = [f"198.19.{i // 250}.{i % 250 + 1}" for i in range(20_000)]
+    iplist = {
+        "apiVersion": "bulkhead/v1",
+        "kind": "IPList",
+        "metadata": {"name": "many"},
+        "spec": {"cidrs": [f"{host}/32" for host in hosts]},
+    }
+    policy = json.loads(json.dumps(POLICY))
+    policy["spec"]["rules"][0]["from"] = {"iplist": "many"}
+    async with r.admin() as admin_channel, r.agent("db") as channel:
+        admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
+        await admin.Apply(
+            admin_pb2.ApplyRequest(documents=[json.dumps(iplist), json.dumps(policy)])
+        )
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect(
+            Outbox(hello("db", "db", "198.18.0.11")).drain()
+        )
+        snapshot = (await asyncio.wait_for(call.read(), 10)).snapshot
+        assert snapshot.ByteSize() > 200_000
+        assert ruleset_hash(snapshot.ruleset) == snapshot.hash
+        received = {entry for s in snapshot.ruleset.sets for entry in [*s.hosts, *s.networks]}
+        assert len(received) == len(hosts)
         call.cancel()
 
 
