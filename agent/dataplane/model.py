@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from agent.dataplane.backend import RulesetError
 from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1.contract import merge_port_ranges
 
 # Both backends send the packets default-deny drops (or, in visibility mode, would drop)
 # to this NFLOG group with one of these prefixes; agent/observe reads them as denied flows.
@@ -178,14 +179,3 @@ def _load_rule(field: str, rule: ruleset_pb2.Rule, known_sets: set[str]) -> Poli
         policy=rule.policy,
         rule_id=rule.id,
     )
-
-
-def merge_port_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Sort and merge overlapping or adjacent ranges (nft sets refuse overlaps)."""
-    merged: list[tuple[int, int]] = []
-    for first, last in sorted(ranges):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-        else:
-            merged.append((first, last))
-    return tuple(merged)

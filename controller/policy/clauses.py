@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from bulkhead.v1 import ruleset_pb2
+from bulkhead.v1.contract import merge_port_ranges
 from controller.policy.addresses import Address, parse_host
 from controller.policy.peers import IPListPeer, Peer, peer_key
 from controller.policy.ports import PortProtocol, PortSpec
@@ -95,16 +96,6 @@ def _short_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:_HASH_CHARS]
 
 
-def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    merged: list[tuple[int, int]] = []
-    for first, last in sorted(ranges):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-        else:
-            merged.append((first, last))
-    return tuple(merged)
-
-
 def _port_groups(ports: Iterable[PortSpec]) -> list[_PortGroup]:
     """One (protocol, port ranges) per protocol, in Protocol enum order."""
     by_protocol: dict[PortProtocol, list[tuple[int, int]]] = {}
@@ -120,7 +111,7 @@ def _port_groups(ports: Iterable[PortSpec]) -> list[_PortGroup]:
     ):
         if protocol in by_protocol:
             ranges = () if protocol == PortProtocol.ICMP else by_protocol[protocol]
-            groups.append((wire, _merge_ranges(ranges)))
+            groups.append((wire, merge_port_ranges(ranges)))
     return groups
 
 

@@ -9,7 +9,7 @@ import bisect
 import hashlib
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
@@ -85,6 +85,18 @@ class DeltaError(ValueError):
 
 class DeltaHashMismatch(DeltaError):
     """A PolicyDelta applied cleanly, but the result is not the ruleset it announced."""
+
+
+def merge_port_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Sort and merge overlapping or adjacent ranges: the controller compiles rules this
+    way, and the agent's nft sets refuse overlaps whatever arrives."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return tuple(merged)
 
 
 def delta_result(
