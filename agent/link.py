@@ -32,7 +32,8 @@ from agent.identity import (
     verify_issued_by,
 )
 from agent.observe.observer import Observer
-from agent.observe.wire import FLOW_BATCH, connection_message, flow_message
+from agent.observe.reports import FlowReports
+from agent.observe.wire import connection_message
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,13 @@ class ControllerLink:
         self._renewed: AgentCredentials | None = None
         self._tamper_backlog: deque[agent_pb2.TamperEvent] = deque(maxlen=TAMPER_BACKLOG_MAX)
         self._observer = observer
+        self._flow_reports = FlowReports(observer.table) if observer is not None else None
         self._flow_report_interval = flow_report_interval
-        self.flows_reported = 0
+
+    @property
+    def flows_reported(self) -> int:
+        """Flows the controller has acknowledged storing."""
+        return 0 if self._flow_reports is None else self._flow_reports.acknowledged
 
     async def run_forever(self) -> None:
         backoff = Backoff()
@@ -195,8 +201,8 @@ class ControllerLink:
                 asyncio.create_task(self._watch_addresses(outbox)),
                 asyncio.create_task(self._renewals(outbox, credentials)),
             ]
-            if self._observer is not None:
-                helpers.append(asyncio.create_task(self._report_flows(outbox, self._observer)))
+            if self._flow_reports is not None:
+                helpers.append(asyncio.create_task(self._report_flows(outbox, self._flow_reports)))
             try:
                 async for message in call:
                     self._stream_up_at = self._stream_up_at or time.monotonic()
@@ -206,6 +212,8 @@ class ControllerLink:
                 self._outbox = None
                 for task in helpers:
                     task.cancel()
+                if self._flow_reports is not None:
+                    self._flow_reports.stream_lost()
 
     async def _handle(
         self, message: agent_pb2.ControllerMessage, outbox: asyncio.Queue[agent_pb2.AgentMessage]
@@ -221,6 +229,9 @@ class ControllerLink:
             ack = await asyncio.to_thread(self._enforcer.apply_delta, message.delta, addresses)
             await outbox.put(agent_pb2.AgentMessage(ack=ack))
             await asyncio.to_thread(self._enforcer.cut_pending)
+        elif kind == "flows_stored":
+            if self._flow_reports is not None:
+                self._flow_reports.stored(message.flows_stored)
         elif kind == "certificate":
             self._store_renewed(message.certificate.certificate_pem.encode())
         elif kind == "connections_request":
@@ -273,22 +284,16 @@ class ControllerLink:
         )
 
     async def _report_flows(
-        self, outbox: asyncio.Queue[agent_pb2.AgentMessage], observer: Observer
+        self, outbox: asyncio.Queue[agent_pb2.AgentMessage], reports: FlowReports
     ) -> None:
-        """Send pending flows in bounded batches, once the controller has answered hello.
-        Flows wait in the observer's bounded table while there is no stream; a batch
-        queued when a stream breaks is lost with it (at most FLOW_BATCH flows)."""
+        """Send pending flows in bounded batches, once the controller has answered hello;
+        reports a broken stream did not see acknowledged go first (agent/observe/reports.py)."""
         while True:
             await asyncio.sleep(self._flow_report_interval)
             if self._stream_up_at is None or outbox.qsize() > 0:
                 continue  # not up yet, or the controller is not keeping up
-            while batch := observer.table.take(FLOW_BATCH):
-                report = agent_pb2.FlowReport(
-                    flows=[flow_message(record) for record in batch],
-                    dropped=observer.table.dropped,
-                )
+            for report in reports.to_send():
                 await outbox.put(agent_pb2.AgentMessage(flows=report))
-                self.flows_reported += len(batch)
 
     async def _connection_table(
         self, request: agent_pb2.ConnectionsRequest

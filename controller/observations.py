@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import secrets
 import time
 from collections import Counter, defaultdict
@@ -21,9 +22,12 @@ from typing import cast
 from bulkhead.v1 import admin_pb2, agent_pb2
 from controller.errors import InvalidArgument, Unavailable
 from controller.sessions import AgentSession
-from controller.store.flow_store import FlowStore, StoredFlow
+from controller.store.flow_store import FlowStore, ReportId, StoredFlow
+
+log = logging.getLogger(__name__)
 
 MAX_FLOWS_PER_REPORT = 1000
+MAX_REPORT_NUMBER = 2**63 - 1  # epoch and sequence are stored as SQLite integers
 MAX_COUNT = 2**40  # one report's count for one flow; more is garbage, not traffic
 PROTOCOLS = ("tcp", "udp", "icmp")
 PROCESS_NAME_MAX = 256
@@ -71,11 +75,22 @@ class Observations:
 
     # -- reports from agents -------------------------------------------------------
 
-    def record(self, agent_id: str, report: agent_pb2.FlowReport) -> None:
-        """Store one agent's flow batch, or refuse all of it with every problem named."""
+    def record(self, agent_id: str, report: agent_pb2.FlowReport) -> agent_pb2.FlowsStored | None:
+        """Store one agent's flow batch, or refuse all of it with every problem named.
+
+        A report that asks for an acknowledgement (epoch and sequence set) gets one back,
+        also when refused (with the error: it is not sent again, and the stream stays up,
+        since observations must not cost the agent its policy channel); one sent again is
+        acknowledged without being counted twice. A best-effort report (epoch and
+        sequence 0) is refused with InvalidArgument."""
         problems = _report_problems(report)
-        if problems:
+        acknowledged = bool(report.epoch or report.sequence)
+        if problems and not acknowledged:
             raise InvalidArgument(problems)
+        if problems:
+            error = "; ".join(problems)
+            log.warning("agent %s: flow report %d refused: %s", agent_id, report.sequence, error)
+            return _stored(report, error)
         owners = self._workloads().owners
         stored = [
             StoredFlow(
@@ -95,13 +110,15 @@ class Observations:
             )
             for flow in report.flows
         ]
-        self._flows.record(stored)
-        self.flows_received += len(stored)
-        self.dropped_by_agent[agent_id] = report.dropped
+        identity = ReportId(agent_id, report.epoch, report.sequence) if acknowledged else None
+        if self._flows.record(stored, identity):
+            self.flows_received += len(stored)
+            self.dropped_by_agent[agent_id] = report.dropped
         now = self._clock()
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
             self._flows.prune(int(now * 1000))
+        return _stored(report, "") if acknowledged else None
 
     def stored(self) -> int:
         """Flow rows kept now."""
@@ -247,10 +264,19 @@ def _canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
 
 
+def _stored(report: agent_pb2.FlowReport, error: str) -> agent_pb2.FlowsStored:
+    return agent_pb2.FlowsStored(epoch=report.epoch, sequence=report.sequence, error=error)
+
+
 def _report_problems(report: agent_pb2.FlowReport) -> list[str]:
     if len(report.flows) > MAX_FLOWS_PER_REPORT:
         return [f"flows: {len(report.flows)} flows in one report (at most {MAX_FLOWS_PER_REPORT})"]
     problems = []
+    if bool(report.epoch) != bool(report.sequence):
+        problems.append("epoch, sequence: both set (an acknowledged report) or both 0")
+    for name in ("epoch", "sequence"):
+        if getattr(report, name) > MAX_REPORT_NUMBER:
+            problems.append(f"{name}: {getattr(report, name)} is above {MAX_REPORT_NUMBER}")
     for index, flow in enumerate(report.flows):
         where = f"flows[{index}]"
         for name in ("local_address", "peer_address"):

@@ -8,7 +8,6 @@ the oldest ones first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.observe.model import Direction, ProcessInfo, Verdict
@@ -56,6 +55,9 @@ class FlowTable:
             raise ValueError(f"capacity: {capacity} is not a positive number of flows")
         self.capacity = capacity
         self.dropped = 0  # flows discarded because the table was full, since start
+        # Flows taken and sent, not yet acknowledged (agent/observe/reports.py): they count
+        # against the capacity until the controller has stored them.
+        self.held = 0
         self._flows: OrderedDict[FlowKey, FlowRecord] = OrderedDict()
 
     def __len__(self) -> int:
@@ -72,9 +74,11 @@ class FlowTable:
             existing.process = record.process or existing.process
             self._flows.move_to_end(key)
             return
-        if len(self._flows) >= self.capacity:
-            self._flows.popitem(last=False)
+        if len(self._flows) + self.held >= self.capacity:
             self.dropped += 1
+            if not self._flows:
+                return  # everything is held by reports on their way: this one is lost
+            self._flows.popitem(last=False)
         self._flows[key] = FlowRecord(
             record.direction,
             record.local_ip,
@@ -94,19 +98,3 @@ class FlowTable:
         while self._flows and len(taken) < limit:
             taken.append(self._flows.popitem(last=False)[1])
         return taken
-
-    def put_back(self, records: Iterable[FlowRecord]) -> None:
-        """Return flows whose report failed to the front (they are the oldest); merged
-        with anything seen since. A full table drops them rather than newer flows."""
-        for record in reversed(list(records)):
-            key = record.key
-            existing = self._flows.get(key)
-            if existing is not None:
-                existing.count += record.count
-                existing.first_seen = min(existing.first_seen, record.first_seen)
-                continue
-            if len(self._flows) >= self.capacity:
-                self.dropped += 1
-                continue
-            self._flows[key] = record
-            self._flows.move_to_end(key, last=False)

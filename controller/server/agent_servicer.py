@@ -87,7 +87,9 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "tamper":
                     self._core.tampered(session.agent_id, message.tamper)
                 elif kind == "flows":
-                    self._core.observations.record(session.agent_id, message.flows)
+                    stored = self._core.observations.record(session.agent_id, message.flows)
+                    if stored is not None:
+                        session.send(agent_pb2.ControllerMessage(flows_stored=stored))
                 elif kind == "connections":
                     self._core.observations.answered(session.agent_id, message.connections)
                 elif kind == "renew":

@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS flows (
                  process)
 );
 CREATE INDEX IF NOT EXISTS flows_by_last_seen ON flows(last_seen_ms);
+-- The last report stored per agent: a report sent again after a broken stream (its
+-- acknowledgement lost) is recognised and not counted twice.
+CREATE TABLE IF NOT EXISTS flow_reports (
+    reporter  TEXT PRIMARY KEY,
+    epoch     INTEGER NOT NULL,
+    sequence  INTEGER NOT NULL
+);
 """
 
 _UPSERT = """
@@ -47,6 +54,15 @@ DO UPDATE SET
     first_seen_ms = min(first_seen_ms, excluded.first_seen_ms),
     last_seen_ms = max(last_seen_ms, excluded.last_seen_ms)
 """
+
+
+@dataclass(frozen=True, slots=True)
+class ReportId:
+    """Which report of which agent a batch is: (epoch, sequence) grow per agent process."""
+
+    reporter: str
+    epoch: int
+    sequence: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +97,9 @@ class FlowStore:
         self.retention_ms = retention_ms
         self._db.executescript(_SCHEMA)
 
-    def record(self, flows: Sequence[StoredFlow]) -> None:
-        """Add FLOWS (counts add up per key) in one transaction."""
+    def record(self, flows: Sequence[StoredFlow], report: ReportId | None = None) -> bool:
+        """Add FLOWS (counts add up per key) in one transaction; False, adding nothing, if
+        REPORT was stored already (same epoch, sequence not above the last one stored)."""
         rows = [
             (
                 f.reporter,
@@ -103,11 +120,26 @@ class FlowStore:
         ]
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if report is not None and self._already_stored(report):
+                self._db.execute("ROLLBACK")
+                return False
             self._db.executemany(_UPSERT, rows)
+            if report is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO flow_reports VALUES (?, ?, ?)",
+                    (report.reporter, report.epoch, report.sequence),
+                )
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+        return True
+
+    def _already_stored(self, report: ReportId) -> bool:
+        row = self._db.execute(
+            "SELECT epoch, sequence FROM flow_reports WHERE reporter = ?", (report.reporter,)
+        ).fetchone()
+        return row is not None and row[0] == report.epoch and report.sequence <= row[1]
 
     def prune(self, now_ms: int) -> int:
         """Apply retention: drop rows older than retention, then the oldest beyond max_rows."""

@@ -407,3 +407,43 @@ async def test_a_ca_signed_certificate_never_recorded_is_refused(r: Running) -> 
             grpc.StatusCode.UNAUTHENTICATED,
         )
         assert "not issued by this controller" in details
+
+
+@scenario
+async def test_flow_reports_are_acknowledged_and_one_sent_again_counts_once(r: Running) -> None:
+    now_ms = int(time.time() * 1000)
+    report = agent_pb2.FlowReport(
+        flows=[
+            agent_pb2.Flow(
+                direction=agent_pb2.FLOW_DIRECTION_INBOUND, local_address="198.18.0.11",
+                peer_address="198.18.0.10", port=5432, protocol="tcp",
+                verdict=agent_pb2.VERDICT_ALLOWED, count=3, first_seen_unix_ms=now_ms,
+                last_seen_unix_ms=now_ms,
+            )
+        ],
+        epoch=42, sequence=1,
+    )  # fmt: skip
+    bad = agent_pb2.FlowReport(flows=[report.flows[0]], epoch=42, sequence=2)
+    bad.flows[0].port = 0
+
+    async def send_and_read_acks(*reports: agent_pb2.FlowReport) -> list[agent_pb2.FlowsStored]:
+        async with r.agent("db") as channel:
+            outbox = Outbox(hello("db", "db", "198.18.0.11"))
+            call = agent_pb2_grpc.AgentServiceStub(channel).Connect(outbox.drain())
+            assert (await asyncio.wait_for(call.read(), 5)).WhichOneof("body") == "snapshot"
+            for sent in reports:
+                await outbox.queue.put(agent_pb2.AgentMessage(flows=sent))
+            acks = [(await asyncio.wait_for(call.read(), 5)).flows_stored for _ in reports]
+            call.cancel()
+            return acks
+
+    # The first stream "breaks" after the controller stored the report: it comes again.
+    assert [a.sequence for a in await send_and_read_acks(report)] == [1]
+    again, refused = await send_and_read_acks(report, bad)
+    assert (again.epoch, again.sequence, again.error) == (42, 1, "")
+    assert refused.sequence == 2
+    assert "flows[0].port: 0 is not a port number" in refused.error, "and the stream stayed up"
+    async with r.admin() as admin_channel:
+        admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
+        listed = await admin.ListFlows(admin_pb2.ListFlowsRequest())
+    assert [f.count for f in listed.flows] == [3]

@@ -188,3 +188,37 @@ def test_connections_of_a_silent_or_absent_agent_are_unavailable(
         asyncio.run(observations.connections("db", None))
     with pytest.raises(Unavailable, match="did not send"):
         asyncio.run(observations.connections("db", idle_session("db"), timeout=0.05))
+
+
+def test_an_acknowledged_report_sent_twice_is_counted_once(observations: Observations) -> None:
+    first = agent_pb2.FlowReport(flows=[flow(IN, DB, WEB, count=3)], epoch=7, sequence=1)
+    assert observations.record("db", first) == agent_pb2.FlowsStored(epoch=7, sequence=1)
+    # The stream broke before the acknowledgement arrived: the agent sends it again.
+    assert observations.record("db", first) == agent_pb2.FlowsStored(epoch=7, sequence=1)
+    [entry] = listed(observations)
+    assert entry.count == 3
+    second = agent_pb2.FlowReport(flows=[flow(IN, DB, WEB, count=2)], epoch=7, sequence=2)
+    observations.record("db", second)
+    # A restarted agent numbers from 1 again, in a new epoch; another agent's numbers are its own.
+    observations.record("db", agent_pb2.FlowReport(flows=[flow(IN, DB, WEB)], epoch=8, sequence=1))
+    observations.record(
+        "web", agent_pb2.FlowReport(flows=[flow(OUT, WEB, DB)], epoch=7, sequence=1)
+    )
+    assert [e.count for e in listed(observations)] == [6]  # both ends merged: 3 + 2 + 1
+    assert observations.flows_received == 4
+
+
+def test_a_bad_acknowledged_report_is_refused_in_the_answer_not_by_ending_the_stream(
+    observations: Observations,
+) -> None:
+    bad = agent_pb2.FlowReport(flows=[flow(IN, DB, "not-an-ip")], epoch=7, sequence=4)
+    stored = observations.record("db", bad)
+    assert stored is not None
+    assert (stored.epoch, stored.sequence) == (7, 4)
+    assert "flows[0].peer_address: 'not-an-ip' is not an IP address" in stored.error
+    assert listed(observations) == []
+    half = agent_pb2.FlowReport(flows=[flow(IN, DB, WEB)], epoch=0, sequence=4)
+    assert "epoch, sequence" in observations.record("db", half).error  # type: ignore[union-attr]
+    huge = agent_pb2.FlowReport(flows=[flow(IN, DB, WEB)], epoch=2**63, sequence=1)
+    assert "epoch: 9223372036854775808 is above" in observations.record("db", huge).error  # type: ignore[union-attr]
+    assert listed(observations) == []

@@ -72,26 +72,19 @@ def test_take_is_bounded_and_oldest_first() -> None:
     assert len(table) == 3
 
 
-def test_put_back_returns_flows_to_the_front_and_merges() -> None:
+def test_flows_held_by_reports_in_flight_count_against_the_capacity() -> None:
     table = FlowTable(capacity=3)
     table.add(flow(peer="198.18.0.1"))
     table.add(flow(peer="198.18.0.2"))
-    batch = table.take(2)
-    table.add(flow(peer="198.18.0.2", count=4))
-    table.put_back(batch)
-    records = table.take(10)
-    assert [r.peer_ip for r in records] == ["198.18.0.1", "198.18.0.2"]
-    assert records[1].count == 5
-
-
-def test_put_back_into_a_full_table_drops_the_returned_flows() -> None:
-    table = FlowTable(capacity=1)
-    table.add(flow(peer="198.18.0.1"))
-    batch = table.take(1)
-    table.add(flow(peer="198.18.0.2"))
-    table.put_back(batch)
+    table.held = len(table.take(2))  # as FlowReports does while they wait for an ack
+    table.add(flow(peer="198.18.0.3"))
+    table.add(flow(peer="198.18.0.4"))  # 2 held + 1 pending: the oldest pending goes
     assert table.dropped == 1
-    assert [r.peer_ip for r in table.take(10)] == ["198.18.0.2"]
+    assert [r.peer_ip for r in table.take(10)] == ["198.18.0.4"]
+    table.held = 3
+    table.add(flow(peer="198.18.0.5"))  # nothing pending to drop: the new flow is lost
+    assert table.dropped == 2
+    assert len(table) == 0
 
 
 def test_capacity_must_be_positive() -> None:

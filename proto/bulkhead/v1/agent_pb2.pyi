@@ -253,18 +253,20 @@ class PolicyDelta(_message.Message):
     def __init__(self, base_revision: _Optional[int] = ..., base_hash: _Optional[str] = ..., revision: _Optional[int] = ..., hash: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetChange, _Mapping]]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request", "delta")
+    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request", "delta", "flows_stored")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    FLOWS_STORED_FIELD_NUMBER: _ClassVar[int]
     snapshot: PolicySnapshot
     in_sync: InSync
     certificate: CertificateIssued
     connections_request: ConnectionsRequest
     delta: PolicyDelta
-    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ..., delta: _Optional[_Union[PolicyDelta, _Mapping]] = ...) -> None: ...
+    flows_stored: FlowsStored
+    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ..., delta: _Optional[_Union[PolicyDelta, _Mapping]] = ..., flows_stored: _Optional[_Union[FlowsStored, _Mapping]] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("pid", "name", "exe", "cmdline", "user", "start_unix_ms", "systemd_unit")
@@ -309,12 +311,26 @@ class Flow(_message.Message):
     def __init__(self, direction: _Optional[_Union[FlowDirection, str]] = ..., local_address: _Optional[str] = ..., peer_address: _Optional[str] = ..., port: _Optional[int] = ..., protocol: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, str]] = ..., count: _Optional[int] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ...) -> None: ...
 
 class FlowReport(_message.Message):
-    __slots__ = ("flows", "dropped")
+    __slots__ = ("flows", "dropped", "epoch", "sequence")
     FLOWS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     flows: _containers.RepeatedCompositeFieldContainer[Flow]
     dropped: int
-    def __init__(self, flows: _Optional[_Iterable[_Union[Flow, _Mapping]]] = ..., dropped: _Optional[int] = ...) -> None: ...
+    epoch: int
+    sequence: int
+    def __init__(self, flows: _Optional[_Iterable[_Union[Flow, _Mapping]]] = ..., dropped: _Optional[int] = ..., epoch: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+
+class FlowsStored(_message.Message):
+    __slots__ = ("epoch", "sequence", "error")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    sequence: int
+    error: str
+    def __init__(self, epoch: _Optional[int] = ..., sequence: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class Connection(_message.Message):
     __slots__ = ("protocol", "state", "local_address", "local_port", "peer_address", "peer_port", "direction", "process")
