@@ -20,6 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL_S = 5.0
 VERDICT_WAIT_S = 0.5
 TICK_S = 0.2
+MIN_GAP_S = 0.005  # between two attributions of fresh events
+IDLE_PER_BUSY = 9  # ... and at least 9x the last one's work: at most ~10% of a core
 SEEN_MAX = 100_000  # connections remembered as counted (so a snapshot does not recount)
 RECENT_DENIALS_S = 5.0
 MAX_PENDING_EVENTS = 50_000
@@ -81,6 +84,7 @@ class Observer:
         # Events read but not attributed yet (drained every tick, off the event loop).
         self._started: list[Observed] = []
         self._dropped: list[tuple[Observed, Verdict]] = []
+        self._events_waiting = asyncio.Event()  # set when an event joins those lists
         self.events_lost = 0
         self._listeners: list[EventSource] = []
         self.connections_seen = 0
@@ -138,7 +142,19 @@ class Observer:
             except OSError:
                 log.exception("reading the socket tables failed")
             self.count_waiting()
-            await asyncio.sleep(TICK_S)
+            await self._pause(time.monotonic() - now)
+
+    async def _pause(self, busy: float) -> None:
+        """Wait for the next tick, or less when events wait to be attributed: a short
+        outbound connection's socket, the only thing that names its process, is gone
+        within milliseconds. Never sooner than IDLE_PER_BUSY times the work just done,
+        so attribution under a flood of events takes a bounded share of a core."""
+        await asyncio.sleep(min(TICK_S, max(MIN_GAP_S, busy * IDLE_PER_BUSY)))
+        if self._started or self._dropped:
+            return
+        self._events_waiting.clear()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._events_waiting.wait(), TICK_S)
 
     async def _attribute_pending(self) -> None:
         started, self._started = self._started, []
@@ -178,6 +194,7 @@ class Observer:
             self.events_lost += 1
             return
         pending.append(item)
+        self._events_waiting.set()
 
     # -- counting (public for tests: the sources above only feed these) ---------------
 
