@@ -133,8 +133,10 @@ class Observer:
         next_snapshot = 0.0
         while True:
             now = time.monotonic()
+            busy = 0.0
             try:
                 await self._attribute_pending()
+                busy = time.monotonic() - now
                 if now >= next_snapshot:
                     next_snapshot = now + snapshot_interval
                     connections = await asyncio.to_thread(self._snapshotter.snapshot)
@@ -142,13 +144,14 @@ class Observer:
             except OSError:
                 log.exception("reading the socket tables failed")
             self.count_waiting()
-            await self._pause(time.monotonic() - now)
+            await self._pause(busy)
 
     async def _pause(self, busy: float) -> None:
         """Wait for the next tick, or less when events wait to be attributed: a short
         outbound connection's socket, the only thing that names its process, is gone
-        within milliseconds. Never sooner than IDLE_PER_BUSY times the work just done,
-        so attribution under a flood of events takes a bounded share of a core."""
+        within milliseconds. Never sooner than IDLE_PER_BUSY times the last attribution's
+        work (BUSY seconds), so attribution under a flood of events takes a bounded share
+        of a core (the periodic snapshot is not counted: it must not delay the next one)."""
         await asyncio.sleep(min(TICK_S, max(MIN_GAP_S, busy * IDLE_PER_BUSY)))
         if self._started or self._dropped:
             return

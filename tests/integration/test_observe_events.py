@@ -97,6 +97,7 @@ async def main():
     observer = Observer(lambda: sys.argv[1:])
     observer.start(loop)
     runner = asyncio.create_task(observer.run())
+    await asyncio.sleep(1.0)  # past the first (cold) snapshot of every socket
     print("ready", flush=True)
     await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), 60)
     await asyncio.sleep(2 * VERDICT_WAIT_S)
