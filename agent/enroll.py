@@ -5,8 +5,11 @@ token to anyone but the controller whose CA the token pins.
 2. Ask for the CA certificate over a channel that trusts exactly that certificate.
 3. Check the CA against the fingerprint in the token, and that it issued the certificate
    the controller presented. A man in the middle fails here, before the token goes out.
-4. Send token and CSR over a channel verified against the pinned CA; store key,
-   certificate and CA (0600).
+4. Send token and CSR over a channel verified against the pinned CA; check that the
+   certificate that comes back certifies our key; store key, certificate and CA (0600).
+
+The key, the CSR and the checks come from the key tool (agent/identity.py), so an agent
+that enrolls at start does not load the cryptography package.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import grpc
 from agent.identity import (
     AgentCredentials,
     IdentityError,
+    KeytoolError,
+    Names,
     ca_fingerprint,
-    generate_key,
-    key_pem,
-    make_csr,
+    check_certificate,
+    checked_credentials,
+    new_key_and_csr,
     parse_token,
     save_credentials,
-    verify_issued_by,
 )
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 
@@ -103,17 +107,21 @@ async def enroll(
                 f"token pins {token.ca_fingerprint[:16]}...: not sending the token. Is this the "
                 "right controller, and the token from it?"
             )
-        if not verify_issued_by(presented, ca_pem):
+        presented_names = Names(cert=f"the certificate presented at {address}", ca="the token")
+        try:
+            await asyncio.to_thread(check_certificate, presented, ca_pem, names=presented_names)
+        except KeytoolError as exc:
+            raise EnrollmentError(f"{exc}; not sending the token") from exc
+        except IdentityError as exc:
             raise EnrollmentError(
-                f"the certificate presented at {address} was not issued by the pinned CA: "
-                "not sending the token (someone may be in the way)"
-            )
-        key = generate_key()
+                f"{exc}: not sending the token (someone may be in the way)"
+            ) from exc
+        try:
+            key, csr = await asyncio.to_thread(new_key_and_csr, agent_id)
+        except IdentityError as exc:
+            raise EnrollmentError(f"cannot make this agent's key: {exc}") from exc
         request = agent_pb2.EnrollRequest(
-            token=token_text,
-            agent_id=agent_id,
-            csr_pem=make_csr(key, agent_id).decode(),
-            hostname=hostname,
+            token=token_text, agent_id=agent_id, csr_pem=csr.decode(), hostname=hostname
         )
         async with grpc.aio.secure_channel(
             address, grpc.ssl_channel_credentials(ca_pem), options=CHANNEL_OPTIONS
@@ -126,9 +134,13 @@ async def enroll(
             f"the controller at {address} {verb}: {exc.details() or exc.code().name}",
             retryable=unreachable,
         ) from exc
-    credentials = AgentCredentials(
-        key_pem=key_pem(key), cert_pem=response.certificate_pem.encode(), ca_pem=ca_pem
-    )
+    issued_names = Names("the new key", f"the certificate issued by {address}", "the token")
+    try:
+        credentials = await asyncio.to_thread(
+            checked_credentials, key, response.certificate_pem.encode(), ca_pem, issued_names
+        )
+    except IdentityError as exc:
+        raise EnrollmentError(f"the controller issued an unusable certificate: {exc}") from exc
     save_credentials(state_dir, credentials)
     log.info("enrolled as %s; certificate valid until %s", agent_id, credentials.not_after)
     return credentials, dict(response.labels)

@@ -4,114 +4,163 @@ certificate it trusts, and the enrollment token that bootstraps them.
 Self-contained on purpose (the agent never imports the controller): this mirrors the
 controller's definitions of the CA fingerprint and the token format.
 
-Files in the state directory (0700), each 0600: agent.key, agent.crt, ca.crt. They are
-replaced together: each is written in full as ``<name>.new`` and fsynced, then renamed
-into place, key first. Renaming the key is the commit point, so after a crash
-``load_credentials`` either discards the pending files (the key was not renamed) or
-finishes the renames (it was): the agent never pairs a new key with an old certificate.
+The agent never loads the cryptography package (about 10 MB that a long-running agent
+would keep): making a key and a CSR, and checking a certificate, run in a short-lived
+child process, agent/keytool.py. The CA fingerprint needs only the standard library.
+
+Files in the state directory (0700), each 0600: agent.key, agent.crt, ca.crt and
+agent.validity (the certificate's validity period, and a digest of the three others that
+says which files it describes and that they were checked). They are replaced together:
+each is written in full as ``<name>.new`` and fsynced, then renamed into place, key
+first. Renaming the key is the commit point, so after a crash ``load_credentials``
+either discards the pending files (the key was not renamed) or finishes the renames (it
+was): the agent never pairs a new key with an old certificate. A missing or stale
+agent.validity (state directories written before it existed, or files changed by hand)
+is recomputed by the key tool, which checks the files again, and written anew.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
 import os
+import ssl
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from typing import Any, NamedTuple
 
 from bulkhead.v1 import contract
-from bulkhead.v1.contract import AGENT_ID_RULE, EnrollmentToken, is_valid_agent_id
+from bulkhead.v1.contract import EnrollmentToken
+
+log = logging.getLogger(__name__)
 
 KEY_FILE = "agent.key"
 CERT_FILE = "agent.crt"
 CA_FILE = "ca.crt"
-_FILES = (KEY_FILE, CERT_FILE, CA_FILE)  # the key first: its rename commits a save
+VALIDITY_FILE = "agent.validity"
+_PEM_FILES = (KEY_FILE, CERT_FILE, CA_FILE)
+_FILES = (*_PEM_FILES, VALIDITY_FILE)  # the key first: its rename commits a save
 _PENDING = ".new"
 RENEW_AFTER_FRACTION = 2 / 3
+# The key tool's command line; -P keeps the working directory off its sys.path.
+KEYTOOL = (sys.executable, "-P", "-m", "agent.keytool")
+# It starts an interpreter and imports cryptography: well under a second on an idle host.
+KEYTOOL_TIMEOUT_S = 30.0
 
 
 class IdentityError(Exception):
     """The agent's credentials or enrollment token are unusable; the message names which."""
 
 
+class KeytoolError(IdentityError):
+    """The key tool did not do its work (did not start, crashed, timed out, answered
+    nonsense), so nothing is known about the input; the message says what happened."""
+
+
+@dataclass(frozen=True)
+class Validity:
+    """When a certificate starts and stops being valid (timezone-aware, UTC)."""
+
+    not_before: datetime
+    not_after: datetime
+
+    def to_json(self) -> dict[str, str]:
+        return {"not_before": self.not_before.isoformat(), "not_after": self.not_after.isoformat()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Validity:
+        """ValueError, KeyError or TypeError if DATA is not what to_json makes."""
+        start, end = (datetime.fromisoformat(data[k]) for k in ("not_before", "not_after"))
+        if start.tzinfo is None or end.tzinfo is None:
+            raise ValueError("validity without a timezone")
+        return cls(start, end)
+
+
+class Names(NamedTuple):
+    """What error messages call the key, the certificate and the CA certificate."""
+
+    key: str = "the key"
+    cert: str = "the certificate"
+    ca: str = "the CA certificate"
+
+
+GENERIC_NAMES = Names()
+
+
 @dataclass(frozen=True)
 class AgentCredentials:
-    """PEM key, certificate and CA certificate, as handed to grpc.ssl_channel_credentials."""
+    """PEM key, certificate and CA certificate, as handed to grpc.ssl_channel_credentials,
+    and the certificate's validity (read from it when the three were checked)."""
 
     key_pem: bytes
     cert_pem: bytes
     ca_pem: bytes
-
-    @property
-    def certificate(self) -> x509.Certificate:
-        return _parse_cert(self.cert_pem, CERT_FILE)
+    validity: Validity
 
     @property
     def not_before(self) -> datetime:
-        return self.certificate.not_valid_before_utc
+        return self.validity.not_before
 
     @property
     def not_after(self) -> datetime:
-        return self.certificate.not_valid_after_utc
-
-    def key_matches(self) -> bool:
-        """Whether the private key belongs to the certificate."""
-        try:
-            key = _parse_key(self.key_pem, Path(KEY_FILE))
-        except IdentityError:
-            return False
-        return _spki(key.public_key()) == _spki(self.certificate.public_key())
+        return self.validity.not_after
 
     def needs_renewal(self, now: datetime) -> bool:
         """True once 2/3 of the certificate's lifetime has passed (NOW must be timezone-aware)."""
-        cert = self.certificate
-        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        start, end = self.not_before, self.not_after
         return now >= start + (end - start) * RENEW_AFTER_FRACTION
 
 
-def generate_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
+def new_key_and_csr(agent_id: str) -> tuple[bytes, bytes]:
+    """A new private key and a CSR for AGENT_ID signed by it (PEM), made by the key tool."""
+    answer = _keytool({"op": "csr", "agent_id": agent_id}, f"make a key for {agent_id!r}")
+    try:
+        return answer["key_pem"].encode(), answer["csr_pem"].encode()
+    except KeyError:
+        raise KeytoolError("the key tool answered without a key or CSR") from None
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+def check_certificate(
+    cert_pem: bytes, ca_pem: bytes, *, key_pem: bytes | None = None, names: Names = GENERIC_NAMES
+) -> Validity:
+    """The certificate's validity, once the key tool found that it parses, that the CA
+    signed it and (if KEY_PEM is given) that it certifies that key; else IdentityError
+    naming the part at fault (as NAMES call them)."""
+    request: dict[str, object] = {
+        "op": "check",
+        "cert_pem": cert_pem.decode(errors="replace"),
+        "ca_pem": ca_pem.decode(errors="replace"),
+        "names": names._asdict(),
+    }
+    if key_pem is not None:
+        request["key_pem"] = key_pem.decode(errors="replace")
+    answer = _keytool(request, f"check {names.cert}")
+    try:
+        return Validity.from_json(answer)
+    except (KeyError, ValueError):
+        raise KeytoolError(f"the key tool answered no validity for {names.cert}") from None
 
 
-def make_csr(key: ec.EllipticCurvePrivateKey, agent_id: str) -> bytes:
-    """PEM CSR with subject CN=AGENT_ID (the controller decides the identity it certifies)."""
-    if not is_valid_agent_id(agent_id):
-        raise IdentityError(f"agent id {agent_id!r} is invalid: must be {AGENT_ID_RULE}")
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, agent_id)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(serialization.Encoding.PEM)
+def checked_credentials(
+    key_pem: bytes, cert_pem: bytes, ca_pem: bytes, names: Names = GENERIC_NAMES
+) -> AgentCredentials:
+    """Credentials from the three PEMs, once the key tool checked that they belong together."""
+    validity = check_certificate(cert_pem, ca_pem, key_pem=key_pem, names=names)
+    return AgentCredentials(key_pem, cert_pem, ca_pem, validity)
 
 
 def ca_fingerprint(ca_pem: bytes) -> str:
     """Lowercase hex sha256 of the CA certificate's DER, as pinned by enrollment tokens."""
-    cert = _parse_cert(ca_pem, "CA certificate")
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def verify_issued_by(leaf_pem: bytes, ca_pem: bytes) -> bool:
-    """Whether the CA's key signed the leaf certificate (signature and issuer name only)."""
     try:
-        leaf = x509.load_pem_x509_certificate(leaf_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
-        leaf.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
+        der = ssl.PEM_cert_to_DER_cert(ca_pem.decode("ascii").strip())
+    except ValueError:  # also the UnicodeDecodeError and binascii.Error of bad input
+        raise IdentityError("CA certificate is not a PEM X.509 certificate") from None
+    return hashlib.sha256(der).hexdigest()
 
 
 def parse_token(text: str) -> EnrollmentToken:
@@ -123,11 +172,13 @@ def parse_token(text: str) -> EnrollmentToken:
 
 
 def save_credentials(directory: Path, creds: AgentCredentials) -> None:
-    """Write agent.key, agent.crt and ca.crt (0600) so that they change together."""
+    """Write agent.key, agent.crt, ca.crt and agent.validity (0600) so that they change
+    together. CREDS must have been checked (checked_credentials): loading trusts them."""
     if not directory.is_dir():
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.chmod(0o700)  # mkdir's mode is filtered by the umask
-    contents = dict(zip(_FILES, (creds.key_pem, creds.cert_pem, creds.ca_pem), strict=True))
+    pems = (creds.key_pem, creds.cert_pem, creds.ca_pem)
+    contents = dict(zip(_FILES, (*pems, _validity_record(creds.validity, pems)), strict=True))
     for name in _FILES:
         _write_synced(_pending(directory / name), contents[name])
     _fsync_dir(directory)
@@ -137,11 +188,12 @@ def save_credentials(directory: Path, creds: AgentCredentials) -> None:
 
 
 def load_credentials(directory: Path) -> AgentCredentials | None:
-    """The saved credentials, None if there are none; IdentityError naming the bad file."""
+    """The saved credentials, None if there are none; IdentityError naming the bad file.
+    Runs the key tool only when agent.validity does not describe the files (see above)."""
     if not directory.is_dir():
         return None
     _recover(directory)
-    paths = [directory / name for name in _FILES]
+    paths = [directory / name for name in _PEM_FILES]
     present = [path for path in paths if path.exists()]
     if not present:
         return None
@@ -151,15 +203,81 @@ def load_credentials(directory: Path) -> AgentCredentials | None:
             f"{missing} missing in {directory}: the agent's credentials are incomplete; "
             "remove the rest and enroll again with a new token"
         )
-    key_data, cert_data, ca_data = (_read(path) for path in paths)
-    key = _parse_key(key_data, paths[0])
-    cert = _parse_cert(cert_data, str(paths[1]))
-    _parse_cert(ca_data, str(paths[2]))
-    if not verify_issued_by(cert_data, ca_data):
-        raise IdentityError(f"{paths[1]} is not issued by the CA in {paths[2]}")
-    if _spki(key.public_key()) != _spki(cert.public_key()):
-        raise IdentityError(f"{paths[0]} does not match the certificate in {paths[1]}")
-    return AgentCredentials(key_pem=key_data, cert_pem=cert_data, ca_pem=ca_data)
+    key_data, cert_data, ca_data = pems = (_read(paths[0]), _read(paths[1]), _read(paths[2]))
+    validity = _recorded_validity(directory / VALIDITY_FILE, pems)
+    if validity is None:
+        names = Names(*(str(path) for path in paths))
+        validity = check_certificate(cert_data, ca_data, key_pem=key_data, names=names)
+        _store_validity(directory, validity, pems)
+    return AgentCredentials(key_data, cert_data, ca_data, validity)
+
+
+def _digest(pems: tuple[bytes, ...]) -> str:
+    # Hash of hashes: no two different triples of files give the same input.
+    return hashlib.sha256(b"".join(hashlib.sha256(pem).digest() for pem in pems)).hexdigest()
+
+
+def _validity_record(validity: Validity, pems: tuple[bytes, ...]) -> bytes:
+    return json.dumps({**validity.to_json(), "sha256": _digest(pems)}).encode()
+
+
+def _recorded_validity(path: Path, pems: tuple[bytes, ...]) -> Validity | None:
+    """What PATH says, if it describes exactly these files; else None."""
+    try:
+        record = json.loads(path.read_bytes())
+        if record["sha256"] != _digest(pems):
+            return None
+        return Validity.from_json(record)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _store_validity(directory: Path, validity: Validity, pems: tuple[bytes, ...]) -> None:
+    """Write agent.validity alone (as a save would); the agent only loses time if it cannot."""
+    path = directory / VALIDITY_FILE
+    try:
+        _write_synced(_pending(path), _validity_record(validity, pems))
+        os.replace(_pending(path), path)
+        _fsync_dir(directory)
+    except OSError as exc:
+        log.warning("cannot write %s (%s); the next start checks the credentials again",
+                    path, exc.strerror)  # fmt: skip
+
+
+def _keytool(request: dict[str, object], what: str) -> dict[str, str]:
+    """The key tool's answer to REQUEST; IdentityError saying what failed (WHAT it was to do)."""
+    try:
+        done = subprocess.run(
+            KEYTOOL,
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=KEYTOOL_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise KeytoolError(
+            f"cannot {what}: the key tool gave no answer within {KEYTOOL_TIMEOUT_S:g} s"
+        ) from None
+    except OSError as exc:
+        raise KeytoolError(f"cannot {what}: cannot start the key tool: {exc}") from None
+    if done.returncode != 0:
+        status = (
+            f"killed by signal {-done.returncode}"
+            if done.returncode < 0
+            else f"exit status {done.returncode}"
+        )
+        # The last line of a traceback names the problem; the key tool prints no key there.
+        last = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        raise KeytoolError(f"cannot {what}: the key tool failed ({status}): {last[:300]}")
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or not all(isinstance(v, str) for v in answer.values()):
+        raise KeytoolError(f"cannot {what}: the key tool gave an unreadable answer")
+    if "error" in answer:
+        raise IdentityError(answer["error"])
+    return answer
 
 
 def _recover(directory: Path) -> None:
@@ -204,28 +322,3 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise IdentityError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def _parse_cert(data: bytes, what: str) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise IdentityError(f"{what} is not a PEM X.509 certificate") from None
-
-
-def _parse_key(data: bytes, path: Path) -> ec.EllipticCurvePrivateKey:
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise IdentityError(f"{path} is not an unencrypted PEM private key") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise IdentityError(f"{path} holds a {type(key).__name__}, expected an EC key")
-    return key
-
-
-def _spki(public_key: object) -> bytes:
-    if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return b""
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )

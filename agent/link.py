@@ -17,19 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.enforcer import Enforcer
 from agent.enroll import CONTROLLER_NAME
 from agent.identity import (
+    CA_FILE,
     AgentCredentials,
     IdentityError,
-    generate_key,
-    key_pem,
+    Names,
+    checked_credentials,
     load_credentials,
-    make_csr,
+    new_key_and_csr,
     save_credentials,
-    verify_issued_by,
 )
 from agent.observe.observer import Observer
 from agent.observe.reports import FlowReports
@@ -107,8 +106,8 @@ class ControllerLink:
         self.addresses: list[str] = []
         self._stream_up_at: float | None = None
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage] | None = None
-        # The key of a renewal in flight: the certificate that comes back must match it.
-        self._renewal_key: ec.EllipticCurvePrivateKey | None = None
+        # The key (PEM) of a renewal in flight: the certificate that comes back must match it.
+        self._renewal_key: bytes | None = None
         self._renewed: AgentCredentials | None = None
         self._tamper_backlog: deque[agent_pb2.TamperEvent] = deque(maxlen=TAMPER_BACKLOG_MAX)
         self._observer = observer
@@ -175,7 +174,8 @@ class ControllerLink:
         hello.addresses[:] = self.addresses
         await outbox.put(agent_pb2.AgentMessage(hello=hello))
         # Read afresh on every connect, so a renewed certificate is used from then on.
-        credentials = load_credentials(self._state_dir)
+        # (In a thread: the key tool runs if the files changed behind the agent's back.)
+        credentials = await asyncio.to_thread(load_credentials, self._state_dir)
         if credentials is None:
             raise IdentityError(f"no credentials in {self._state_dir}; enroll this host again")
         self._renewal_key = None
@@ -233,7 +233,7 @@ class ControllerLink:
             if self._flow_reports is not None:
                 self._flow_reports.stored(message.flows_stored)
         elif kind == "certificate":
-            self._store_renewed(message.certificate.certificate_pem.encode())
+            await self._store_renewed(message.certificate.certificate_pem.encode())
         elif kind == "connections_request":
             await outbox.put(
                 agent_pb2.AgentMessage(
@@ -260,23 +260,34 @@ class ControllerLink:
             # The newest certificate on disk, so a renewal done on this stream counts.
             credentials = self._renewed or credentials
             if self._renewal_key is None and credentials.needs_renewal(datetime.now(UTC)):
-                self._renewal_key = generate_key()
-                csr = make_csr(self._renewal_key, self._agent_id).decode()
-                log.info("certificate expires %s; asking for a new one", credentials.not_after)
-                renew = agent_pb2.RenewCertificate(csr_pem=csr)
-                await outbox.put(agent_pb2.AgentMessage(renew=renew))
+                try:
+                    key, csr = await asyncio.to_thread(new_key_and_csr, self._agent_id)
+                except IdentityError as exc:
+                    log.error("cannot ask for a new certificate: %s; trying again later", exc)
+                else:
+                    self._renewal_key = key
+                    log.info("certificate expires %s; asking for a new one", credentials.not_after)
+                    renew = agent_pb2.RenewCertificate(csr_pem=csr.decode())
+                    await outbox.put(agent_pb2.AgentMessage(renew=renew))
             await asyncio.sleep(check_every)
 
-    def _store_renewed(self, cert_pem: bytes) -> None:
-        key, self._renewal_key = self._renewal_key, None
-        current = load_credentials(self._state_dir)
-        if key is None or current is None:
-            log.warning("ignoring a certificate the agent did not ask for")
+    async def _store_renewed(self, cert_pem: bytes) -> None:
+        # The key stays set while the key tool checks, so no second renewal starts meanwhile.
+        key = self._renewal_key
+        try:
+            current = await asyncio.to_thread(load_credentials, self._state_dir)
+            if key is None or current is None:
+                log.warning("ignoring a certificate the agent did not ask for")
+                return
+            names = Names("the renewal key", "the renewed certificate", CA_FILE)
+            renewed = await asyncio.to_thread(
+                checked_credentials, key, cert_pem, current.ca_pem, names
+            )
+        except IdentityError as exc:
+            log.error("%s; keeping the old certificate", exc)
             return
-        renewed = AgentCredentials(key_pem=key_pem(key), cert_pem=cert_pem, ca_pem=current.ca_pem)
-        if not verify_issued_by(cert_pem, current.ca_pem) or not renewed.key_matches():
-            log.error("the renewed certificate does not match our key or CA; keeping the old one")
-            return
+        finally:
+            self._renewal_key = None
         save_credentials(self._state_dir, renewed)
         self._renewed = renewed
         log.info(

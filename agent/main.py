@@ -23,7 +23,7 @@ from agent.dataplane.nftables import render
 from agent.dataplane.select import choose_backend, detect_iptables_flavour, make_backend
 from agent.enforcer import Enforcer
 from agent.enroll import EnrollmentError, enroll
-from agent.identity import AgentCredentials, IdentityError, load_credentials
+from agent.identity import AgentCredentials, IdentityError, KeytoolError, load_credentials
 from agent.install import install_service
 from agent.link import Backoff, ControllerLink
 from agent.observe.observer import Observer
@@ -90,6 +90,8 @@ async def obtain_credentials(config: AgentConfig) -> AgentCredentials:
     """The agent's credentials from its state dir, enrolling first if it has none."""
     try:
         credentials = load_credentials(config.state_dir)
+    except KeytoolError as exc:  # the files may be fine: the check did not happen
+        raise AgentStartError(str(exc)) from exc
     except IdentityError as exc:
         raise AgentStartError(f"{exc}; fix or remove them and enroll again") from exc
     if credentials is not None:

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("agent", "bulkhead", "controller", "lab")
 ON_DEMAND = {  # packages loaded on the paths named only
     "prometheus_client": "metrics on (metrics_listen set)",
-    "cryptography": "enrollment, credential checks, renewal",
+    "cryptography": "the key tool's child process only",
 }
 CONTROLLER = "198.18.250.1:50151"
 # The agent holds the controller's ruleset: applied from a push, or in sync after a restart.
@@ -80,19 +80,20 @@ for row in json.loads(sys.argv[1]):
 
 # argv[1]: a state directory to fill with credentials a real CA issued, loaded once as
 # the agent's first connection does. Prints the modules loaded: those of cryptography
-# are what enrollment and renewal load.
+# are what the key tool (agent/keytool.py, a child process of the agent) loads.
 CREDENTIALS_CODE = """
 import json, sys
 from datetime import timedelta
 from pathlib import Path
-from agent.identity import AgentCredentials, generate_key, key_pem, make_csr
-from agent.identity import load_credentials, save_credentials
+from agent.identity import AgentCredentials, Names, load_credentials, save_credentials
+from agent.keytool import check, generate_key, key_pem, make_csr
 from controller.pki.authority import CertificateAuthority, cert_pem
 state = Path(sys.argv[1])
 ca = CertificateAuthority.load_or_create(state.parent / "ca")
 key = generate_key()
 cert = ca.issue_agent(make_csr(key, "bench-1"), "bench-1", timedelta(days=30))
-save_credentials(state, AgentCredentials(key_pem(key), cert_pem(cert), ca.certificate_pem))
+pems = key_pem(key), cert_pem(cert), ca.certificate_pem
+save_credentials(state, AgentCredentials(*pems, check(pems[1], pems[2], pems[0], Names())))
 load_credentials(state)
 print(json.dumps(list(sys.modules)))
 """

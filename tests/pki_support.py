@@ -1,14 +1,19 @@
-"""Test PKI: a real CA in a temporary directory and the gRPC credentials made from it."""
+"""Test PKI: a real CA in a temporary directory, the gRPC credentials made from it, and an
+enrollment port."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from agent.identity import generate_key, key_pem, make_csr
+from agent.identity import AgentCredentials, Validity
+from agent.keytool import generate_key, key_pem, make_csr
+from bulkhead.v1 import agent_pb2_grpc
 from controller.core import Controller
 from controller.enrollment import Enrollment
 from controller.pki import (
@@ -18,6 +23,7 @@ from controller.pki import (
     certificate_from_pem,
     identity_from_certificate,
 )
+from controller.server.enrollment_servicer import EnrollmentServicer
 from controller.store.sqlite_store import SqliteStore
 
 # Clients verify the controller by this name, whatever address they dial.
@@ -29,6 +35,15 @@ def make_controller(directory: Path, **options: Any) -> Controller:
     store = SqliteStore(directory / "c.db")
     ca = CertificateAuthority.load_or_create(directory / "pki")
     return Controller(store, Enrollment(store, ca), **options)
+
+
+def issued_credentials(ca: CertificateAuthority, agent_id: str, ttl: timedelta) -> AgentCredentials:
+    """An agent's credentials as enrollment leaves them, made in this process (unlike the
+    agent, the tests may load cryptography)."""
+    key = generate_key()
+    cert = ca.issue_agent(make_csr(key, agent_id), agent_id, ttl)
+    validity = Validity(cert.not_valid_before_utc, cert.not_valid_after_utc)
+    return AgentCredentials(key_pem(key), cert_pem(cert), ca.certificate_pem, validity)
 
 
 def server_credentials(
@@ -64,3 +79,27 @@ def operator_credentials(
 
 def anonymous_credentials(ca: CertificateAuthority) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(ca.certificate_pem)
+
+
+def with_enrollment_server(
+    tmp_path: Path, body: Callable[[Controller, str], Awaitable[None]], *, ca_dir: str = "pki"
+) -> None:
+    """Run BODY(core, address) with an enrollment port whose certificate is from CA_DIR."""
+
+    async def run() -> None:
+        core = make_controller(tmp_path)
+        presented_by = CertificateAuthority.load_or_create(tmp_path / ca_dir)
+        server = grpc.aio.server()
+        agent_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+            EnrollmentServicer(core.enrollment), server
+        )
+        port = server.add_secure_port(
+            "127.0.0.1:0", server_credentials(presented_by, require_client=False)
+        )
+        await server.start()
+        try:
+            await body(core, f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())

@@ -39,7 +39,7 @@ def test_agents_enrolled_with_private_credentials(lab: Lab) -> None:
     for host in ("web", "db"):
         state = LabPaths(lab.directory).agent_dir(host) / "state"
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
-        for name in ("agent.key", "agent.crt", "ca.crt"):
+        for name in ("agent.key", "agent.crt", "ca.crt", "agent.validity"):
             assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
     agents = json.loads(lab.ok("get", "agents", "-o", "json"))["agents"]
     assert {a["agent_id"] for a in agents} == {"web", "db"}

@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import stat
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 
 from agent.enroll import EnrollmentError, enroll
-from agent.identity import generate_key, key_pem, load_credentials, make_csr
+from agent.identity import load_credentials
+from agent.keytool import generate_key, key_pem, make_csr
 from agent.link import ControllerLink
-from bulkhead.v1 import agent_pb2, agent_pb2_grpc
+from bulkhead.v1 import agent_pb2
 from controller.core import Controller
 from controller.pki import CertificateAuthority, cert_pem
-from controller.server.enrollment_servicer import EnrollmentServicer
-from tests.pki_support import make_controller, server_credentials
-
-
-def with_enrollment_server(
-    tmp_path: Path, body: Callable[[Controller, str], Awaitable[None]], *, ca_dir: str = "pki"
-) -> None:
-    """Run BODY(core, address) with an enrollment port whose certificate is from CA_DIR."""
-
-    async def run() -> None:
-        core = make_controller(tmp_path)
-        presented_by = CertificateAuthority.load_or_create(tmp_path / ca_dir)
-        server = grpc.aio.server()
-        agent_pb2_grpc.add_EnrollmentServiceServicer_to_server(
-            EnrollmentServicer(core.enrollment), server
-        )
-        port = server.add_secure_port(
-            "127.0.0.1:0", server_credentials(presented_by, require_client=False)
-        )
-        await server.start()
-        try:
-            await body(core, f"127.0.0.1:{port}")
-        finally:
-            await server.stop(None)
-
-    asyncio.run(run())
+from tests.pki_support import with_enrollment_server
 
 
 def test_enroll_stores_0600_credentials_and_returns_token_labels(tmp_path: Path) -> None:
@@ -102,17 +76,17 @@ def test_renewed_certificate_replaces_the_old_only_when_it_matches(tmp_path: Pat
         ca = CertificateAuthority.load_or_create(tmp_path / "pki")
         # Unasked-for certificate: ignored.
         stray = ca.issue_agent(make_csr(generate_key(), "web"), "web", timedelta(hours=1))
-        link._store_renewed(cert_pem(stray))
+        await link._store_renewed(cert_pem(stray))
         assert load_credentials(tmp_path / "s") == first
         # Asked for, but for another key: refused.
-        link._renewal_key = generate_key()
-        link._store_renewed(cert_pem(stray))
+        link._renewal_key = key_pem(generate_key())
+        await link._store_renewed(cert_pem(stray))
         assert load_credentials(tmp_path / "s") == first
         # The real answer to our CSR: stored.
         key = generate_key()
-        link._renewal_key = key
+        link._renewal_key = key_pem(key)
         issued = ca.issue_agent(make_csr(key, "web"), "web", timedelta(hours=1))
-        link._store_renewed(cert_pem(issued))
+        await link._store_renewed(cert_pem(issued))
         renewed = load_credentials(tmp_path / "s")
         assert renewed is not None
         assert renewed.key_pem == key_pem(key)

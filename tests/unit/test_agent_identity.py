@@ -18,18 +18,18 @@ from agent.identity import (
     AgentCredentials,
     IdentityError,
     ca_fingerprint,
-    generate_key,
-    key_pem,
+    check_certificate,
+    checked_credentials,
     load_credentials,
-    make_csr,
     parse_token,
     save_credentials,
-    verify_issued_by,
 )
+from agent.keytool import generate_key, key_pem, make_csr
 from controller.pki import CertificateAuthority, cert_pem, new_token
+from tests.pki_support import issued_credentials
 
 DAY = timedelta(days=1)
-FILES = ["agent.crt", "agent.key", "ca.crt"]
+FILES = ["agent.crt", "agent.key", "agent.validity", "ca.crt"]
 
 
 @pytest.fixture
@@ -39,11 +39,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
 
 
 def enroll(ca: CertificateAuthority, agent_id: str = "web-1") -> AgentCredentials:
-    key = generate_key()
-    cert = ca.issue_agent(make_csr(key, agent_id), agent_id, 30 * DAY)
-    return AgentCredentials(
-        key_pem=key_pem(key), cert_pem=cert_pem(cert), ca_pem=ca.certificate_pem
-    )
+    return issued_credentials(ca, agent_id, 30 * DAY)
 
 
 def test_generated_key_is_p256_and_round_trips_through_pem() -> None:
@@ -77,16 +73,19 @@ def test_fingerprint_of_garbage_is_an_identity_error() -> None:
         ca_fingerprint(b"garbage")
 
 
-def test_verify_issued_by_tells_our_ca_from_another(
+def test_check_certificate_tells_our_ca_from_another(
     ca: CertificateAuthority, tmp_path: Path
 ) -> None:
     other = CertificateAuthority.load_or_create(tmp_path / "other")
     creds = enroll(ca)
 
-    assert verify_issued_by(creds.cert_pem, ca.certificate_pem)
-    assert not verify_issued_by(creds.cert_pem, other.certificate_pem)
-    assert not verify_issued_by(b"garbage", ca.certificate_pem)
-    assert not verify_issued_by(creds.cert_pem, b"garbage")
+    assert check_certificate(creds.cert_pem, ca.certificate_pem) == creds.validity
+    with pytest.raises(IdentityError, match="the certificate is not issued by the CA"):
+        check_certificate(creds.cert_pem, other.certificate_pem)
+    with pytest.raises(IdentityError, match=r"the certificate is not a PEM X\.509"):
+        check_certificate(b"garbage", ca.certificate_pem)
+    with pytest.raises(IdentityError, match=r"the CA certificate is not a PEM X\.509"):
+        check_certificate(creds.cert_pem, b"garbage")
 
 
 # --- files -----------------------------------------------------------------------------
@@ -160,9 +159,8 @@ def test_an_unreadable_file_is_named(ca: CertificateAuthority, tmp_path: Path) -
 def test_a_key_that_does_not_match_the_certificate_is_refused(
     ca: CertificateAuthority, tmp_path: Path
 ) -> None:
-    creds = enroll(ca)
-    stranger = key_pem(generate_key())
-    save_credentials(tmp_path, AgentCredentials(stranger, creds.cert_pem, creds.ca_pem))
+    save_credentials(tmp_path, enroll(ca))
+    (tmp_path / "agent.key").write_bytes(key_pem(generate_key()))  # changed by hand
 
     with pytest.raises(IdentityError, match=r"agent\.key does not match"):
         load_credentials(tmp_path)
@@ -170,9 +168,9 @@ def test_a_key_that_does_not_match_the_certificate_is_refused(
 
 def test_a_certificate_from_another_ca_is_refused(ca: CertificateAuthority, tmp_path: Path) -> None:
     other = CertificateAuthority.load_or_create(tmp_path / "other")
-    creds = enroll(other)
     state = tmp_path / "state"
-    save_credentials(state, AgentCredentials(creds.key_pem, creds.cert_pem, ca.certificate_pem))
+    save_credentials(state, enroll(other))
+    (state / "ca.crt").write_bytes(ca.certificate_pem)  # changed by hand
 
     with pytest.raises(IdentityError, match=r"agent\.crt is not issued by the CA"):
         load_credentials(state)
@@ -221,7 +219,7 @@ def credentials_valid(start: datetime, end: datetime) -> AgentCredentials:
         .not_valid_after(end)
         .sign(key, hashes.SHA256())
     )
-    return AgentCredentials(key_pem(key), cert_pem(cert), cert_pem(cert))
+    return checked_credentials(key_pem(key), cert_pem(cert), cert_pem(cert))  # the key tool
 
 
 def test_renewal_is_due_once_two_thirds_of_the_lifetime_has_passed() -> None:

@@ -310,7 +310,7 @@ def test_changes_are_audited_with_the_operator(core: Controller) -> None:
 
 
 def test_token_labels_win_over_labels_the_host_reports(core: Controller, tmp_path: Path) -> None:
-    from agent.identity import generate_key, make_csr
+    from agent.keytool import generate_key, make_csr
 
     text, _ = core.enrollment.create_token({"app": "web"}, 3600, 1, actor=OPERATOR)
     core.enrollment.enroll(text, "newhost", make_csr(generate_key(), "newhost"), "newhost")
@@ -364,7 +364,7 @@ def test_host_label_change_recompiles_its_peers(core: Controller) -> None:
 
 
 def test_revoking_an_agent_takes_its_addresses_out_of_its_peers_sets(core: Controller) -> None:
-    from agent.identity import generate_key, make_csr
+    from agent.keytool import generate_key, make_csr
 
     sessions = connect_three(core)
     token, _ = core.enrollment.create_token({}, 600, 1, actor=OPERATOR)
@@ -382,7 +382,7 @@ def test_revoking_an_agent_takes_its_addresses_out_of_its_peers_sets(core: Contr
 def test_an_expired_enrollment_cannot_be_taken_over_with_another_token(tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from agent.identity import generate_key, make_csr
+    from agent.keytool import generate_key, make_csr
     from controller.enrollment import Enrollment
     from controller.pki import CertificateAuthority
     from controller.store.sqlite_store import SqliteStore

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.identity import generate_key, key_pem, make_csr
+from agent.keytool import generate_key, key_pem, make_csr
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 from bulkhead.v1.contract import ruleset_hash
 from controller.core import Controller
