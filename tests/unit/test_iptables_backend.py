@@ -133,7 +133,40 @@ def names_files(tmp_path: Path) -> dict[Family, Path]:
 
 
 def backend(runner: FakeRunner, names_files: dict[Family, Path]) -> IptablesBackend:
-    return IptablesBackend(runner, table_names=names_files)
+    return IptablesBackend(runner, table_names=names_files, ipv6=True)
+
+
+def test_a_host_without_ipv6_gets_ipv4_rules_only(names_files: dict[Family, Path]) -> None:
+    # Booted with ipv6.disable=1, ip6tables cannot open its tables: every apply would fail.
+    runner = FakeRunner({4: EMPTY, 6: EMPTY})
+    ipv4_only = IptablesBackend(runner, table_names=names_files, ipv6=False)
+    ipv4_only.apply(RULESET, BASELINE)
+    ipv4_only.is_present()
+    ipv4_only.state_fingerprint()
+    ipv4_only.remove()
+    assert not [c for c in runner.commands() if c.startswith("ip6tables")]
+    assert "iptables-legacy-restore -w 10 --noflush" in runner.commands()
+    first_restore = next(
+        stdin for argv, stdin in runner.calls if list(argv) == ["ipset", "restore"]
+    )
+    assert "create bh6-" in (first_restore or ""), "IPv6 sets stay, as deltas expect them"
+
+
+def test_ipv6_is_detected_from_the_socket_family(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import socket
+
+    from agent.dataplane.iptables.backend import ipv6_available
+
+    assert ipv6_available()  # this machine has IPv6
+
+    def no_ipv6(family: int, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        raise AssertionError("only AF_INET6 is probed")
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    assert not ipv6_available()
 
 
 def test_apply_fills_sets_then_commits_each_family_then_cleans_up(

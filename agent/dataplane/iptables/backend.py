@@ -32,7 +32,9 @@ Rules go through iptables-legacy-restore rather than python-iptables: with iptab
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -56,6 +58,17 @@ from bulkhead.v1 import agent_pb2, ruleset_pb2
 log = logging.getLogger(__name__)
 
 
+def ipv6_available() -> bool:
+    """Whether this host has an IPv6 stack (not booted with ipv6.disable=1)."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()
+    except OSError as exc:
+        if exc.errno == errno.EAFNOSUPPORT:
+            return False
+        raise
+    return True
+
+
 class IptablesBackend:
     """The Backend for legacy iptables; `apply` is the only writer of our chains and sets."""
 
@@ -63,12 +76,22 @@ class IptablesBackend:
         self,
         runner: CommandRunner | None = None,
         table_names: Mapping[Family, Path] | None = None,
+        *,
+        ipv6: bool | None = None,
     ) -> None:
         runner = runner or SubprocessRunner()
         names = table_names or {}
         self._runner = runner
         self._ipsets = Ipsets(runner)
-        self._tables = [LegacyTables(family, runner, names.get(family)) for family in FAMILIES]
+        if ipv6 is None:
+            ipv6 = ipv6_available()
+        if not ipv6:
+            # Booted with ipv6.disable=1: ip6tables cannot even open its tables, and there
+            # is no IPv6 traffic to filter. The IPv6 sets stay (ipset needs no IPv6 stack),
+            # so policies and deltas are handled alike.
+            log.warning("this host has no IPv6 stack: only IPv4 rules are loaded")
+        families: tuple[Family, ...] = FAMILIES if ipv6 else (4,)
+        self._tables = [LegacyTables(family, runner, names.get(family)) for family in families]
         # What the last apply loaded (None after a failed one), for element updates.
         self._loaded: LoadedSets | None = None
 
