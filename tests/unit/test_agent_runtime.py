@@ -314,6 +314,23 @@ def test_commit_confirm_rolls_back_a_ruleset_that_cuts_off_the_controller(tmp_pa
     assert saved.revision == 7
 
 
+def test_the_commit_confirm_probe_is_reset_not_left_in_time_wait() -> None:
+    # A FIN close would leave a TIME_WAIT socket and conntrack entry for 2 minutes per
+    # apply, which every later conntrack cut reads and judges.
+    import socket
+
+    from agent.confirm import controller_reachable
+    from agent.dataplane.baseline import Endpoint
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert controller_reachable([Endpoint("127.0.0.1", server.getsockname()[1])], within=1.0)
+        accepted, _ = server.accept()
+        with accepted, pytest.raises(ConnectionResetError):
+            accepted.recv(1)
+
+
 def test_controller_reachable_needs_a_new_connection(tmp_path: Path) -> None:
     import socket
 
