@@ -19,8 +19,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent.observe import netlink
-from agent.observe.netlink import MalformedMessage
+from agent import netlink
+from agent.netlink import MalformedMessage
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0

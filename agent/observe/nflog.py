@@ -17,8 +17,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent.observe import netlink
-from agent.observe.netlink import MalformedMessage
+from agent import netlink
+from agent.netlink import MalformedMessage
 
 DEFAULT_GROUP = 1001  # the group both dataplanes log to
 DEFAULT_COPY_RANGE = 96  # IPv6 header (40) + a few extension bytes + TCP header (20..60)
