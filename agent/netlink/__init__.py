@@ -269,6 +269,16 @@ def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
     return found
 
 
+def nfnl_attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The attributes of the nfnetlink message whose payload is START to END, by type.
+
+    Raises MalformedMessage if it has no nfgenmsg or an attribute overruns END.
+    """
+    if end - start < NFGEN_HEADER.size:
+        raise MalformedMessage("no nfgenmsg header")
+    return attributes(data, start + NFGEN_HEADER.size, end)
+
+
 def find_attribute(data: bytes, start: int, end: int, kind: int) -> bytes | None:
     """The first attribute of type KIND between START and END, None if there is none.
 

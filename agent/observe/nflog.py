@@ -143,9 +143,7 @@ def decode_packets(data: bytes, timestamp: float) -> tuple[list[PacketEvent], in
 
 
 def _decode_packet(data: bytes, start: int, end: int, timestamp: float) -> PacketEvent:
-    if end - start < netlink.NFGEN_HEADER.size:
-        raise MalformedMessage("no nfgenmsg header")
-    found = netlink.attributes(data, start + netlink.NFGEN_HEADER.size, end)
+    found = netlink.nfnl_attributes(data, start, end)
     payload = found.get(NFULA_PAYLOAD)
     if payload is None:
         raise MalformedMessage("packet message without payload")
