@@ -58,9 +58,9 @@ from typing import Any, NoReturn
 
 import psutil  # type: ignore[import-untyped]
 
+from agent.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HEADER
 from agent.observe.inetdiag import dump_request
 from agent.observe.model import Direction
-from agent.observe.netlink import NLMSG_DONE, NLMSG_ERROR, NLMSG_HEADER
 from agent.observe.snapshot import SocketSnapshotter
 from agent.observe.sockdiag import RECV_SIZE, SOURCE_SOCK_DIAG, SockDiagReader, open_sock_diag
 from agent.observe.sockets import TABLES, SocketTableReader

@@ -3,7 +3,7 @@
 Modules: ``baseline`` (mode, failsafe ports, controller endpoints), ``model`` (the
 checked ruleset), ``nftables`` (renderer and backend), ``libnftables`` (ctypes binding),
 ``evaluate`` (would the policy allow a flow), ``conntrack`` (cut flows no longer
-allowed; imports pyroute2, so it is not re-exported here), ``apply_cli`` (drive a
+allowed; opens netlink sockets, so it is not re-exported here), ``apply_cli`` (drive a
 backend inside a network namespace).
 """
 

@@ -15,25 +15,15 @@ the default 2: "when someone listens", for connections created after the listene
 
 from __future__ import annotations
 
-import socket
-import struct
 from dataclasses import dataclass
 
-from agent.observe import netlink
-from agent.observe.netlink import MalformedMessage
+from agent import netlink
+from agent.netlink import MalformedMessage
+from agent.netlink.ctnetlink import CTA_TUPLE_ORIG, NEW_TYPE, decode_tuple
 
-NFNL_SUBSYS_CTNETLINK = 1
-IPCTNL_MSG_CT_NEW = 0
 NFNLGRP_CONNTRACK_NEW = 1
-CTA_TUPLE_ORIG = 1
-CTA_TUPLE_IP = 1
-CTA_TUPLE_PROTO = 2
-CTA_IP_V4_SRC, CTA_IP_V4_DST, CTA_IP_V6_SRC, CTA_IP_V6_DST = 1, 2, 3, 4
-CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTO_DST_PORT = 1, 2, 3
 MAX_DATAGRAMS_PER_READ = 1024
 
-_NEW_TYPE = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-_BE16 = struct.Struct("!H")
 PROTOCOL_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6"}
 
 
@@ -69,7 +59,7 @@ def decode_conn_events(data: bytes, timestamp: float) -> tuple[list[ConnEvent], 
     malformed = 0
     try:
         for msg_type, _flags, start, end in netlink.messages(data):
-            if msg_type != _NEW_TYPE:
+            if msg_type != NEW_TYPE:
                 continue
             try:
                 events.append(_decode_new(data, start, end, timestamp))
@@ -87,31 +77,13 @@ def _decode_new(data: bytes, start: int, end: int, timestamp: float) -> ConnEven
     orig = netlink.find_attribute(data, start + netlink.NFGEN_HEADER.size, end, CTA_TUPLE_ORIG)
     if orig is None:
         raise MalformedMessage("no original tuple")
-    tuple_ = netlink.attributes(orig, 0, len(orig))
-    ip = tuple_.get(CTA_TUPLE_IP)
-    proto = tuple_.get(CTA_TUPLE_PROTO)
-    if ip is None or proto is None:
-        raise MalformedMessage("tuple without addresses or protocol")
-    addresses = netlink.attributes(ip, 0, len(ip))
-    ports = netlink.attributes(proto, 0, len(proto))
-    if CTA_IP_V4_SRC in addresses:
-        family, af, src, dst = 4, socket.AF_INET, CTA_IP_V4_SRC, CTA_IP_V4_DST
-    else:
-        family, af, src, dst = 6, socket.AF_INET6, CTA_IP_V6_SRC, CTA_IP_V6_DST
-    number = ports.get(CTA_PROTO_NUM)
-    if not number or src not in addresses or dst not in addresses:
-        raise MalformedMessage("tuple without protocol number or an address")
-    sport = ports.get(CTA_PROTO_SRC_PORT)
-    dport = ports.get(CTA_PROTO_DST_PORT)
-    try:
-        return ConnEvent(
-            protocol=PROTOCOL_NAMES.get(number[0]) or str(number[0]),
-            src=socket.inet_ntop(af, addresses[src]),
-            dst=socket.inet_ntop(af, addresses[dst]),
-            sport=_BE16.unpack(sport)[0] if sport else 0,
-            dport=_BE16.unpack(dport)[0] if dport else 0,
-            family=family,
-            timestamp=timestamp,
-        )
-    except (ValueError, struct.error) as exc:  # an address or port of the wrong size
-        raise MalformedMessage(str(exc)) from exc
+    tuple_ = decode_tuple(orig)
+    return ConnEvent(
+        protocol=PROTOCOL_NAMES.get(tuple_.protocol) or str(tuple_.protocol),
+        src=tuple_.src,
+        dst=tuple_.dst,
+        sport=tuple_.sport,
+        dport=tuple_.dport,
+        family=tuple_.family,
+        timestamp=timestamp,
+    )

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from itertools import compress, count, repeat
 from typing import Final, cast
 
-from agent.observe.netlink import (
+from agent.netlink import (
+    NLM_F_DUMP,
     NLM_F_REQUEST,
     NLMSG_DONE,
     NLMSG_ERROR,
@@ -47,7 +48,6 @@ from agent.observe.sockets import (
 )
 
 SOCK_DIAG_BY_FAMILY: Final = 20
-NLM_F_DUMP: Final = 0x300  # NLM_F_ROOT | NLM_F_MATCH
 TCP_TIME_WAIT: Final = 6
 TCP_NEW_SYN_RECV: Final = 12
 # Every state but TIME_WAIT (a timewait socket has no inode, so the /proc reader skips

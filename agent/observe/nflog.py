@@ -17,8 +17,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from agent.observe import netlink
-from agent.observe.netlink import MalformedMessage
+from agent import netlink
+from agent.netlink import MalformedMessage
 
 DEFAULT_GROUP = 1001  # the group both dataplanes log to
 DEFAULT_COPY_RANGE = 96  # IPv6 header (40) + a few extension bytes + TCP header (20..60)
@@ -143,9 +143,7 @@ def decode_packets(data: bytes, timestamp: float) -> tuple[list[PacketEvent], in
 
 
 def _decode_packet(data: bytes, start: int, end: int, timestamp: float) -> PacketEvent:
-    if end - start < netlink.NFGEN_HEADER.size:
-        raise MalformedMessage("no nfgenmsg header")
-    found = netlink.attributes(data, start + netlink.NFGEN_HEADER.size, end)
+    found = netlink.nfnl_attributes(data, start, end)
     payload = found.get(NFULA_PAYLOAD)
     if payload is None:
         raise MalformedMessage("packet message without payload")

@@ -95,8 +95,8 @@ class Observer:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Subscribe to conntrack events and the NFLOG group, as far as this host allows."""
         # Imported here: they open netlink sockets, which unit tests of the rest do not need.
+        from agent.netlink import NetlinkError
         from agent.observe.ctevents import ConntrackListener
-        from agent.observe.netlink import NetlinkError
         from agent.observe.nflog import NflogListener
 
         try:

@@ -21,8 +21,8 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Final, Protocol, cast
 
+from agent.netlink import NetlinkError
 from agent.observe.inetdiag import Key, RecordBuilder, decode_datagram, dump_request
-from agent.observe.netlink import NetlinkError
 from agent.observe.sockets import PROC_NET, TABLES, SocketRecord, SocketTable, SocketTableReader
 
 log = logging.getLogger(__name__)

@@ -89,6 +89,15 @@ for line in sys.stdin:
         print(f"error {exc.errno}", flush=True)
 """
 
+# db's own table (not the agent's): the served connection goes into conntrack zone
+# {zone} in both directions, before conntrack sees its packets.
+ZONE_TABLE = """
+table inet bh_test_zone {{
+  chain raw_pre {{ type filter hook prerouting priority raw; tcp dport 5432 ct zone set {zone}; }}
+  chain raw_out {{ type filter hook output priority raw; tcp sport 5432 ct zone set {zone}; }}
+}}
+"""
+
 
 def case_request(case: str, command: str = "apply") -> dict[str, Any]:
     request: dict[str, Any] = json.loads((GOLDEN / f"{case}.input.json").read_text())
@@ -308,11 +317,15 @@ def test_visibility_mode_lets_denied_ports_through(
     assert counted_packets(db, "input")["would-deny"] >= 1
 
 
+@pytest.mark.parametrize("zone", [0, 5])
 @pytest.mark.parametrize("family", [4, 6])
 def test_cut_closes_a_connection_the_new_policy_no_longer_allows(
-    served: tuple[Namespace, Namespace], family: int
+    served: tuple[Namespace, Namespace], family: int, zone: int
 ) -> None:
+    """In conntrack zone 0, and in another zone: an entry is named by tuple and zone."""
     web, db = served
+    if zone:
+        db.run(["nft", "-f", "-"], stdin=ZONE_TABLE.format(zone=zone))
     assert dataplane(db, case_request("web_db")) == {"ok": True}
     client = web.popen([PYTHON, "-c", ECHO_CLIENT, DB[family], "5432"])
     assert client.stdin is not None

@@ -1,5 +1,6 @@
-"""What an agent keeps out of memory: prometheus_client unless `metrics_listen` is set, and
-cryptography always (agent/keytool.py runs it in a child process).
+"""What an agent keeps out of memory: prometheus_client unless `metrics_listen` is set,
+cryptography always (agent/keytool.py runs it in a child process), and pyroute2 always
+(agent/netlink/ speaks the few netlink messages the agent needs).
 
 Module checks run in a fresh interpreter: this one has both loaded already."""
 
@@ -21,8 +22,9 @@ from controller.pki import CertificateAuthority, cert_pem
 from tests.pki_support import issued_credentials, with_enrollment_server
 
 # argv[1]: a config. The steps of `run` that need neither root nor a kernel firewall:
-# settings, baseline, metrics, credentials (as at start), the controller link, metrics
-# wiring. Prints whether there are metrics and whether prometheus_client got loaded.
+# settings, baseline, metrics, credentials (as at start), the host's addresses, the
+# controller link, metrics wiring. Prints whether there are metrics and which of the
+# libraries the agent keeps out got loaded.
 IDLE_CODE = """
 import asyncio, json, sys
 from pathlib import Path
@@ -33,6 +35,7 @@ config, settings = host_settings(Path(sys.argv[1]))
 agent.main.build_baseline(config, settings.mode)
 metrics = agent.main.open_metrics(config)
 asyncio.run(agent.main.obtain_credentials(config))
+agent.main.discover_addresses()
 link = ControllerLink(
     config.controller, agent_id=config.agent_id, state_dir=config.state_dir, enforcer=None,
     make_hello=None, discover=list, heartbeat_interval=config.heartbeat_interval,
@@ -41,6 +44,7 @@ link = ControllerLink(
 agent.main._start_observing(None, asyncio.new_event_loop(), config, metrics, link)
 seen = {"metrics": metrics is not None, "prometheus": "prometheus_client" in sys.modules}
 seen["cryptography"] = "cryptography" in sys.modules
+seen["pyroute2"] = "pyroute2" in sys.modules
 print(json.dumps(seen))
 """
 
@@ -154,7 +158,16 @@ def test_an_idle_agent_without_metrics_does_not_load_prometheus_client(
 ) -> None:
     seen = idle_agent(config_file(tmp_path, state))
 
-    assert seen == {"metrics": False, "prometheus": False, "cryptography": False}
+    assert seen == {
+        "metrics": False, "prometheus": False, "cryptography": False, "pyroute2": False
+    }  # fmt: skip
+
+
+def test_an_agent_does_not_load_pyroute2(state: Path, tmp_path: Path) -> None:
+    # Its package imports every module of it (about 9 MB), for two dumps and a delete.
+    seen = idle_agent(config_file(tmp_path, state))
+
+    assert seen["pyroute2"] is False
 
 
 def test_an_agent_on_a_state_dir_of_the_previous_release_does_not_load_cryptography(
@@ -221,7 +234,7 @@ def renewing_agent(config: Path, ca: CertificateAuthority) -> dict[str, object]:
 def test_with_metrics_configured_prometheus_client_is_loaded(state: Path, tmp_path: Path) -> None:
     seen = idle_agent(config_file(tmp_path, state, f"127.0.0.1:{free_port()}"))
 
-    assert seen == {"metrics": True, "prometheus": True, "cryptography": False}
+    assert seen == {"metrics": True, "prometheus": True, "cryptography": False, "pyroute2": False}
 
 
 def test_configured_metrics_are_served_with_the_apply_histogram(

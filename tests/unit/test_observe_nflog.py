@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.observe import netlink
+from agent import netlink
 from agent.observe.ctevents import ConnEvent, decode_conn_events
 from agent.observe.nflog import NflogListener, PacketEvent, decode_packets
 

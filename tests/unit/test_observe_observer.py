@@ -178,7 +178,8 @@ def test_orientation_of_events() -> None:
 def test_a_taken_nflog_group_or_missing_conntrack_leaves_the_agent_running(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from agent.observe import ctevents, netlink, nflog
+    from agent import netlink
+    from agent.observe import ctevents, nflog
 
     def taken(*_: object, **__: object) -> None:
         raise netlink.NetlinkError("binding NFLOG group 1001 (is another logger on it?)", 1)

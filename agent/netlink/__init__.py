@@ -1,10 +1,15 @@
-"""Low-level nfnetlink plumbing shared by the kernel event listeners.
+"""The agent's own netlink plumbing, shared by its kernel event listeners and dumps.
 
-Only what a listener needs: a non-blocking NETLINK_NETFILTER socket, building a request,
-waiting for its acknowledgement, draining datagrams, and splitting datagrams into
-messages and attributes. Layouts are those of <linux/netlink.h> and
+pyroute2 would do all of this, but importing any of it imports the whole package (about
+9 MB of a long-running agent's memory), for a few message types. Here: a non-blocking
+netlink socket, building messages and (nested) attributes, a request waiting for its
+acknowledgement, a dump read to its end, draining event datagrams, and splitting
+datagrams into messages and attributes. Layouts are those of <linux/netlink.h> and
 <linux/netfilter/nfnetlink.h>: netlink headers are in host byte order, the nfgenmsg
 res_id field and most netfilter attribute values in network byte order.
+
+Modules of the package decode and encode one family's messages: ``ctnetlink``
+(conntrack entries), ``rtnetlink`` (interface addresses).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Generic, Protocol, Self, TypeVar
 
 _Event = TypeVar("_Event")
 
+NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 SO_RCVBUFFORCE = 33  # needs CAP_NET_ADMIN; SO_RCVBUF is capped by net.core.rmem_max
@@ -35,6 +41,8 @@ NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 NFNETLINK_V0 = 0
 
@@ -43,6 +51,7 @@ HEADERS_SIZE = NLMSG_HEADER.size + NFGEN_HEADER.size
 RECV_SIZE = 1 << 16
 DEFAULT_RCVBUF = 4 << 20
 ACK_TIMEOUT = 5.0
+DUMP_TIMEOUT = 10.0  # a dump is answered as fast as we read it: this only bounds a hang
 
 
 class NetlinkError(Exception):
@@ -64,13 +73,16 @@ class MalformedMessage(ValueError):
     """A datagram whose netlink framing is broken; the rest of it cannot be trusted."""
 
 
-def open_socket(groups: int = 0, rcvbuf: int = DEFAULT_RCVBUF) -> socket.socket:
-    """A non-blocking NETLINK_NETFILTER socket joined to the multicast GROUPS bitmask."""
-    sock = socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
-    )
+def open_socket(
+    groups: int = 0, rcvbuf: int = DEFAULT_RCVBUF, protocol: int = NETLINK_NETFILTER
+) -> socket.socket:
+    """A non-blocking netlink socket of PROTOCOL joined to the multicast GROUPS bitmask.
+
+    RCVBUF 0 keeps the kernel's default receive buffer (enough for requests and dumps)."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
     try:
-        _grow_receive_buffer(sock, rcvbuf)
+        if rcvbuf:
+            _grow_receive_buffer(sock, rcvbuf)
         sock.bind((0, groups))
         sock.setblocking(False)
     except BaseException:
@@ -96,13 +108,25 @@ def attribute(kind: int, value: bytes) -> bytes:
     return NLA_HEADER.pack(length, kind) + value + b"\0" * (-length % 4)
 
 
+def nested(kind: int, *children: bytes) -> bytes:
+    """One attribute holding the (already padded) attributes CHILDREN."""
+    return attribute(kind | NLA_F_NESTED, b"".join(children))
+
+
+def message(msg_type: int, *, flags: int, sequence: int, payload: bytes) -> bytes:
+    """One netlink message: nlmsghdr, then PAYLOAD (a family header and its attributes).
+
+    The port id is 0: the kernel fills in the sender's."""
+    header = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(payload), msg_type, flags, sequence, 0)
+    return header + payload
+
+
 def nfnl_message(
     msg_type: int, *, flags: int, sequence: int, family: int, res_id: int, attributes: bytes
 ) -> bytes:
     """One nfnetlink message: nlmsghdr, nfgenmsg, then the (already padded) attributes."""
-    length = HEADERS_SIZE + len(attributes)
-    header = NLMSG_HEADER.pack(length, msg_type, flags, sequence, 0)
-    return header + NFGEN_HEADER.pack(family, NFNETLINK_V0, res_id) + attributes
+    payload = NFGEN_HEADER.pack(family, NFNETLINK_V0, res_id) + attributes
+    return message(msg_type, flags=flags, sequence=sequence, payload=payload)
 
 
 def request(
@@ -118,17 +142,7 @@ def request(
     early: list[bytes] = []
     deadline = time.monotonic() + timeout
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
-            raise NetlinkError(what, 0)
-        try:
-            data = sock.recv(RECV_SIZE)
-        except BlockingIOError:
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ENOBUFS:
-                continue
-            raise
+        data = _receive(sock, deadline, what)
         code = _ack_code(data, sequence)
         if code is None:
             early.append(data)
@@ -136,6 +150,52 @@ def request(
             raise NetlinkError(what, -code)
         else:
             return early
+
+
+def dump(
+    sock: socket.socket, message: bytes, what: str, timeout: float = DUMP_TIMEOUT
+) -> Iterator[tuple[bytes, int, int, int]]:
+    """Send a dump request (NLM_F_DUMP) and yield each message of the answer, to its end.
+
+    Yields (datagram, type, payload start, payload end). Raises NetlinkError naming
+    WHAT if the kernel refuses the dump or ends it with an error, MalformedMessage if
+    the framing of an answer is broken. Messages of another sequence (an answer to an
+    abandoned request) are skipped. NLM_F_DUMP_INTR (the table changed during the
+    dump) is not an error: what was read is still every entry that stayed, and callers
+    read again soon.
+    """
+    sequence = NLMSG_HEADER.unpack_from(message)[3]
+    sock.send(message)
+    deadline = time.monotonic() + timeout
+    while True:
+        data = _receive(sock, deadline, what)
+        for msg_type, _flags, start, end in messages(data):
+            if NLMSG_HEADER.unpack_from(data, start - NLMSG_HEADER.size)[3] != sequence:
+                continue
+            if msg_type in (NLMSG_DONE, NLMSG_ERROR):
+                # Both carry an int: 0 for a complete dump, else the negative errno.
+                code = NLMSG_ERROR_CODE.unpack_from(data, start)[0] if end - start >= 4 else 0
+                if code:
+                    raise NetlinkError(what, -code)
+                return
+            yield data, msg_type, start, end
+
+
+def _receive(sock: socket.socket, deadline: float, what: str) -> bytes:
+    """The next datagram on the non-blocking SOCK; NetlinkError naming WHAT at DEADLINE."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            raise NetlinkError(what, 0)
+        try:
+            return sock.recv(RECV_SIZE)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            # An overrun flags the socket once; a dump's and an ack's messages still come.
+            if exc.errno == errno.ENOBUFS:
+                continue
+            raise
 
 
 def _ack_code(data: bytes, sequence: int) -> int | None:
@@ -207,6 +267,16 @@ def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
         found[kind & NLA_TYPE_MASK] = data[offset + NLA_HEADER.size : offset + length]
         offset += (length + 3) & ~3
     return found
+
+
+def nfnl_attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """The attributes of the nfnetlink message whose payload is START to END, by type.
+
+    Raises MalformedMessage if it has no nfgenmsg or an attribute overruns END.
+    """
+    if end - start < NFGEN_HEADER.size:
+        raise MalformedMessage("no nfgenmsg header")
+    return attributes(data, start + NFGEN_HEADER.size, end)
 
 
 def find_attribute(data: bytes, start: int, end: int, kind: int) -> bytes | None:
