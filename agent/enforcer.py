@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from bulkhead.v1.contract import DeltaError, delta_result, ruleset_hash
 
 log = logging.getLogger(__name__)
 
+VERIFY_AFTER_S = 5.0  # quiet after the last quick cut before the thorough one runs
+VERIFY_WITHIN_S = 30.0  # ... or this long after the first unverified quick cut
+
 FlowCutter = Callable[[ruleset_pb2.Ruleset, Baseline, Sequence[str]], int]
 
 
@@ -31,12 +35,22 @@ class Enforcer:
         state_dir: Path,
         *,
         cut_flows: FlowCutter = cut_disallowed,
+        verify_flows: FlowCutter | None = None,
         confirm: Callable[[], bool] = lambda: True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """VERIFY_FLOWS: a thorough cut (a full conntrack dump) run once the cuts by the
+        quicker CUT_FLOWS (from a mirror that could miss an entry) have settled; see
+        verify_cut."""
         self._backend = backend
         self._baseline = baseline
         self._state_dir = state_dir
         self._cut_flows = cut_flows
+        self._verify_flows = verify_flows
+        self._clock = clock
+        # The quick cuts not verified yet: when the first and the last of them happened,
+        # and the host's addresses at the last.
+        self._unverified: tuple[float, float, tuple[str, ...]] | None = None
         # Commit-confirm: can the agent still reach its controller after an apply?
         self._confirm = confirm
         self.current: AppliedSnapshot | None = None
@@ -131,6 +145,10 @@ class Enforcer:
         if due is None:
             return 0
         ruleset, local_addresses = due
+        if self._verify_flows is not None:
+            now = self._clock()
+            first = self._unverified[0] if self._unverified else now
+            self._unverified = (first, now, local_addresses)
         try:
             count = self._cut_flows(ruleset, self._baseline, local_addresses)
         except Exception:
@@ -139,6 +157,33 @@ class Enforcer:
             return 0
         if count:
             log.info("cut %d connection(s) no longer allowed", count)
+        return count
+
+    def verification_due(self) -> bool:
+        """Whether the quick cuts have settled (none for VERIFY_AFTER_S, or the first
+        VERIFY_WITHIN_S ago) and a thorough one should check them."""
+        if self._unverified is None:
+            return False
+        first, last, _ = self._unverified
+        now = self._clock()
+        return now - last >= VERIFY_AFTER_S or now - first >= VERIFY_WITHIN_S
+
+    def verify_cut(self) -> int:
+        """Cut, from a full dump, what the last quick cuts missed; how many. Anything
+        found means the quick cut's source missed an entry: logged as a warning."""
+        unverified, self._unverified = self._unverified, None
+        if self._verify_flows is None or unverified is None or self.current is None:
+            return 0
+        if self._baseline.mode is not Mode.ENFORCE:
+            return 0
+        try:
+            # Against the ruleset in force now, like every cut.
+            count = self._verify_flows(self.current.ruleset, self._baseline, unverified[2])
+        except Exception:
+            log.exception("could not verify the cut of connections no longer allowed")
+            return 0
+        if count:
+            log.warning("verification cut %d connection(s) the quick cut had missed", count)
         return count
 
     def apply_delta(

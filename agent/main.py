@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,8 @@ from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, 
 from agent.confirm import controller_reachable
 from agent.dataplane.backend import Backend, DataplaneError
 from agent.dataplane.baseline import Baseline, Endpoint, Mode
+from agent.dataplane.conntrack import cut_disallowed
+from agent.dataplane.conntrack_mirror import ConntrackMirror
 from agent.dataplane.nftables import render
 from agent.dataplane.select import choose_backend, detect_iptables_flavour, make_backend
 from agent.enforcer import Enforcer
@@ -38,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("bulkhead.agent")
 
 AGENT_VERSION = "0.1.0"
+VERIFY_POLL_S = 1.0  # how often the agent asks whether the quick cuts are due a check
 # Set by the lab and the tests: refuse to program the machine's own network namespace.
 REQUIRE_NETNS_ENV = "BULKHEAD_REQUIRE_NETNS"
 
@@ -159,6 +163,24 @@ def _open_backend(config: AgentConfig, metrics: AgentMetrics | None) -> tuple[st
     return dataplane, backend if metrics is None else metrics.timed(backend)
 
 
+def _make_enforcer(
+    config: AgentConfig, backend: Backend, baseline: Baseline
+) -> tuple[Enforcer, ConntrackMirror]:
+    """The enforcer, cutting connections quickly from a mirror of conntrack, checked by a
+    full dump once the cuts settle (agent/dataplane/conntrack_mirror.py)."""
+    main_endpoint = (Endpoint(*split_host_port(config.controller)),)
+    mirror = ConntrackMirror()
+    enforcer = Enforcer(
+        backend,
+        baseline,
+        config.state_dir,
+        cut_flows=functools.partial(cut_disallowed, mirror=mirror),
+        verify_flows=cut_disallowed,
+        confirm=lambda: controller_reachable(main_endpoint, config.commit_confirm_seconds),
+    )
+    return enforcer, mirror
+
+
 async def run_agent(config: AgentConfig, config_path: Path) -> None:
     _refuse_outside_netns()
     try:
@@ -170,13 +192,7 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     dataplane, backend = _open_backend(config, metrics)
     # Tamper guard: every apply goes through guard.backend, so it knows what to repair to.
     guard = TamperGuard.for_dataplane(dataplane, backend)
-    main_endpoint = (Endpoint(*split_host_port(config.controller)),)
-    enforcer = Enforcer(
-        guard.backend,
-        baseline,
-        config.state_dir,
-        confirm=lambda: controller_reachable(main_endpoint, config.commit_confirm_seconds),
-    )
+    enforcer, mirror = _make_enforcer(config, guard.backend, baseline)
     try:
         enforcer.restore()
     except DataplaneError as exc:
@@ -233,6 +249,7 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
 
     guard.report_to(link.report_tamper)  # tamper guard: report from now on
     task = asyncio.create_task(link.run_forever())
+    verifying = asyncio.create_task(_verify_cuts(enforcer))
     reload = asyncio.create_task(watch_settings(config_path, settings, apply_settings))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -246,11 +263,19 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
     sdnotify.stopping()
     if watchdog is not None:
         watchdog.cancel()
-    task.cancel()
-    reload.cancel()
-    guarding.cancel()  # tamper guard; the rules stay
-    if observing is not None:
-        observing.cancel()
+    # The tamper guard too: the rules stay.
+    for running in (task, reload, verifying, guarding, observing):
+        if running is not None:
+            running.cancel()
+    mirror.close()
+
+
+async def _verify_cuts(enforcer: Enforcer) -> None:
+    """Check the quick conntrack cuts with a full dump once they have settled."""
+    while True:
+        await asyncio.sleep(VERIFY_POLL_S)
+        if enforcer.verification_due():
+            await asyncio.to_thread(enforcer.verify_cut)
 
 
 def _start_observing(

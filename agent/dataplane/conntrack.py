@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from agent import netlink
 from agent.dataplane.backend import DataplaneError
@@ -24,19 +25,25 @@ from agent.dataplane.evaluate import Flow, PolicyEvaluator
 from agent.netlink import ctnetlink
 from bulkhead.v1 import ruleset_pb2
 
+if TYPE_CHECKING:
+    from agent.dataplane.conntrack_mirror import ConntrackMirror
+
 
 def cut_disallowed(
     ruleset: ruleset_pb2.Ruleset,
     baseline: Baseline,
     local_addresses: Collection[str],
+    *,
+    mirror: ConntrackMirror | None = None,
 ) -> int:
     """Delete the conntrack entries of flows the policy no longer allows; return how many.
 
-    Works on the conntrack table of the calling process's network namespace, every zone.
+    Works on the conntrack table of the calling process's network namespace, every zone:
+    read from MIRROR (agent/dataplane/conntrack_mirror.py) if given, else dumped.
     """
     try:
         with netlink.open_socket(rcvbuf=0) as sock:
-            entries = dump_entries(sock)
+            entries = mirror.entries() if mirror is not None else dump_entries(sock)
             if not entries:
                 return 0
             evaluator = PolicyEvaluator(ruleset, baseline)

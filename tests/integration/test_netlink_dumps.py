@@ -212,3 +212,68 @@ def test_conntrack_dump_matches_pyroute2(linked: tuple[Namespace, Namespace]) ->
         assert (family, 17, ZONED_PORT, ZONE) in kinds
     assert (4, 1, None, 0) in kinds
     assert (6, 58, None, 0) in kinds
+
+
+# In the server namespace: a ConntrackMirror read once (its one dump) before the client's
+# traffic, then again after it; compared with a dump each time, then again after every
+# entry is deleted. Prints one JSON line per step; waits for a line on stdin between.
+MIRROR = """
+import json, sys
+from agent import netlink
+from agent.dataplane.conntrack import dump_entries
+from agent.dataplane.conntrack_mirror import ConntrackMirror
+from agent.netlink import ctnetlink
+def dumped():
+    with netlink.open_socket(rcvbuf=0) as sock:
+        return set(dump_entries(sock))
+def report(step, seen):
+    truth = dumped()
+    print(json.dumps({"step": step, "same": seen == truth, "entries": len(truth),
+                      "zones": sorted({e.zone for e in truth}), "dumps": mirror.dumps}), flush=True)
+mirror = ConntrackMirror()
+report("before", mirror.entries())
+sys.stdin.readline()
+report("traffic", mirror.entries())
+with netlink.open_socket(rcvbuf=0) as sock:
+    for number, entry in enumerate(dumped(), start=1):
+        netlink.request(sock, ctnetlink.delete_request(entry, number), "delete")
+report("deleted", mirror.entries())
+mirror.close()
+"""
+
+
+def test_the_conntrack_mirror_follows_the_kernel_from_events_after_one_dump(
+    linked: tuple[Namespace, Namespace],
+) -> None:
+    client, server = linked
+    server.run(["nft", "-f", "-"], stdin=ZONE_TABLE)
+    listener = server.popen([PYTHON, "-c", SERVER_CODE])
+    mirror = server.popen([PYTHON, "-c", MIRROR])
+    talker = None
+    try:
+        assert listener.stdout is not None
+        assert mirror.stdin is not None
+        assert mirror.stdout is not None
+        assert listener.stdout.readline().strip() == "ready"
+        before = json.loads(mirror.stdout.readline())
+        talker = client.popen([PYTHON, "-c", CLIENT_CODE])
+        assert talker.stdout is not None
+        assert talker.stdout.readline().strip() == "ready", talker.communicate(timeout=10)[1]
+        mirror.stdin.write("go\n")
+        mirror.stdin.flush()
+        traffic = json.loads(mirror.stdout.readline())
+        deleted = json.loads(mirror.stdout.readline())
+    finally:
+        for process in (talker, mirror, listener):
+            if process is not None:
+                process.kill()
+                process.wait(timeout=10)
+
+    assert before == {"step": "before", "same": True, "entries": 0, "zones": [], "dumps": 1}
+    # TCP, two UDP and ICMP per family: new entries reach the copy as events, no dump.
+    assert traffic["same"], traffic
+    assert traffic["entries"] >= 8
+    assert traffic["zones"] == [0, ZONE]
+    assert traffic["dumps"] == 1
+    # Deleted entries leave it as destroy events.
+    assert deleted == {"step": "deleted", "same": True, "entries": 0, "zones": [], "dumps": 1}

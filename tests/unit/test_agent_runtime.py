@@ -215,6 +215,54 @@ def test_apply_acks_persists_and_cuts_after_the_ack(tmp_path: Path) -> None:
     assert backend.applies == 1
 
 
+def test_quick_cuts_are_verified_by_a_thorough_one_once_they_settle(tmp_path: Path) -> None:
+    now = [100.0]
+    quick, thorough = Cuts(), Cuts()
+    enforcer = Enforcer(
+        RecordingBackend(), ENFORCE, tmp_path, cut_flows=quick, verify_flows=thorough,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    assert not enforcer.verification_due()
+    for revision in (7, 8):  # a burst: the check waits until it is over
+        newer = snapshot(revision)
+        newer.ruleset.rules[0].ports[0].first = newer.ruleset.rules[0].ports[0].last = revision
+        newer.hash = ruleset_hash(newer.ruleset)
+        assert enforcer.apply(newer, ["198.18.0.11"]).ok
+        enforcer.cut_pending()
+        now[0] += 4.0
+        assert not enforcer.verification_due()
+    now[0] += 1.0  # 5 s after the last quick cut
+    assert enforcer.verification_due()
+    enforcer.verify_cut()
+    assert quick.calls == 2
+    assert thorough.judged_by == [(newer.ruleset, ("198.18.0.11",))], "the ruleset in force"
+    assert not enforcer.verification_due()
+    assert enforcer.verify_cut() == 0
+    assert thorough.calls == 1
+
+
+def test_quick_cuts_every_few_seconds_are_still_verified_within_30_s(tmp_path: Path) -> None:
+    now = [0.0]
+    enforcer = Enforcer(
+        RecordingBackend(), ENFORCE, tmp_path, cut_flows=Cuts(), verify_flows=Cuts(),
+        clock=lambda: now[0],
+    )  # fmt: skip
+    assert enforcer.apply(snapshot(), []).ok
+    while now[0] < 30.0:
+        assert not enforcer.verification_due()
+        enforcer._cut_due = (sample_ruleset(), ())  # as every apply of a new policy does
+        enforcer.cut_pending()
+        now[0] += 3.0
+    assert enforcer.verification_due()
+
+
+def test_without_a_thorough_cut_nothing_is_verified(tmp_path: Path) -> None:
+    enforcer = Enforcer(RecordingBackend(), ENFORCE, tmp_path, cut_flows=Cuts())
+    assert enforcer.apply(snapshot(), []).ok
+    enforcer.cut_pending()
+    assert not enforcer.verification_due()
+
+
 def test_visibility_mode_cuts_nothing(tmp_path: Path) -> None:
     cuts = Cuts()
     enforcer = Enforcer(
