@@ -145,6 +145,7 @@ def test_agent_runs_from_the_venv_with_only_network_capabilities() -> None:
     assert set(found["CapabilityBoundingSet"][0].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
     assert found["StateDirectory"] == ["bulkhead/agent"]
     assert "AF_NETLINK" in found["RestrictAddressFamilies"][0].split()
+    assert found["Environment"] == ["MALLOC_ARENA_MAX=2"]  # docs/benchmarks.md: idle RSS
 
 
 def test_controller_runs_unprivileged_with_no_capabilities() -> None:
