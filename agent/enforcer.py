@@ -149,12 +149,7 @@ class Enforcer:
             now = self._clock()
             first = self._unverified[0] if self._unverified else now
             self._unverified = (first, now, local_addresses)
-        try:
-            count = self._cut_flows(ruleset, self._baseline, local_addresses)
-        except Exception:
-            # The new rules are in force for new connections either way.
-            log.exception("could not cut connections the new policy no longer allows")
-            return 0
+        count = self._cut(self._cut_flows, ruleset, local_addresses)
         if count:
             log.info("cut %d connection(s) no longer allowed", count)
         return count
@@ -176,15 +171,21 @@ class Enforcer:
             return 0
         if self._baseline.mode is not Mode.ENFORCE:
             return 0
-        try:
-            # Against the ruleset in force now, like every cut.
-            count = self._verify_flows(self.current.ruleset, self._baseline, unverified[2])
-        except Exception:
-            log.exception("could not verify the cut of connections no longer allowed")
-            return 0
+        # Against the ruleset in force now, like every cut.
+        count = self._cut(self._verify_flows, self.current.ruleset, unverified[2])
         if count:
             log.warning("verification cut %d connection(s) the quick cut had missed", count)
         return count
+
+    def _cut(
+        self, cutter: FlowCutter, ruleset: ruleset_pb2.Ruleset, local_addresses: Sequence[str]
+    ) -> int:
+        try:
+            return cutter(ruleset, self._baseline, local_addresses)
+        except Exception:
+            # The new rules are in force for new connections either way.
+            log.exception("could not cut connections the new policy no longer allows")
+            return 0
 
     def apply_delta(
         self, delta: agent_pb2.PolicyDelta, local_addresses: Sequence[str]
