@@ -175,7 +175,7 @@ def _make_enforcer(
         baseline,
         config.state_dir,
         cut_flows=functools.partial(cut_disallowed, mirror=mirror),
-        verify_flows=cut_disallowed,
+        verify_flows=mirror.thorough_cut,
         confirm=lambda: controller_reachable(main_endpoint, config.commit_confirm_seconds),
     )
     return enforcer, mirror

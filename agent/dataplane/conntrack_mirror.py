@@ -18,19 +18,26 @@ and deleting it is a harmless "no such entry". A connection the copy misses woul
 its way through a policy change, so the enforcer also runs a full dump shortly after a
 cut made from the mirror (Enforcer.verify_cut).
 
-Not thread-safe: one thread at a time reads it (the enforcer's cut).
+The mirror follows events only during a burst of policy changes: the check that ends a
+burst (thorough_cut) also ends the subscription, and the next cut subscribes and dumps
+again. Between bursts the kernel would otherwise build two messages for every connection
+the host opens, for nobody to read (measured: +2-3% of a core of kernel time at 1,000
+connections a second).
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Final
 
 from agent import netlink
-from agent.dataplane.conntrack import dump_entries
+from agent.dataplane.baseline import Baseline
+from agent.dataplane.conntrack import cut_disallowed, dump_entries
 from agent.netlink import MalformedMessage, ctnetlink
+from bulkhead.v1 import ruleset_pb2
 
 NFNLGRP_CONNTRACK_NEW: Final = 1
 NFNLGRP_CONNTRACK_DESTROY: Final = 3
@@ -63,12 +70,17 @@ class ConntrackMirror:
         self._events: socket.socket | None = None
         self._entries: set[ctnetlink.Entry] | None = None  # None: not vouched for
         self.dumps = 0  # full dumps so far (tests and figures)
+        self._lock = threading.Lock()
 
     def entries(self) -> frozenset[ctnetlink.Entry]:
         """The namespace's entries now, from the events since the last read where the
         copy is sound, else from a dump."""
+        with self._lock:  # the quick cut and the thorough one run in different threads
+            return self._read()
+
+    def _read(self) -> frozenset[ctnetlink.Entry]:
         if not self._events_on():
-            self.close()  # events may come back on; start afresh then
+            self._unsubscribe()  # events may come back on; start afresh then
             return self._dumped()
         if self._events is None:
             self._events = self._subscribe()  # before the dump: no entry falls between
@@ -83,7 +95,19 @@ class ConntrackMirror:
         self._entries = copy
         return frozenset(copy)
 
+    def thorough_cut(
+        self, ruleset: ruleset_pb2.Ruleset, baseline: Baseline, local_addresses: Collection[str]
+    ) -> int:
+        """The full-dump cut that checks the quick ones once a burst has settled; the
+        mirror stops following events until its next read (see above)."""
+        self.close()
+        return cut_disallowed(ruleset, baseline, local_addresses)
+
     def close(self) -> None:
+        with self._lock:
+            self._unsubscribe()
+
+    def _unsubscribe(self) -> None:
         if self._events is not None:
             self._events.close()  # also unsubscribes
         self._events = None

@@ -159,3 +159,29 @@ def test_without_conntrack_events_it_always_dumps(sysctl: Path) -> None:
     assert mirror.entries() == {entry(5)}
     assert mirror.entries() == {entry(5)}
     assert (mirror.dumps, events.closed) == (3, True)
+
+
+def test_the_thorough_cut_ends_the_subscription_until_the_next_burst(
+    sysctl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.dataplane.conntrack_mirror as module
+    from agent.dataplane.baseline import Baseline, Mode
+    from bulkhead.v1 import ruleset_pb2
+
+    thorough: list[object] = []
+
+    def full_dump_cut(*args: object) -> int:
+        thorough.append(args)
+        return 0
+
+    monkeypatch.setattr(module, "cut_disallowed", full_dump_cut)
+    events = Events()
+    kernel = Kernel(events)
+    mirror = mirror_of(events, kernel, sysctl)
+    mirror.entries()
+    mirror.thorough_cut(ruleset_pb2.Ruleset(), Baseline(Mode.ENFORCE), [])
+    # Between bursts the kernel builds no events for it; the next cut starts afresh.
+    assert (len(thorough), events.closed) == (1, True)
+    kernel.table = {entry(6)}
+    assert mirror.entries() == {entry(6)}
+    assert mirror.dumps == 2
