@@ -21,8 +21,7 @@ cut made from the mirror (Enforcer.verify_cut).
 The mirror follows events only during a burst of policy changes: the check that ends a
 burst (thorough_cut) also ends the subscription, and the next cut subscribes and dumps
 again. Between bursts the kernel would otherwise build two messages for every connection
-the host opens, for nobody to read (measured: +2-3% of a core of kernel time at 1,000
-connections a second).
+the host opens, for nobody to read.
 """
 
 from __future__ import annotations
