@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from controller.policy import (
     referenced_iplists,
     resource_to_json,
 )
+from controller.policy.estate import SetVersion
 from controller.policy.names import label_key_problem, label_value_problem
 from controller.sessions import AgentSession, PushCounts
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
@@ -93,6 +95,11 @@ class Controller:
         self._estate: Estate | None = None
         self._revisions: dict[str, int] = {}
         self._desired: dict[str, DesiredRuleset] = {}  # built on first use since a change
+        # Agents with the same rules, sets and revision share one DesiredRuleset, so its
+        # hash is computed once per group, not once per agent (kept while one is in use).
+        self._shared: weakref.WeakValueDictionary[
+            tuple[int, bytes, tuple[SetVersion, ...]], DesiredRuleset
+        ] = weakref.WeakValueDictionary()
         self._sessions: dict[str, AgentSession] = {}
         self._closing = False
         self.pushes = PushCounts()  # for metrics
@@ -608,11 +615,14 @@ class Controller:
             estate = self._estate
             if estate is None or agent_id not in estate:
                 return DesiredRuleset.from_ruleset(0, ruleset_pb2.Ruleset())
-            found = DesiredRuleset(
-                self._revisions.get(agent_id, 0),
-                estate.skeleton(agent_id),
-                estate.versions(agent_id),
-            )
+            revision = self._revisions.get(agent_id, 0)
+            skeleton = estate.skeleton(agent_id)
+            versions = estate.versions(agent_id)
+            key = (revision, skeleton.digest, versions)
+            found = self._shared.get(key)
+            if found is None:
+                found = DesiredRuleset(revision, skeleton, versions)
+                self._shared[key] = found
             self._desired[agent_id] = found
         return found
 

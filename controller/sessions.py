@@ -67,7 +67,10 @@ class AgentSession:
         self._pending_since: float | None = None
         self._unacked: deque[tuple[float, DesiredRuleset]] = deque()
         self._queued: deque[agent_pb2.ControllerMessage] = deque(maxlen=MAX_QUEUED)
-        self._wakeup = asyncio.Event()
+        # A bare future rather than asyncio.Event: Event.wait() looks up the running loop,
+        # which on Python 3.11 is a getpid() system call, ten thousand times per change.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         # Why the agent's side of the stream was rejected, reported when it ends.
         self.failure: ControllerError | None = None
@@ -97,7 +100,7 @@ class AgentSession:
         if self._pending is None:
             self._pending_since = self._clock()
         self._pending = pending
-        self._wakeup.set()
+        self._wake()
 
     def forget_base(self) -> None:
         """The agent does not hold what was sent (it refused it): snapshots from now on."""
@@ -106,11 +109,16 @@ class AgentSession:
     def send(self, message: agent_pb2.ControllerMessage) -> None:
         """Queue a message that must be delivered as such."""
         self._queued.append(message)
-        self._wakeup.set()
+        self._wake()
 
     def close(self) -> None:
         self.closed = True
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def take(self) -> agent_pb2.ControllerMessage | None:
         """The next message if one is waiting, without blocking."""
@@ -132,8 +140,11 @@ class AgentSession:
             message = self.take()
             if message is not None:
                 return message
-            self._wakeup.clear()
-            await self._wakeup.wait()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            # No await since take(): nothing offered in between can be missed.
+            self._waiter = self._loop.create_future()
+            await self._waiter
         return None
 
     def _state_message(self, state: DesiredRuleset) -> agent_pb2.ControllerMessage | None:

@@ -181,6 +181,9 @@ class Estate:
         self._memberships: dict[str, frozenset[str]] = {}  # agent id -> list keys
         self._skeletons: dict[str, Skeleton] = {}
         self._interned: dict[tuple[int, ...], Skeleton] = {(): EMPTY_SKELETON}
+        # Every agent with the same rules uses the same set versions: looked up once per
+        # skeleton (by digest) until some set changes, not once per agent sent to.
+        self._versions: dict[bytes, tuple[SetVersion, ...]] = {}
         self._users: dict[str, set[str]] = {name: set() for name in self._by_set}
         added: dict[str, Workload] = {}
         for workload in workloads:
@@ -208,8 +211,14 @@ class Estate:
         return self._by_set[name].build_version()
 
     def versions(self, agent_id: str) -> tuple[SetVersion, ...]:
-        """The current version of each set the agent's rules use, in skeleton order."""
-        return tuple(self.set_version(name) for name in self.skeleton(agent_id).set_names)
+        """The current version of each set the agent's rules use, in skeleton order (the
+        same tuple for every agent with the same rules, until a set changes)."""
+        skeleton = self.skeleton(agent_id)
+        found = self._versions.get(skeleton.digest)
+        if found is None:
+            found = tuple(self.set_version(name) for name in skeleton.set_names)
+            self._versions[skeleton.digest] = found
+        return found
 
     def hash(self, agent_id: str) -> str:
         """contract.ruleset_hash of the agent's ruleset, from its parts."""
@@ -238,6 +247,8 @@ class Estate:
             self._move(agent_id, workload, hosts_changed)
         changed_sets = hosts_changed.changed(self._lists)
         result: set[str] = set()
+        if changed_sets:
+            self._versions.clear()
         for peer_list in changed_sets:
             peer_list.version = None
             assert peer_list.set_name is not None

@@ -96,6 +96,9 @@ def test_an_updated_estate_equals_a_fresh_one_and_reports_exactly_who_changed(
     full_before = compile_rulesets(before, [], policies)
     full_after = compile_rulesets(after.values(), [], policies)
     estate = Estate(before, [], policies)
+    # Read first, as a controller sends before the next change: nothing read (set
+    # versions are kept per skeleton) may outlive the change.
+    assert {a: estate.ruleset(a) for a in estate.agent_ids} == full_before
     reported = estate.update(changes)
     assert {a: estate.ruleset(a) for a in estate.agent_ids} == full_after
     fresh = Estate(after.values(), [], policies)
@@ -120,6 +123,22 @@ def test_a_change_reaches_the_other_side_of_the_rules_only() -> None:
     # web's own rules do not hold its own address: only db's set changes.
     assert estate.update({"web": Workload("web", {"app": "web"}, ("198.18.0.9",))}) == {"db"}
     assert estate.update({"other": Workload("other", {"app": "x"}, ("198.18.0.3",))}) == set()
+
+
+def test_agents_with_the_same_rules_share_their_set_versions_until_a_set_changes() -> None:
+    policies = [
+        policy("web-db", [{"from": {"app": "web"}, "to": {"app": "db"}, "ports": ["tcp/1"]}])
+    ]
+    web = Workload("web", {"app": "web"}, ("198.18.0.1",))
+    dbs = [Workload(f"db-{i}", {"app": "db"}, (f"198.18.0.{10 + i}",)) for i in range(2)]
+    estate = Estate([web, *dbs], [], policies)
+    before = estate.versions("db-0")
+    assert estate.versions("db-1") is before  # one lookup for the whole group
+    estate.update({"web-2": Workload("web-2", {"app": "web"}, ("198.18.0.2",))})
+    after = estate.versions("db-1")
+    assert after is not before
+    assert list(after[0].address_set.hosts) == ["198.18.0.1", "198.18.0.2"]
+    assert estate.versions("db-0") is after
 
 
 def test_a_host_held_by_two_members_stays_while_either_does() -> None:

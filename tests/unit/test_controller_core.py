@@ -426,3 +426,50 @@ def test_shutdown_ends_every_stream_with_unavailable_so_agents_reconnect(
         assert isinstance(session.failure, Unavailable)
         assert "shutting down" in str(session.failure)
         assert asyncio.run(session.next_message()) is None
+
+
+def test_agents_with_the_same_rules_share_one_desired_ruleset_per_revision(
+    core: Controller,
+) -> None:
+    core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
+    for name, address in (("db-1", "198.18.0.21"), ("db-2", "198.18.0.22")):
+        core.connect(*for_agent(hello(name, "db", address)))
+    core.connect(*for_agent(hello("web", "web", "198.18.0.10")))
+    first = core.desired("db-1")
+    assert core.desired("db-2") is first  # its hash is computed once for the group
+    assert list(first.ruleset().sets[0].hosts) == ["198.18.0.10"]
+    core.connect(*for_agent(hello("web-2", "web", "198.18.0.11")))
+    after = core.desired("db-2")
+    assert after is not first
+    assert after.revision > first.revision
+    assert core.desired("db-1") is after
+    assert list(after.ruleset().sets[0].hosts) == ["198.18.0.10", "198.18.0.11"]
+    assert after.hash == ruleset_hash(after.ruleset())
+
+
+def test_a_waiting_stream_wakes_for_an_offer_and_survives_a_cancelled_wait(
+    core: Controller,
+) -> None:
+    session = core.connect(*for_agent(hello("web", "web", "198.18.0.10")))
+    assert take(session) is not None  # the first snapshot
+
+    async def scenario() -> agent_pb2.ControllerMessage | None:
+        waiting = asyncio.create_task(session.next_message())
+        await asyncio.sleep(0)
+        waiting.cancel()  # the stream went away while it waited
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        session.offer(agent_pb2.ControllerMessage(in_sync=agent_pb2.InSync(revision=7)))
+        # Offered before anyone waits: the next wait returns it at once.
+        first = await asyncio.wait_for(session.next_message(), 1)
+        assert first is not None
+        assert first.in_sync.revision == 7
+        waiting = asyncio.create_task(session.next_message())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        session.send(agent_pb2.ControllerMessage(in_sync=agent_pb2.InSync(revision=8)))
+        return await asyncio.wait_for(waiting, 1)
+
+    message = asyncio.run(scenario())
+    assert message is not None
+    assert message.in_sync.revision == 8
