@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from agent import sdnotify
 from agent.addresses import discover_addresses
 from agent.config import DEFAULT_CONFIG, AgentConfig, ConfigError, load_config, split_host_port
 from agent.confirm import controller_reachable
@@ -33,6 +32,7 @@ from agent.observe.observer import Observer
 from agent.reload import HostSettings, host_settings, watch_settings
 from agent.state import StateCorrupt, load_snapshot
 from agent.tamper import TamperGuard
+from bulkhead import sdnotify
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import grpc
 
+from bulkhead import sdnotify
 from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
-from controller import sdnotify
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
 from controller.gc_tuning import tune_for_many_streams

@@ -16,22 +16,18 @@ from types import ModuleType
 
 import pytest
 
-import agent.sdnotify
-import controller.sdnotify
 from agent.config import load_config
 from agent.dataplane.baseline import Baseline
 from agent.main import REQUIRE_NETNS_ENV, AgentStartError, run_agent
+from bulkhead import sdnotify
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 
-REPO = Path(__file__).resolve().parents[2]
-COPIES = [agent.sdnotify, controller.sdnotify]
 WAIT = 30.0  # seconds: only a bound on waiting for a datagram, never an assertion
 
 
-@pytest.fixture(params=COPIES, ids=["agent", "controller"])
-def sd(request: pytest.FixtureRequest) -> ModuleType:
-    module: ModuleType = request.param
-    return module
+@pytest.fixture
+def sd() -> ModuleType:
+    return sdnotify
 
 
 @pytest.fixture
@@ -46,11 +42,6 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[socket.socket
 
 def receive(sock: socket.socket) -> str:
     return sock.recv(4096).decode()
-
-
-def test_both_copies_are_the_same_module() -> None:
-    # agent and controller never import each other, so each has one; they must not drift.
-    assert (REPO / "agent/sdnotify.py").read_text() == (REPO / "controller/sdnotify.py").read_text()
 
 
 def test_without_notify_socket_nothing_is_sent(

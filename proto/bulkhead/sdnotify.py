@@ -1,7 +1,7 @@
 """systemd's notify protocol (sd_notify) without libsystemd: one datagram to $NOTIFY_SOCKET.
 
-agent and controller never import each other, so each carries this same small module
-(agent/sdnotify.py, controller/sdnotify.py): change both together.
+Shared by the agent and the controller (which never import each other), as the wire
+contract is.
 """
 
 from __future__ import annotations
