@@ -39,6 +39,11 @@ _RPC_TIMEOUT = 2.0
 _admin_stub: Callable[[grpc.Channel], Any] = admin_pb2_grpc.AdminServiceStub
 
 
+# The environment the agent's systemd unit sets (Environment= in systemd/bulkhead-agent.service;
+# a unit test keeps the two equal): lab agents, and the benches that measure them, run as
+# shipped. MALLOC_ARENA_MAX=2: two glibc arenas, not one per thread (docs/benchmarks.md).
+AGENT_UNIT_ENVIRONMENT: Mapping[str, str] = {"MALLOC_ARENA_MAX": "2"}
+
 AGENT_METRICS_PORT = 9471
 CONTROLLER_METRICS_PORT = 9470
 
@@ -186,7 +191,8 @@ def start_agent(
     argv = [ip_binary(), "netns", "exec", host.netns, program("bulkhead-agent"),
             "--config", str(config_path)]  # fmt: skip
     log = paths.agent_log(host.name)
-    started = start_detached(argv, log, env={"BULKHEAD_REQUIRE_NETNS": "1"}, cwd=paths.root)
+    env = {**AGENT_UNIT_ENVIRONMENT, "BULKHEAD_REQUIRE_NETNS": "1"}
+    started = start_detached(argv, log, env=env, cwd=paths.root)
     return ProcessRecord(
         role=Role.AGENT,
         host=host.name,
