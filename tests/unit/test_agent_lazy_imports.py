@@ -1,6 +1,7 @@
 """What an agent keeps out of memory: prometheus_client unless `metrics_listen` is set,
-cryptography always (agent/keytool.py runs it in a child process), and pyroute2 always
-(agent/netlink/ speaks the few netlink messages the agent needs).
+cryptography always (agent/keytool.py runs it in a child process), pyroute2 always
+(agent/netlink/ speaks the few netlink messages the agent needs) and pydantic always
+(agent/config_fields.py checks the config).
 
 Module checks run in a fresh interpreter: this one has both loaded already."""
 
@@ -45,6 +46,7 @@ agent.main._start_observing(None, asyncio.new_event_loop(), config, metrics, lin
 seen = {"metrics": metrics is not None, "prometheus": "prometheus_client" in sys.modules}
 seen["cryptography"] = "cryptography" in sys.modules
 seen["pyroute2"] = "pyroute2" in sys.modules
+seen["pydantic"] = "pydantic" in sys.modules
 print(json.dumps(seen))
 """
 
@@ -159,7 +161,8 @@ def test_an_idle_agent_without_metrics_does_not_load_prometheus_client(
     seen = idle_agent(config_file(tmp_path, state))
 
     assert seen == {
-        "metrics": False, "prometheus": False, "cryptography": False, "pyroute2": False
+        "metrics": False, "prometheus": False, "cryptography": False, "pyroute2": False,
+        "pydantic": False,
     }  # fmt: skip
 
 
@@ -168,6 +171,14 @@ def test_an_agent_does_not_load_pyroute2(state: Path, tmp_path: Path) -> None:
     seen = idle_agent(config_file(tmp_path, state))
 
     assert seen["pyroute2"] is False
+
+
+def test_an_agent_does_not_load_pydantic(state: Path, tmp_path: Path) -> None:
+    # Its config is checked by hand (agent/config_fields.py): pydantic and pydantic_core
+    # were about 15 MB of a running agent's memory.
+    seen = idle_agent(config_file(tmp_path, state))
+
+    assert seen["pydantic"] is False
 
 
 def test_an_agent_on_a_state_dir_of_the_previous_release_does_not_load_cryptography(
@@ -234,7 +245,10 @@ def renewing_agent(config: Path, ca: CertificateAuthority) -> dict[str, object]:
 def test_with_metrics_configured_prometheus_client_is_loaded(state: Path, tmp_path: Path) -> None:
     seen = idle_agent(config_file(tmp_path, state, f"127.0.0.1:{free_port()}"))
 
-    assert seen == {"metrics": True, "prometheus": True, "cryptography": False, "pyroute2": False}
+    assert seen == {
+        "metrics": True, "prometheus": True, "cryptography": False, "pyroute2": False,
+        "pydantic": False,
+    }  # fmt: skip
 
 
 def test_configured_metrics_are_served_with_the_apply_histogram(
