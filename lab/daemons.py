@@ -2,7 +2,9 @@
 
 The controller runs in the root namespace on the console address; each agent runs inside
 its host's namespace with BULKHEAD_REQUIRE_NETNS=1, so a mistake can never load its
-rules into the machine's own namespace. An agent is ready when the controller lists it
+rules into the machine's own namespace, and with the environment of the agent's systemd
+unit (MALLOC_ARENA_MAX=2), so what the lab's benches measure is the agent as shipped. An
+agent is ready when the controller lists it
 connected with applied_hash == desired_hash (and a desired hash at all).
 """
 
