@@ -8,16 +8,15 @@ token to anyone but the controller whose CA the token pins.
 4. Send token and CSR over a channel verified against the pinned CA; check that the
    certificate that comes back certifies our key; store key, certificate and CA (0600).
 
-The key, the CSR and the checks come from the key tool (agent/identity.py), so an agent
-that enrolls at start does not load the cryptography package.
+The key, the CSR, the checks and the reading of the presented certificate come from the
+key tool (agent/identity.py), so an agent that enrolls at start neither loads the
+cryptography package nor makes a TLS connection of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,13 @@ from agent.identity import (
     IdentityError,
     KeytoolError,
     Names,
+    Unreachable,
     ca_fingerprint,
     check_certificate,
     checked_credentials,
     new_key_and_csr,
     parse_token,
+    presented_certificate,
     save_credentials,
 )
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
@@ -56,27 +57,6 @@ class EnrollmentError(Exception):
         self.retryable = retryable
 
 
-def _presented_certificate(host: str, port: int) -> bytes:
-    """The PEM certificate the server presents, not verified (that is the next step)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
-    try:
-        with (
-            socket.create_connection((host, port), timeout=TIMEOUT_S) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except OSError as exc:
-        raise EnrollmentError(
-            f"cannot reach the controller at {host}:{port}: {exc}", retryable=True
-        ) from exc
-    if der is None:
-        raise EnrollmentError(f"{host}:{port} presented no certificate")
-    return ssl.DER_cert_to_PEM_cert(der).encode()
-
-
 async def enroll(
     address: str, token_text: str, agent_id: str, hostname: str, state_dir: Path
 ) -> tuple[AgentCredentials, dict[str, str]]:
@@ -88,7 +68,14 @@ async def enroll(
         raise EnrollmentError(str(exc)) from exc
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]")
-    presented = await asyncio.to_thread(_presented_certificate, host, int(port_text))
+    try:
+        presented = await asyncio.to_thread(presented_certificate, host, int(port_text), TIMEOUT_S)
+    except Unreachable as exc:
+        raise EnrollmentError(
+            f"cannot reach the controller at {host}:{port_text}: {exc}", retryable=True
+        ) from exc
+    except IdentityError as exc:
+        raise EnrollmentError(str(exc)) from exc
     try:
         async with grpc.aio.secure_channel(
             address, grpc.ssl_channel_credentials(presented), options=CHANNEL_OPTIONS

@@ -116,6 +116,24 @@ class AgentCredentials:
         return now >= start + (end - start) * RENEW_AFTER_FRACTION
 
 
+class Unreachable(IdentityError):
+    """The key tool could not reach the server whose certificate it was to read."""
+
+
+def presented_certificate(host: str, port: int, timeout: float) -> bytes:
+    """The PEM certificate the TLS server at HOST:PORT presents, unverified, read by the
+    key tool; Unreachable if it cannot be reached now."""
+    request: dict[str, object] = {"op": "presented", "host": host, "port": port}
+    request["timeout"] = timeout
+    answer = _keytool(request, f"read the certificate presented at {host}:{port}")
+    if "unreachable" in answer:
+        raise Unreachable(answer["unreachable"])
+    try:
+        return answer["cert_pem"].encode()
+    except KeyError:
+        raise KeytoolError("the key tool answered without a certificate") from None
+
+
 def new_key_and_csr(agent_id: str) -> tuple[bytes, bytes]:
     """A new private key and a CSR for AGENT_ID signed by it (PEM), made by the key tool."""
     answer = _keytool({"op": "csr", "agent_id": agent_id}, f"make a key for {agent_id!r}")

@@ -20,9 +20,16 @@ from pathlib import Path
 
 import click
 import yaml
-from pydantic import ValidationError
 
-from agent.config import DEFAULT_CONFIG, DEFAULT_STATE_DIR, AgentConfig, ConfigError, load_config
+from agent.config import (
+    DEFAULT_CONFIG,
+    DEFAULT_STATE_DIR,
+    AgentConfig,
+    ConfigError,
+    ConfigInvalid,
+    load_config,
+    parse_config,
+)
 
 UNIT_NAME = "bulkhead-agent.service"
 UNIT_DIR = Path("/etc/systemd/system")
@@ -75,20 +82,20 @@ def build_config(
     if token is not None:
         raw["token"] = token
     try:
-        return AgentConfig.model_validate(raw)
-    except ValidationError as exc:
+        return parse_config(raw)
+    except ConfigInvalid as exc:
         problems = []
-        for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            where = _OPTION_OF_FIELD.get(field, field)
-            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+        for where, what in exc.problems:
+            field = where.split(".", maxsplit=1)[0]
+            problems.append(f"{_OPTION_OF_FIELD.get(field, field)}: {what}")
         raise InstallError("; ".join(problems)) from exc
 
 
 def render_config(config: AgentConfig) -> str:
-    fields = config.model_dump(include={"agent_id", "controller", "token", "labels"})
-    if fields["token"] is None:
-        del fields["token"]
+    fields: dict[str, object] = {"agent_id": config.agent_id, "controller": config.controller}
+    if config.token is not None:
+        fields["token"] = config.token
+    fields["labels"] = dict(config.labels)
     header = (
         "# Written by `bulkhead-agent install-service`. Other settings (mode, failsafe,\n"
         "# dataplane, state_dir, ...) keep their defaults unless added here.\n"

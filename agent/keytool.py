@@ -1,5 +1,6 @@
-"""Everything the agent does with the cryptography package, run in a short-lived child
-process so the long-running agent never loads it (about 10 MB of resident memory).
+"""Everything the agent does with the cryptography package, and enrollment's first look
+at the controller's certificate, run in a short-lived child process so the long-running
+agent never loads cryptography (about 10 MB of resident memory) nor touches OpenSSL.
 
     python -m agent.keytool < request.json > answer.json
 
@@ -15,6 +16,12 @@ sends them):
         The certificate parses, the CA signed it and, when a key is given, it certifies
         that key. NAMES are how error messages call each part (file names, for instance).
 
+    {"op": "presented", "host": IP, "port": PORT, "timeout": SECONDS}
+        -> {"cert_pem": PEM} the certificate the TLS server there presents, unverified
+        (enrollment checks it against the token next), or {"unreachable": WHY}. Here
+        rather than in the agent: a TLS connection of the agent's own left about 1 MB of
+        OpenSSL's pages resident in it for good (grpc brings its own TLS).
+
 A request that cannot be served answers {"error": MESSAGE} (exit status 0); anything else
 (a crash, no answer) is the parent's to report. The module's functions also serve tests.
 """
@@ -22,6 +29,8 @@ A request that cannot be served answers {"error": MESSAGE} (exit status 0); anyt
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import sys
 from typing import Any
 
@@ -89,11 +98,36 @@ def serve(request: dict[str, Any]) -> dict[str, str]:
                 Names(**request["names"]),
             )
             return validity.to_json()
+        if request["op"] == "presented":
+            return presented_certificate(
+                request["host"], int(request["port"]), float(request["timeout"])
+            )
         return {"error": f"unknown key tool operation {request['op']!r}"}
     except IdentityError as exc:
         return {"error": str(exc)}
     except (KeyError, TypeError, AttributeError) as exc:
         return {"error": f"malformed key tool request ({type(exc).__name__}: {exc})"}
+
+
+def presented_certificate(host: str, port: int, timeout: float) -> dict[str, str]:
+    """The PEM certificate the TLS server at HOST:PORT presents, not verified (that is the
+    next step of enrollment), as {"cert_pem": PEM}; {"unreachable": WHY} if there is none
+    to be had there now."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
+    except OSError as exc:
+        return {"unreachable": str(exc)}
+    if der is None:
+        return {"error": f"{host}:{port} presented no certificate"}
+    return {"cert_pem": ssl.DER_cert_to_PEM_cert(der)}
 
 
 def _parse_cert(data: bytes, what: str) -> x509.Certificate:

@@ -2,7 +2,9 @@
 
 The controller runs in the root namespace on the console address; each agent runs inside
 its host's namespace with BULKHEAD_REQUIRE_NETNS=1, so a mistake can never load its
-rules into the machine's own namespace. An agent is ready when the controller lists it
+rules into the machine's own namespace, and with the environment of the agent's systemd
+unit (MALLOC_ARENA_MAX=2), so what the lab's benches measure is the agent as shipped. An
+agent is ready when the controller lists it
 connected with applied_hash == desired_hash (and a desired hash at all).
 """
 
@@ -38,6 +40,11 @@ _RPC_TIMEOUT = 2.0
 # The generated gRPC module is untyped; this is the one place that says what it returns.
 _admin_stub: Callable[[grpc.Channel], Any] = admin_pb2_grpc.AdminServiceStub
 
+
+# The environment the agent's systemd unit sets (Environment= in systemd/bulkhead-agent.service;
+# a unit test keeps the two equal): lab agents, and the benches that measure them, run as
+# shipped. MALLOC_ARENA_MAX=2: two glibc arenas, not one per thread (docs/benchmarks.md).
+AGENT_UNIT_ENVIRONMENT: Mapping[str, str] = {"MALLOC_ARENA_MAX": "2"}
 
 AGENT_METRICS_PORT = 9471
 CONTROLLER_METRICS_PORT = 9470
@@ -186,7 +193,8 @@ def start_agent(
     argv = [ip_binary(), "netns", "exec", host.netns, program("bulkhead-agent"),
             "--config", str(config_path)]  # fmt: skip
     log = paths.agent_log(host.name)
-    started = start_detached(argv, log, env={"BULKHEAD_REQUIRE_NETNS": "1"}, cwd=paths.root)
+    env = {**AGENT_UNIT_ENVIRONMENT, "BULKHEAD_REQUIRE_NETNS": "1"}
+    started = start_detached(argv, log, env=env, cwd=paths.root)
     return ProcessRecord(
         role=Role.AGENT,
         host=host.name,

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from functools import cache
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import TypeAdapter
+if TYPE_CHECKING:
+    from pydantic import TypeAdapter
 
 MIN_PORT = 1
 MAX_PORT = 65535
@@ -97,14 +99,20 @@ class Baseline:
             raise ValueError(f"mode: {self.mode!r} is not one of enforce, visibility")
 
 
-_ADAPTER: TypeAdapter[Baseline] = TypeAdapter(Baseline)
+@cache
+def _adapter() -> TypeAdapter[Baseline]:
+    # pydantic only on this path (the CLI tools that take a baseline as JSON): a module
+    # once loaded stays resident, and the agent would carry pydantic for nothing.
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(Baseline)
 
 
 def baseline_to_json(baseline: Baseline) -> str:
     """The baseline as a JSON object (mode, failsafe_inbound, failsafe_outbound, controllers)."""
-    return _ADAPTER.dump_json(baseline).decode()
+    return _adapter().dump_json(baseline).decode()
 
 
 def baseline_from_json(text: str | bytes) -> Baseline:
     """Parse baseline_to_json's output; ValueError (pydantic's) names each bad field."""
-    return _ADAPTER.validate_json(text)
+    return _adapter().validate_json(text)

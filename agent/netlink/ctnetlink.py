@@ -42,6 +42,11 @@ _FAMILIES = {
     6: (socket.AF_INET6, CTA_IP_V6_SRC, CTA_IP_V6_DST),
 }
 _BE16 = struct.Struct("!H")
+# Addresses as text, one string per address and family: a host's conntrack events name the
+# same few addresses over and over, and each connection the observer remembers holds two.
+# Emptied when full (a host talking to more peers than this just decodes as before).
+ADDRESS_TEXTS_MAX = 1024
+_address_texts: dict[int, dict[bytes, str]] = {socket.AF_INET: {}, socket.AF_INET6: {}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +71,19 @@ class Entry:
     zone: int = 0  # CTA_ZONE; 0 is the default zone
 
 
+def address_text(af: int, raw: bytes) -> str:
+    """RAW (an address of family AF) as text, the same string for the same address;
+    ValueError if RAW is not the family's size."""
+    texts = _address_texts[af]
+    text = texts.get(raw)
+    if text is None:
+        text = socket.inet_ntop(af, raw)
+        if len(texts) >= ADDRESS_TEXTS_MAX:
+            texts.clear()
+        texts[raw] = text
+    return text
+
+
 def decode_tuple(data: bytes) -> Tuple:
     """The tuple in the payload of a CTA_TUPLE_* attribute; MalformedMessage if broken."""
     tuple_ = netlink.attributes(data, 0, len(data))
@@ -88,8 +106,8 @@ def decode_tuple(data: bytes) -> Tuple:
         return Tuple(
             family=family,
             protocol=protocol,
-            src=socket.inet_ntop(af, addresses[src]),
-            dst=socket.inet_ntop(af, addresses[dst]),
+            src=address_text(af, addresses[src]),
+            dst=address_text(af, addresses[dst]),
             sport=_BE16.unpack(sport)[0] if sport else 0,
             dport=_BE16.unpack(dport)[0] if dport else 0,
             icmp=_icmp(protocol, ports),

@@ -139,8 +139,9 @@ class Observer:
                 busy = time.monotonic() - now
                 if now >= next_snapshot:
                     next_snapshot = now + snapshot_interval
+                    taken_at = self._clock()
                     connections = await asyncio.to_thread(self._snapshotter.snapshot)
-                    self.count_snapshot(connections)
+                    self.count_snapshot(connections, taken_at)
             except OSError:
                 log.exception("reading the socket tables failed")
             self.count_waiting()
@@ -232,11 +233,16 @@ class Observer:
         cutoff = now - RECENT_DENIALS_S
         self._recent_denials = {k: t for k, t in self._recent_denials.items() if t >= cutoff}
 
-    def count_snapshot(self, connections: Iterable[Connection]) -> None:
-        """Connections the events did not count (yet): counted once each."""
+    def count_snapshot(
+        self, connections: Iterable[Connection], taken_at: float | None = None
+    ) -> None:
+        """Connections the events did not count (yet): counted once each. TAKEN_AT: the
+        clock just before the tables were read; given, what was remembered before it and
+        is not among CONNECTIONS is gone, and forgotten."""
         now = self._clock()
         local = self._local_set()
         waiting = {o.key for o, _ in self._waiting}
+        live: set[FlowKey] = set()
         for connection in connections:
             if connection.direction is Direction.LISTEN or not _connected(connection):
                 continue
@@ -249,12 +255,20 @@ class Observer:
                 connection.peer_ip,
                 connection.peer_port,
             )
+            live.add(key)
             if key in self._seen or key in waiting or key in self._recent_denials:
                 if key in self._seen:
                     self._seen.move_to_end(key)
                 continue
             observed = Observed(key, connection.direction, now)
             self._count_connection(observed, connection.process, now)
+        if taken_at is not None:
+            self._forget_gone(live, taken_at)
+
+    @property
+    def remembered(self) -> int:
+        """Connections remembered as counted (tests and figures)."""
+        return len(self._seen)
 
     def connection_table(self) -> list[Connection]:
         """The live socket-to-process table of this host."""
@@ -277,6 +291,15 @@ class Observer:
         self._seen.move_to_end(key)
         while len(self._seen) > SEEN_MAX:
             self._seen.popitem(last=False)
+
+    def _forget_gone(self, live: set[FlowKey], taken_at: float) -> None:
+        # A connection is remembered only so that a snapshot does not count it again; once
+        # the tables read after it was remembered lack it, no later snapshot can hold it.
+        # Kept until SEEN_MAX instead, 1,000 short connections a second held ~330 bytes
+        # each, up to ~33 MB (docs/benchmarks.md).
+        gone = [key for key, at in self._seen.items() if at < taken_at and key not in live]
+        for key in gone:
+            del self._seen[key]
 
     def _add(self, observed: Observed, verdict: Verdict, process: ProcessInfo | None) -> None:
         protocol, local_ip, local_port, peer_ip, peer_port = observed.key

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from lab import control
+from lab.daemons import AGENT_UNIT_ENVIRONMENT
 from lab.lifecycle import add_listener, down, up
 from lab.spec import parse_host_specs
+from lab.state import Role
 from tests.integration.labfixture import Lab, lab_unavailable
 
 pytestmark = pytest.mark.integration
@@ -71,6 +73,16 @@ def clean(lab: Lab) -> Iterator[Lab]:
 def apply_web_db(lab: Lab) -> None:
     lab.ok("apply", "-f", "-", stdin=WEB_DB)
     lab.wait_in_sync()
+
+
+def test_agents_run_with_the_environment_of_the_agents_unit(clean: Lab) -> None:
+    # What the lab's benches measure is the agent as systemd runs it (MALLOC_ARENA_MAX).
+    agents = [p for p in clean.state.processes if p.role is Role.AGENT]
+    assert len(agents) == 3
+    for agent in agents:
+        environ = Path(f"/proc/{agent.pid}/environ").read_bytes().split(b"\0")
+        for name, value in AGENT_UNIT_ENVIRONMENT.items():
+            assert f"{name}={value}".encode() in environ, agent.host
 
 
 def test_default_deny_before_any_policy_but_ssh_failsafe_open(clean: Lab) -> None:

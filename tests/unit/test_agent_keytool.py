@@ -4,7 +4,9 @@ file (written before the key tool existed)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import stat
 import subprocess
 import sys
@@ -24,14 +26,16 @@ from agent.identity import (
     IdentityError,
     KeytoolError,
     Names,
+    Unreachable,
     check_certificate,
     load_credentials,
     new_key_and_csr,
     save_credentials,
 )
 from agent.keytool import generate_key, key_pem
+from controller.core import Controller
 from controller.pki import CertificateAuthority
-from tests.pki_support import issued_credentials
+from tests.pki_support import issued_credentials, with_enrollment_server
 
 NAMES = Names("my.key", "my.crt", "my-ca.crt")
 
@@ -70,6 +74,25 @@ def test_the_key_tool_refuses_an_invalid_agent_id() -> None:
     with pytest.raises(IdentityError, match="agent id 'DB 2' is invalid") as raised:
         new_key_and_csr("DB 2")
     assert not isinstance(raised.value, KeytoolError)  # the input is wrong, not the tool
+
+
+def test_the_key_tool_reads_the_certificate_a_tls_server_presents(tmp_path: Path) -> None:
+    async def body(_core: Controller, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        pem = await asyncio.to_thread(identity.presented_certificate, host, int(port), 5.0)
+        presented = x509.load_pem_x509_certificate(pem)
+        ca = CertificateAuthority.load_or_create(tmp_path / "pki")  # the server's CA
+        presented.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.certificate_pem))
+
+    with_enrollment_server(tmp_path, body)
+
+
+def test_an_unreachable_server_is_reported_as_such() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = closed.getsockname()[1]
+        with pytest.raises(Unreachable, match="Connection refused"):
+            identity.presented_certificate("127.0.0.1", port, 5.0)
 
 
 def test_a_matching_key_and_certificate_give_the_validity(creds: AgentCredentials) -> None:

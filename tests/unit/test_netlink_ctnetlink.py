@@ -4,6 +4,8 @@ compares the same decoding with pyroute2's), deletions encoded to golden bytes."
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from agent import netlink
@@ -94,6 +96,21 @@ def test_dump_request_asks_for_both_families() -> None:
     assert ctnetlink.dump_request(sequence=1) == bytes.fromhex(
         "14000000 0101 0103 01000000 00000000 00000000"
     )
+
+
+def test_an_address_decodes_to_one_shared_string(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Connections the observer remembers hold their addresses: once each, not per event.
+    first, second = decode(UDP4_ZONE5), decode(UDP4_ZONE5)
+    assert first.orig.src == "198.18.0.1"
+    assert first.orig.src is second.orig.src
+    assert first.orig.dst is second.orig.dst
+    assert decode(ICMP6).orig.src is decode(ICMP6).orig.src
+    with pytest.raises(ValueError, match="invalid length"):  # no IPv4 address is 16 bytes
+        ctnetlink.address_text(socket.AF_INET, bytes(16))
+    monkeypatch.setattr(ctnetlink, "ADDRESS_TEXTS_MAX", 3)
+    texts = [ctnetlink.address_text(socket.AF_INET, bytes([198, 18, 1, n])) for n in range(10)]
+    assert texts[-1] == "198.18.1.9"
+    assert len(ctnetlink._address_texts[socket.AF_INET]) <= 3
 
 
 def test_message_without_original_tuple_is_malformed() -> None:

@@ -116,6 +116,30 @@ def test_a_snapshot_counts_only_what_the_events_did_not() -> None:
     assert obs.connections_seen == 2
 
 
+def test_connections_gone_from_a_later_snapshot_are_forgotten_the_live_ones_kept() -> None:
+    def established(key: FlowKey) -> Connection:
+        protocol, local_ip, local_port, peer_ip, peer_port = key
+        return Connection(
+            protocol, "ESTABLISHED", local_ip, local_port, peer_ip, peer_port,
+            Direction.OUTBOUND, 1, 0, CURL,
+        )  # fmt: skip
+
+    short = [("tcp", HERE, port, PEER, 80) for port in range(50000, 50100)]
+    snapshot = FakeSnapshotter([established(OUT_KEY)])
+    obs = observer(snapshot)  # its clock says 200.0
+    for key in [OUT_KEY, *short]:
+        obs.connections_started([Observed(key, Direction.OUTBOUND, 100.0)], CURL_EVERYWHERE)
+    obs.count_waiting(now=199.0)  # remembered at 199.0
+    assert obs.remembered == 101
+    obs.count_snapshot(snapshot.snapshot(), taken_at=199.0)  # read as they were counted
+    assert obs.remembered == 101, "the tables may have been read before they closed"
+    obs.count_snapshot(snapshot.snapshot(), taken_at=199.5)
+    assert obs.remembered == 1, "the short connections are gone"
+    obs.count_snapshot(snapshot.snapshot(), taken_at=300.0)
+    assert obs.remembered == 1, "the live one stays remembered"
+    assert obs.connections_seen == 101, "and is not counted again"
+
+
 def test_the_controller_link_is_not_a_flow() -> None:
     obs = observer()
     key: FlowKey = ("tcp", HERE, 40001, CONTROLLER, 50151)

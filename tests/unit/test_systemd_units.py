@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.install import UNIT_NAME, packaged_unit
+from lab.daemons import AGENT_UNIT_ENVIRONMENT
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"
@@ -146,6 +147,12 @@ def test_agent_runs_from_the_venv_with_only_network_capabilities() -> None:
     assert found["StateDirectory"] == ["bulkhead/agent"]
     assert "AF_NETLINK" in found["RestrictAddressFamilies"][0].split()
     assert found["Environment"] == ["MALLOC_ARENA_MAX=2"]  # docs/benchmarks.md: idle RSS
+
+
+def test_lab_agents_run_with_the_units_environment() -> None:
+    # The lab (and the benches built on it) measure agents as the unit runs them.
+    unit = dict(item.split("=", 1) for item in settings(AGENT)["Environment"])
+    assert dict(AGENT_UNIT_ENVIRONMENT) == unit
 
 
 def test_controller_runs_unprivileged_with_no_capabilities() -> None:
