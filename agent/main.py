@@ -144,7 +144,7 @@ def _baseline_message(config: AgentConfig, dataplane: str) -> agent_pb2.Baseline
 
 def open_metrics(config: AgentConfig) -> AgentMetrics | None:
     """The agent's metrics if `metrics_listen` is set, else None. Only then is
-    agent.metrics imported: once loaded, a module stays resident for good."""
+    prometheus_client imported: once loaded, a module stays resident for good."""
     if config.metrics_listen is None:
         return None
     from agent.metrics import AgentMetrics
@@ -237,7 +237,7 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         flow_report_interval=config.flow_report_interval,
     )
     loop = asyncio.get_running_loop()
-    observing = await _start_observing(observer, loop, config, metrics, link)
+    observing = _start_observing(observer, loop, config, metrics, link)
 
     async def apply_settings(new: HostSettings) -> None:
         nonlocal settings
@@ -268,8 +268,6 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         if running is not None:
             running.cancel()
     mirror.close()
-    if metrics is not None:
-        metrics.close()
 
 
 async def _verify_cuts(enforcer: Enforcer) -> None:
@@ -280,7 +278,7 @@ async def _verify_cuts(enforcer: Enforcer) -> None:
             await asyncio.to_thread(enforcer.verify_cut)
 
 
-async def _start_observing(
+def _start_observing(
     observer: Observer | None,
     loop: asyncio.AbstractEventLoop,
     config: AgentConfig,
@@ -292,7 +290,7 @@ async def _start_observing(
         _register_metrics(metrics, link, observer)
         host, port = split_host_port(config.metrics_listen)
         try:
-            await metrics.serve(host, port)
+            metrics.serve(host, port)
             log.info("metrics on http://%s/metrics", config.metrics_listen)
         except OSError as exc:
             # Enforcement matters more than metrics: keep running, say why there are none.

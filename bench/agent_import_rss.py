@@ -7,7 +7,8 @@ it needs neither root nor a lab:
    controller, metrics off and on: import agent.main and the modules `run` imports later,
    read a config, open the metrics (if `metrics_listen`), load and check credentials a
    real CA issued, check whether renewal is due, discover addresses, open (not connect)
-   the controller channel. RSS after each step, and whether cryptography got loaded.
+   the controller channel. RSS after each step, and whether prometheus_client and
+   cryptography got loaded.
 2. The steady-state import set (the modules loaded at the end of 1, metrics off), one row
    per top-level package in load order, all imported in one fresh interpreter: RSS after
    each row. Then what the packages loaded on demand only would add on top.
@@ -43,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("agent", "bulkhead", "controller", "lab")
 ON_DEMAND = {  # packages loaded on the paths named only
+    "prometheus_client": "metrics on (metrics_listen set)",
     "cryptography": "the key tool's child process only",
 }
 CONTROLLER = "198.18.250.1:50151"
@@ -114,10 +116,8 @@ step("+ modules `run` imports later (nftables binding, event listeners)")
 from agent.reload import host_settings
 config, _settings = host_settings(Path(sys.argv[1]))
 metrics = agent.main.open_metrics(config)
-async def serve():
-    if metrics is not None:
-        await metrics.serve("127.0.0.1", 0)  # any free port: only the cost of serving counts
-asyncio.run(serve())
+if metrics is not None:
+    metrics.serve("127.0.0.1", 0)  # any free port: only the cost of serving counts
 step("+ config read, metrics served (if metrics_listen)")
 from agent.identity import load_credentials
 credentials = load_credentials(config.state_dir)

@@ -1,5 +1,5 @@
-"""What an agent keeps out of memory: prometheus_client always (agent/metrics.py serves
-the metrics), cryptography always (agent/keytool.py runs it in a child process), pyroute2 always
+"""What an agent keeps out of memory: prometheus_client unless `metrics_listen` is set,
+cryptography always (agent/keytool.py runs it in a child process), pyroute2 always
 (agent/netlink/ speaks the few netlink messages the agent needs) and pydantic always
 (agent/config_fields.py checks the config).
 
@@ -42,10 +42,7 @@ link = ControllerLink(
     make_hello=None, discover=list, heartbeat_interval=config.heartbeat_interval,
     address_poll_interval=config.address_poll_interval,
 )
-async def wire():
-    loop = asyncio.get_running_loop()
-    await agent.main._start_observing(None, loop, config, metrics, link)
-asyncio.run(wire())
+agent.main._start_observing(None, asyncio.new_event_loop(), config, metrics, link)
 seen = {"metrics": metrics is not None, "prometheus": "prometheus_client" in sys.modules}
 seen["cryptography"] = "cryptography" in sys.modules
 seen["pyroute2"] = "pyroute2" in sys.modules
@@ -113,13 +110,9 @@ config = load_config(Path(sys.argv[1]))
 metrics = agent.main.open_metrics(config)
 metrics.timed(Kernel()).apply(ruleset_pb2.Ruleset(), agent.main.build_baseline(config))
 link = types.SimpleNamespace(flows_reported=7)
-async def scrape():
-    loop = asyncio.get_running_loop()
-    await agent.main._start_observing(None, loop, config, metrics, link)
-    url = f"http://{config.metrics_listen}/metrics"
-    answer = await asyncio.to_thread(urllib.request.urlopen, url, timeout=10)
-    return answer.read().decode()
-print(asyncio.run(scrape()))
+agent.main._start_observing(None, asyncio.new_event_loop(), config, metrics, link)
+url = f"http://{config.metrics_listen}/metrics"
+print(urllib.request.urlopen(url, timeout=10).read().decode())
 """
 
 
@@ -259,14 +252,11 @@ def renewing_agent(config: Path, ca: CertificateAuthority) -> dict[str, object]:
     return {**seen, "issued": issued}
 
 
-def test_with_metrics_configured_prometheus_client_is_not_loaded_either(
-    state: Path, tmp_path: Path
-) -> None:
-    # agent/metrics.py writes the exposition and answers HTTP on the event loop.
+def test_with_metrics_configured_prometheus_client_is_loaded(state: Path, tmp_path: Path) -> None:
     seen = idle_agent(config_file(tmp_path, state, f"127.0.0.1:{free_port()}"))
 
     assert seen == {
-        "metrics": True, "prometheus": False, "cryptography": False, "pyroute2": False,
+        "metrics": True, "prometheus": True, "cryptography": False, "pyroute2": False,
         "pydantic": False,
     }  # fmt: skip
 
