@@ -61,6 +61,14 @@ def _preferred(current: int, candidate: int) -> bool:
     return candidate < current
 
 
+def _least_preferred_first(pids: Iterable[int]) -> list[int]:
+    """Pids in the reverse of _preferred's order: init, then the others from the highest."""
+    ordered = sorted(pids, reverse=True)
+    if ordered and ordered[-1] == _INIT:
+        ordered.insert(0, ordered.pop())
+    return ordered
+
+
 class SocketOwners:
     """Socket inode -> (pid, fd) for the sockets of a socket table, kept between refreshes."""
 
@@ -164,27 +172,28 @@ class SocketOwners:
     # -- the full scan ------------------------------------------------------------------
 
     def _full_scan(self, table: AbstractSet[int]) -> set[int]:
-        before = self.owners()
-        self._fds.clear()
-        self._owners.clear()
+        before = self._owners
         self._live = self._list_pids()
+        self._fds = {}
         for pid in sorted(self._live):
             fds = self._read_all_fds(pid)
-            if fds is None:
-                continue
-            self._fds[pid] = fds
-            for name, inode in fds.items():
-                if inode in table:
-                    held = self._owners.get(inode)
-                    if held is None or _preferred(held[0], pid):
-                        self._owners[inode] = (pid, name)
-        for inode in self._owners.keys() - table:  # sockets of other network namespaces
-            del self._owners[inode]
+            if fds is not None:
+                self._fds[pid] = fds
+        owners: dict[int, tuple[int, str]] = {}
+        # The preferred holder of a shared socket is written last (see _preferred).
+        for pid in _least_preferred_first(self._fds):
+            owners.update(
+                {inode: (pid, name) for name, inode in self._fds[pid].items() if inode in table}
+            )
+        self._owners = owners
         self._table = table
-        self._orphans = set(table - self._owners.keys())
+        self._orphans = set(table - owners.keys())
         self._busy = {pid: busy for pid, busy in self._busy.items() if pid in self._fds}
+        if not before:  # the first scan: every owner found is news
+            return set(owners)
         # The sockets whose (inode, pid) pair came or went.
-        return {inode for inode, _ in before.items() ^ self.owners().items()}.intersection(table)
+        was = {inode: pid for inode, (pid, _) in before.items()}
+        return {inode for inode, _ in was.items() ^ self.owners().items()}.intersection(table)
 
     # -- the search for unknown inodes --------------------------------------------------
 

@@ -46,16 +46,19 @@ WILDCARD_V4: Final = "0.0.0.0"
 WILDCARD_V6: Final = "::"  # also takes IPv4, which the tables show as IPv4-mapped
 
 
+_SERVING: Final = frozenset((LISTEN, UNCONN))
+
+
 def _serves(record: SocketRecord) -> bool:
-    return record.state in (LISTEN, UNCONN)
+    return record.state in _SERVING
 
 
 def listening_ports(records: Iterable[SocketRecord]) -> Listeners:
     """Where local sockets wait for peers: (protocol, port) -> local addresses."""
     ports: dict[tuple[str, int], set[str]] = {}
-    for record in records:
-        if _serves(record):
-            ports.setdefault((record.protocol, record.local_port), set()).add(record.local_ip)
+    # Filtered first, in one comprehension: most sockets of a busy host serve nothing.
+    for record in [record for record in records if record.state in _SERVING]:
+        ports.setdefault((record.protocol, record.local_port), set()).add(record.local_ip)
     return {port: frozenset(addresses) for port, addresses in ports.items()}
 
 
@@ -72,6 +75,29 @@ def direction(record: SocketRecord, listeners: Listeners) -> Direction:
     if addresses is not None and _matches(record.local_ip, addresses):
         return Direction.INBOUND
     return Direction.OUTBOUND
+
+
+def directions(
+    protocols: Sequence[str],
+    local_ips: Sequence[str],
+    local_ports: Sequence[int],
+    peer_ips: Sequence[str],
+    listeners: Listeners,
+) -> list[Direction]:
+    """direction() of each row of these columns: one comprehension, no call per socket
+    where the port has no listener (a cold snapshot decides 10,000 at once)."""
+    listen, inbound, outbound = Direction.LISTEN, Direction.INBOUND, Direction.OUTBOUND
+    get = listeners.get
+    return [
+        listen
+        if not peer_ip
+        else inbound
+        if (addresses := get((protocol, port))) is not None and _matches(local_ip, addresses)
+        else outbound
+        for protocol, local_ip, port, peer_ip in zip(
+            protocols, local_ips, local_ports, peer_ips, strict=True
+        )
+    ]
 
 
 def socket_source(proc: str = PROC) -> SocketSource:
@@ -182,7 +208,7 @@ class SocketSnapshotter:
             local_port=local_ports,
             peer_ip=peer_ips,
             peer_port=peer_ports,
-            direction=list(map(direction, built, repeat(listeners))),
+            direction=directions(protocols, local_ips, local_ports, peer_ips, listeners),
             inode=inode_column,
             uid=uids,
             process=list(map(processes.__getitem__, pids)),
