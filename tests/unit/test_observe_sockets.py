@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,49 @@ def test_connections_made_column_by_column_are_connections() -> None:
         make_connections(**(columns | {"uid": [0]}))
     with pytest.raises(ValueError, match="not the fields of Connection"):
         make_connections(**{name: column for name, column in columns.items() if name != "uid"})
+
+
+def test_a_cold_snapshot_on_two_threads_is_the_one_on_one(host: FakeProc) -> None:
+    two = snapshotter_at(host)
+    one = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), overlap=False
+    )
+    assert sorted(two.snapshot(), key=_by_inode) == sorted(one.snapshot(), key=_by_inode)
+
+
+def _by_inode(connection: Connection) -> int:
+    return connection.inode
+
+
+class _BrokenOnce:
+    """A socket source whose first read fails (on the helper thread, beside the fd scan)."""
+
+    def __init__(self, proc: FakeProc) -> None:
+        self._reader = SocketTableReader(f"{proc.path}/net")
+        self._reads = 0
+        self.fresh: list[SocketRecord] = []
+        self.threads: list[str] = []
+
+    def read(self) -> list[SocketRecord]:
+        self._reads += 1
+        self.threads.append(threading.current_thread().name)
+        if self._reads == 1:
+            raise RuntimeError("the table read broke")
+        records = self._reader.read()
+        self.fresh = self._reader.fresh
+        return records
+
+
+def test_an_error_beside_the_fd_scan_reaches_the_caller_and_the_next_snapshot_is_whole(
+    host: FakeProc,
+) -> None:
+    source = _BrokenOnce(host)
+    snapshotter = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), sockets=source
+    )
+    with pytest.raises(RuntimeError, match="the table read broke"):
+        snapshotter.snapshot()
+
+    assert summary(snapshotter) == summary(snapshotter_at(host))
+    assert source.threads[0] != threading.current_thread().name  # it was read beside
+    assert source.threads[1] != threading.current_thread().name  # the scan was retried
