@@ -16,10 +16,12 @@ any other connected socket is OUTBOUND.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import contextmanager
 from itertools import repeat
 from operator import attrgetter
 from typing import Any, Final
@@ -147,7 +149,10 @@ class SocketSnapshotter:
     def snapshot(self) -> list[Connection]:
         """Every TCP and UDP socket of this network namespace that a file holds."""
         with self._lock:
-            return self._snapshot()
+            if self._connections:
+                return self._snapshot()
+            with collector_paused():  # a cold one: every socket's objects made anew
+                return self._snapshot()
 
     def _snapshot(self) -> list[Connection]:
         self._read()
@@ -303,6 +308,23 @@ class SocketSnapshotter:
         if pid not in processes:
             processes[pid] = self._processes.get(pid)
         return processes[pid]
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a while (unless it was off already).
+
+    A cold snapshot makes some 50,000 objects, records and connections that all live on:
+    the young-generation collections they set off find no garbage, and cost about 5% of
+    the snapshot."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def make_connections(**columns: Sequence[Any]) -> list[Connection]:

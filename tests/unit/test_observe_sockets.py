@@ -4,6 +4,7 @@ made from them (snapshot.py) over a directory laid out like /proc."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import sys
 import threading
 from pathlib import Path
@@ -412,3 +413,27 @@ def test_an_error_beside_the_fd_scan_reaches_the_caller_and_the_next_snapshot_is
     assert summary(snapshotter) == summary(snapshotter_at(host))
     assert source.threads[0] != threading.current_thread().name  # it was read beside
     assert source.threads[1] != threading.current_thread().name  # the scan was retried
+
+
+def test_a_cold_snapshot_pauses_the_collector_and_leaves_it_as_it_found_it(
+    host: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    real = ProcessCache.get
+
+    def get(cache: ProcessCache, pid: int) -> ProcessInfo | None:
+        seen.append(gc.isenabled())
+        return real(cache, pid)
+
+    monkeypatch.setattr(ProcessCache, "get", get)
+    snapshotter = snapshotter_at(host)
+    snapshotter.snapshot()
+    assert seen
+    assert not any(seen)  # paused while the connections were made
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        snapshotter_at(host).snapshot()
+        assert not gc.isenabled()  # someone else's pause is not ended
+    finally:
+        gc.enable()
