@@ -13,7 +13,13 @@ import pytest
 
 from agent.observe.model import Connection, Direction, ProcessInfo
 from agent.observe.processes import ProcessCache
-from agent.observe.snapshot import SocketSnapshotter, make_connections
+from agent.observe.snapshot import (
+    SocketSnapshotter,
+    direction,
+    directions,
+    listening_ports,
+    make_connections,
+)
 from agent.observe.sockets import (
     TABLES,
     SocketRecord,
@@ -437,3 +443,24 @@ def test_a_cold_snapshot_pauses_the_collector_and_leaves_it_as_it_found_it(
         assert not gc.isenabled()  # someone else's pause is not ended
     finally:
         gc.enable()
+
+
+def test_directions_of_columns_are_those_of_each_record() -> None:
+    records = [
+        SocketRecord("tcp", "0.0.0.0", 22, "", 0, "LISTEN", 0, 1),
+        SocketRecord("tcp", "::", 80, "", 0, "LISTEN", 0, 2),
+        SocketRecord("tcp", "127.0.0.1", 5432, "", 0, "LISTEN", 0, 3),
+        SocketRecord("udp", "0.0.0.0", 53, "", 0, "UNCONN", 0, 4),
+    ]
+    for protocol in ("tcp", "udp"):
+        for local_ip in ("198.18.0.10", "127.0.0.1", "2001:db8::1", "::1"):
+            for port in (22, 53, 80, 5432, 40000):
+                records.append(
+                    SocketRecord(protocol, local_ip, port, "198.18.0.99", 1, "ESTABLISHED", 0, 9)
+                )
+    listeners = listening_ports(records)
+    columns = list(zip(*records, strict=True))
+
+    assert directions(columns[0], columns[1], columns[2], columns[3], listeners) == [
+        direction(record, listeners) for record in records
+    ]
