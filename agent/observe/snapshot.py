@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -130,12 +131,14 @@ class SocketSnapshotter:
         rescan_interval: float = RESCAN_INTERVAL,
         processes: ProcessCache | None = None,
         sockets: SocketSource | None = None,
-        overlap: bool = True,
+        overlap: bool | None = None,
     ) -> None:
         self._tables = socket_source(proc) if sockets is None else sockets
         self._owners = SocketOwners(proc, rescan_interval=rescan_interval)
         self._processes = ProcessCache(proc) if processes is None else processes
-        self._overlap = overlap  # full fd scans on two threads, one reading the tables too
+        # Full fd scans on two threads, one reading the tables too; by default only where
+        # this process may run on two cores (on one, a thread only adds GIL hand-overs).
+        self._overlap = len(os.sched_getaffinity(0)) > 1 if overlap is None else overlap
         self._lock = threading.Lock()
         # The last read of the tables.
         self._records: list[SocketRecord] = []

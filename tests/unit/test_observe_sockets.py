@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import sys
 import threading
 from pathlib import Path
@@ -464,3 +465,16 @@ def test_directions_of_columns_are_those_of_each_record() -> None:
     assert directions(columns[0], columns[1], columns[2], columns[3], listeners) == [
         direction(record, listeners) for record in records
     ]
+
+
+def test_on_one_core_the_tables_are_read_on_the_callers_thread(
+    host: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    source = _BrokenOnce(host)
+    snapshotter = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), sockets=source
+    )
+    with pytest.raises(RuntimeError, match="the table read broke"):
+        snapshotter.snapshot()
+    assert source.threads == [threading.current_thread().name]
