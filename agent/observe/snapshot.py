@@ -297,9 +297,10 @@ class SocketSnapshotter:
 
     def _read_beside(self, scan: FdScan) -> list[SocketRecord]:
         """The tables, read while this thread reads fds for the full scan; then both
-        threads read fds. On two cores that takes about a third off a cold snapshot, for
-        about a tenth more CPU: the fd links and the dump are mostly system calls, which
-        release the GIL (figures: docs/benchmarks.md)."""
+        threads read fds. The fd links and the dump are mostly system calls, which
+        release the GIL: with the second core free a cold snapshot of 10,000 sockets
+        takes 79 ms instead of 99, for 11 ms more CPU; with that core busy it is no
+        faster, for up to 44 ms more (docs/benchmarks.md)."""
 
         def tables_then_fds() -> list[SocketRecord]:
             records = self._tables.read()
