@@ -17,7 +17,8 @@ in that one process:
 * the /proc/*/fd scan (readlink of every fd of every process), which any socket ->
   process map has to pay once;
 * each source's reader, cold (a new one every time): the tables' records;
-* a cold SocketSnapshotter().snapshot() (new caches every time), on sock_diag;
+* a cold SocketSnapshotter().snapshot() (new caches every time), on sock_diag, with its
+  CPU time (all threads), and the same with overlap=False (one thread);
 * the steady state, later snapshots of one snapshotter: with nothing changed while every
   socket is idle (the tables print the same text again); with nothing changed while the
   closed sockets' TIME_WAIT timers tick (the text differs at every read, as it does on a
@@ -86,6 +87,7 @@ MEASURES = (
     "proc_reader",
     "diag_reader",
     "cold",
+    "cold_serial",
     "quiet",
     "quiet_proc",
     "moving",
@@ -254,11 +256,16 @@ def refuse_foreign_namespace() -> None:
         sys.exit(f"--inside: runs only in a {NAMESPACE_PREFIX}* namespace, not {here or 'root'!r}")
 
 
-def timed(action: Callable[[], object]) -> float:
+def timed(action: Callable[[], object], cpu: list[float] | None = None) -> float:
+    """Wall time of one call; its CPU time (all threads) appended to `cpu`, if given."""
     gc.collect()  # so one run does not pay for the garbage of the previous one
+    cpu_started = time.process_time()
     started = time.perf_counter()
     action()
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    if cpu is not None:
+        cpu.append(time.process_time() - cpu_started)
+    return elapsed
 
 
 def read_tables() -> None:
@@ -372,6 +379,7 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
     changed_workers = max(1, round(sockets * CHANGED_SHARE / (2 * PAIRS_PER_CHANGE)))
     chooser = random.Random(5)
     times: dict[str, list[float]] = {key: [] for key in MEASURES}
+    cpu: dict[str, list[float]] = {"cold": [], "cold_serial": []}
 
     def psutil_connections() -> None:
         psutil.net_connections(kind="inet")
@@ -397,7 +405,10 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
             times["fd_scan"].append(timed(scan_fds))
             times["proc_reader"].append(timed(lambda: SocketTableReader().read()))
             times["diag_reader"].append(timed(lambda: SockDiagReader().read()))
-            times["cold"].append(timed(lambda: SocketSnapshotter().snapshot()))
+            times["cold"].append(timed(lambda: SocketSnapshotter().snapshot(), cpu["cold"]))
+            times["cold_serial"].append(
+                timed(lambda: SocketSnapshotter(overlap=False).snapshot(), cpu["cold_serial"])
+            )
             times["quiet"].append(timed(snapshotter.snapshot))
             times["quiet_proc"].append(timed(on_proc.snapshot))
         # Then with sockets replaced between snapshots. The closed pairs linger in
@@ -416,6 +427,7 @@ def measure_inside(processes: int, sockets: int, runs: int) -> dict[str, Any]:
     return {
         "source": source,
         "times": times,
+        "cpu": cpu,
         "rss_mb": {"before": rss_before, "primed": rss_primed, "end": rss_end},
         "sockets": sum(expected.values()),
         "directions": {direction.value: count for direction, count in expected.items()},
@@ -462,6 +474,7 @@ def print_results(result: dict[str, Any], markdown: bool) -> None:
         "proc_reader": "records from /proc/net, cold (a new SocketTableReader)",
         "diag_reader": "records from sock_diag, cold (a new SockDiagReader)",
         "cold": "snapshot, cold (a new SocketSnapshotter)",
+        "cold_serial": "  the same on one thread (overlap=False)",
         "quiet": "snapshot, steady: nothing changed, tables' text the same",
         "quiet_proc": "  the same on /proc/net",
         "moving": "snapshot, steady: nothing changed, TIME_WAIT timers ticking",
@@ -481,6 +494,12 @@ def print_results(result: dict[str, Any], markdown: bool) -> None:
             f">= {target:.0f}x" if target else "",
         )
     console.print(table)
+    cpu = result["cpu"]
+    console.print(
+        "CPU time of a cold snapshot, all threads, median ms: "
+        f"{statistics.median(cpu['cold']) * 1e3:,.1f} "
+        f"(on one thread: {statistics.median(cpu['cold_serial']) * 1e3:,.1f})."
+    )
     rss = result["rss_mb"]
     console.print(
         f"RSS of the measuring process: {rss['before']:.1f} MB with the workers up, "

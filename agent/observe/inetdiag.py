@@ -29,7 +29,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from itertools import compress, count, repeat
-from typing import Final, cast
+from typing import Final
 
 from agent.netlink import (
     NLM_F_DUMP,
@@ -230,14 +230,13 @@ class RecordBuilder:
 
     def _texts(self, addresses: list[bytes]) -> list[str]:
         """The text of each packed address, from the cache where it can."""
-        texts: list[str | None] = list(map(self._addresses.get, addresses))
-        if None in texts:
-            if len(self._addresses) >= _ADDRESS_CACHE_LIMIT:
-                self._addresses.clear()
-            for index in [i for i, text in enumerate(texts) if text is None]:
-                packed = addresses[index]
-                text = self._addresses.get(packed)
-                if text is None:
-                    text = self._addresses[packed] = packed_address_text(packed)
-                texts[index] = text
-        return cast(list[str], texts)
+        known = self._addresses
+        # Each new address once: most sockets share their host's few local addresses.
+        new = set(addresses).difference(known)
+        if new:
+            if len(known) + len(new) > _ADDRESS_CACHE_LIMIT:
+                known.clear()
+                new = set(addresses)
+            for packed in new:
+                known[packed] = packed_address_text(packed)
+        return list(map(known.__getitem__, addresses))

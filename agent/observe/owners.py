@@ -61,6 +61,74 @@ def _preferred(current: int, candidate: int) -> bool:
     return candidate < current
 
 
+def open_fd_dir(proc: str, pid: int) -> int | None:
+    """An fd of /proc/<pid>/fd, None if the process is gone (or hidden from us)."""
+    try:
+        return os.open(f"{proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except _FD_GONE:
+        return None
+
+
+def read_all_fds(proc: str, pid: int) -> dict[str, int] | None:
+    """fd name -> socket inode (NOT_A_SOCKET for other files) of every fd of a process;
+    None if it is gone."""
+    directory = open_fd_dir(proc, pid)
+    if directory is None:
+        return None
+    try:
+        fds = {}
+        readlink = os.readlink  # _link_inode inlined: a full scan reads every fd
+        for name in os.listdir(directory):
+            try:
+                target = readlink(name, dir_fd=directory)
+            except _FD_GONE:
+                continue
+            if target.startswith(_SOCKET_PREFIX):
+                fds[name] = int(target[len(_SOCKET_PREFIX) : -1])
+            else:
+                fds[name] = NOT_A_SOCKET
+        return fds
+    except _GONE:
+        return None
+    finally:
+        os.close(directory)
+
+
+class FdScan:
+    """Every fd of every process alive when it started, read by whichever threads call
+    run() (no table needed: it can run while the table is read). Each process is read by
+    one thread only."""
+
+    def __init__(self, proc: str, live: frozenset[int], started: float) -> None:
+        self.live = live
+        self.started = started  # clock time
+        self._proc = proc
+        # A list iterator: next() is one step under the GIL, so threads sharing it never
+        # get the same pid (a generator would raise "already executing").
+        self._queue = iter(sorted(live))
+        self._fds: dict[int, dict[str, int]] = {}
+
+    def run(self) -> None:
+        """Read the processes no thread has taken yet, until none is left."""
+        proc, fds = self._proc, self._fds
+        for pid in self._queue:
+            read = read_all_fds(proc, pid)
+            if read is not None:
+                fds[pid] = read
+
+    def fds(self) -> dict[int, dict[str, int]]:
+        """pid -> {fd name: inode or NOT_A_SOCKET}, by pid (whichever thread read it)."""
+        return dict(sorted(self._fds.items()))
+
+
+def _least_preferred_first(pids: Iterable[int]) -> list[int]:
+    """Pids in the reverse of _preferred's order: init, then the others from the highest."""
+    ordered = sorted(pids, reverse=True)
+    if ordered and ordered[-1] == _INIT:
+        ordered.insert(0, ordered.pop())
+    return ordered
+
+
 class SocketOwners:
     """Socket inode -> (pid, fd) for the sockets of a socket table, kept between refreshes."""
 
@@ -100,15 +168,29 @@ class SocketOwners:
         """inode -> pid for every socket whose owner is known."""
         return {inode: pid for inode, (pid, _) in self._owners.items()}
 
-    def refresh(self, table: AbstractSet[int]) -> set[int]:
+    def refresh(self, table: AbstractSet[int], *, scan: FdScan | None = None) -> set[int]:
         """Bring the map up to date for the inodes of the socket table just read; return
-        the inodes of the table whose owner was found, lost or changed."""
+        the inodes of the table whose owner was found, lost or changed.
+
+        With a `scan` (of start_full_scan(), run while the table was read), this is a
+        full scan from what that read."""
         self._refreshes += 1
-        now = self._clock()
-        if self._last_full is None or now - self._last_full >= self._rescan_interval:
-            self._last_full = now
-            return self._full_scan(table)
-        changed: set[int] = set()
+        if scan is not None:
+            changed = self._full_scan(table, scan)
+            # The fds were read beside the table, not after it: a socket made meanwhile
+            # may be on an fd read before it existed. Looked for as any new socket is.
+            if self._orphans:
+                self._orphans = set()
+                self._live = self._list_pids()
+                for pid in self._fds.keys() - self._live:
+                    self._forget_pid(pid, table, changed)
+                self._search(set(table - self._owners.keys()), [], changed)
+            return changed
+        if self.full_scan_due():
+            scan = self.start_full_scan()
+            scan.run()
+            return self._full_scan(table, scan)
+        changed = set()
         self._live = self._list_pids()
         for pid in self._fds.keys() - self._live:
             self._forget_pid(pid, table, changed)
@@ -128,63 +210,45 @@ class SocketOwners:
             self._search(unknown, suspects, changed)
         return changed
 
+    def full_scan_due(self) -> bool:
+        """Whether the next refresh() reads every fd of every process."""
+        return self._last_full is None or self._clock() - self._last_full >= self._rescan_interval
+
+    def start_full_scan(self) -> FdScan:
+        """A full scan to run (FdScan.run(), on as many threads as wanted) and then give
+        to refresh(); one dropped unused changes nothing."""
+        return FdScan(self._proc, self._list_pids(), self._clock())
+
     # -- reading /proc ------------------------------------------------------------------
 
     def _list_pids(self) -> frozenset[int]:
         return frozenset(int(name) for name in os.listdir(self._proc) if name.isdigit())
 
     def _open_fd_dir(self, pid: int) -> int | None:
-        try:
-            return os.open(f"{self._proc}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except _FD_GONE:
-            return None
-
-    def _read_all_fds(self, pid: int) -> dict[str, int] | None:
-        directory = self._open_fd_dir(pid)
-        if directory is None:
-            return None
-        try:
-            fds = {}
-            readlink = os.readlink  # _link_inode inlined: a full scan reads every fd
-            for name in os.listdir(directory):
-                try:
-                    target = readlink(name, dir_fd=directory)
-                except _FD_GONE:
-                    continue
-                if target.startswith(_SOCKET_PREFIX):
-                    fds[name] = int(target[len(_SOCKET_PREFIX) : -1])
-                else:
-                    fds[name] = NOT_A_SOCKET
-            return fds
-        except _GONE:
-            return None
-        finally:
-            os.close(directory)
+        return open_fd_dir(self._proc, pid)
 
     # -- the full scan ------------------------------------------------------------------
 
-    def _full_scan(self, table: AbstractSet[int]) -> set[int]:
-        before = self.owners()
-        self._fds.clear()
-        self._owners.clear()
-        self._live = self._list_pids()
-        for pid in sorted(self._live):
-            fds = self._read_all_fds(pid)
-            if fds is None:
-                continue
-            self._fds[pid] = fds
-            for name, inode in fds.items():
-                if inode in table:
-                    held = self._owners.get(inode)
-                    if held is None or _preferred(held[0], pid):
-                        self._owners[inode] = (pid, name)
-        for inode in self._owners.keys() - table:  # sockets of other network namespaces
-            del self._owners[inode]
+    def _full_scan(self, table: AbstractSet[int], scan: FdScan) -> set[int]:
+        before = self._owners
+        self._last_full = scan.started
+        self._live = scan.live
+        self._fds = scan.fds()
+        owners: dict[int, tuple[int, str]] = {}
+        # The preferred holder of a shared socket is written last (see _preferred).
+        for pid in _least_preferred_first(self._fds):
+            owners.update(
+                {inode: (pid, name) for name, inode in self._fds[pid].items() if inode in table}
+            )
+        self._owners = owners
         self._table = table
-        self._orphans = set(table - self._owners.keys())
+        self._orphans = set(table - owners.keys())
         self._busy = {pid: busy for pid, busy in self._busy.items() if pid in self._fds}
+        if not before:  # the first scan: every owner found is news
+            return set(owners)
         # The sockets whose (inode, pid) pair came or went.
-        return {inode for inode, _ in before.items() ^ self.owners().items()}.intersection(table)
+        was = {inode: pid for inode, (pid, _) in before.items()}
+        return {inode for inode, _ in was.items() ^ self.owners().items()}.intersection(table)
 
     # -- the search for unknown inodes --------------------------------------------------
 
@@ -233,7 +297,7 @@ class SocketOwners:
 
     def _read_new_processes(self, unknown: set[int], changed: set[int]) -> None:
         for pid in sorted(self._live - self._fds.keys(), reverse=True):  # newest first
-            fds = self._read_all_fds(pid)
+            fds = read_all_fds(self._proc, pid)
             if fds is None:
                 continue
             self._fds[pid] = fds

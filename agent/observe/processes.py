@@ -42,6 +42,8 @@ def systemd_unit(cgroup: str) -> str:
     cgroup v2 has one line "0::/system.slice/nginx.service"; v1 and hybrid hierarchies
     have one line per controller, of which systemd's own ("name=systemd") is the one to
     trust, the unified line of a hybrid set-up before it."""
+    if not any(suffix in cgroup for suffix in UNIT_SUFFIXES):
+        return ""  # no unit anywhere (no systemd, a container): nothing to parse
     unified, systemd, others = [], [], []
     for line in cgroup.splitlines():
         hierarchy, _, path = line.partition(":")

@@ -174,6 +174,12 @@ class SockDiagReader:
     def _records(
         self, dump: _Dump, keys: list[Key], fresh: list[SocketRecord]
     ) -> list[SocketRecord]:
+        if not dump.by_key:  # a first read: every record is new (no index lists needed)
+            made = self._builder.records(dump.table, keys)
+            dump.by_key = dict(zip(keys, made, strict=True))
+            records = list(filter(None, made))
+            fresh += records
+            return records
         # The hot path: with few sockets changed, a lookup per socket, in C.
         found: list[SocketRecord | _Unseen | None] = list(
             map(dump.by_key.get, keys, repeat(_UNSEEN))

@@ -13,7 +13,8 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 
 from agent.observe.model import ProcessInfo
-from agent.observe.owners import SocketOwners
+from agent.observe.overlap import run_beside
+from agent.observe.owners import SocketOwners, read_all_fds
 from agent.observe.processes import (
     ProcessCache,
     describe_process,
@@ -215,6 +216,58 @@ def test_a_full_rescan_every_interval_catches_stale_owners(proc: FakeProc) -> No
     now[0] = 61.0
     assert owners.refresh(frozenset({1001})) == {1001}
     assert owners.owner(1001) == 101
+
+
+def test_a_full_scan_read_on_two_threads_is_the_one_read_on_one(
+    proc: FakeProc, readlinks: list[str]
+) -> None:
+    for pid in range(100, 140):
+        own_sockets = [pid * 10 + fd for fd in range(3, 8)]
+        proc.process(pid)
+        for fd, inode in enumerate(own_sockets, start=3):
+            proc.socket(pid, fd, inode)
+        proc.link(pid, 9, "/var/log/app.log")
+    table = frozenset(pid * 10 + fd for pid in range(100, 140) for fd in range(3, 8))
+    serial = owners_at(proc)
+    serial.refresh(table)
+    readlinks.clear()
+    owners = owners_at(proc)
+    scan = owners.start_full_scan()
+
+    run_beside(scan.run, scan.run, name="bh-test-scan")
+    changed = owners.refresh(table, scan=scan)
+
+    assert len(readlinks) == 40 * 6  # every fd once: no process read by both threads
+    assert scan.fds() == {pid: read_all_fds(proc.path, pid) for pid in range(100, 140)}
+    assert owners.owners() == serial.owners()
+    assert changed == table
+    assert not owners.full_scan_due()
+
+
+def test_a_socket_made_after_its_process_was_scanned_is_still_found(proc: FakeProc) -> None:
+    proc.process(100)
+    proc.socket(100, 3, 1001)
+    owners = owners_at(proc)
+    scan = owners.start_full_scan()
+    scan.run()  # beside the read of the table, which sees a socket made meanwhile
+    proc.socket(100, 4, 1002)
+    proc.process(200)
+    proc.socket(200, 3, 2001)
+
+    changed = owners.refresh(frozenset({1001, 1002, 2001}), scan=scan)
+
+    assert owners.owners() == {1001: 100, 1002: 100, 2001: 200}
+    assert changed == {1001, 1002, 2001}
+
+
+def test_a_full_scan_started_and_dropped_changes_nothing(proc: FakeProc) -> None:
+    proc.process(100)
+    proc.socket(100, 3, 1001)
+    owners = owners_at(proc)
+    owners.start_full_scan().run()  # as when the read of the table beside it failed
+
+    assert owners.full_scan_due()
+    assert owners.refresh(frozenset({1001})) == {1001}
 
 
 # -- processes.py ---------------------------------------------------------------------

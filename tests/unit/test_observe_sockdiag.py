@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.observe import sockdiag
+from agent.observe import inetdiag, sockdiag
 from agent.observe.inetdiag import DatagramResult, Key, decode_datagram, dump_request
 from agent.observe.sockdiag import SOURCE_PROC_NET, SOURCE_SOCK_DIAG, SockDiagReader
 from agent.observe.sockets import TABLES, SocketRecord, SocketTable, parse_table
@@ -234,6 +234,25 @@ def test_records_of_runs_of_mixed_lengths_across_datagrams() -> None:
         (1000 + i, "" if i % 3 == 0 else "2001:db8::9", "LISTEN" if i % 3 == 0 else "ESTABLISHED")
         for i in range(20)
     ]
+
+
+def test_address_texts_stay_right_when_their_cache_fills_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inetdiag, "_ADDRESS_CACHE_LIMIT", 4)
+    sockets = {
+        "tcp": [
+            Diag(ESTABLISHED, "198.18.0.1", 1000 + i, f"198.18.1.{i % 7}", 80, 0, 100 + i)
+            for i in range(30)
+        ]
+    }
+    reader = SockDiagReader(connection=FakeDiag(answering(sockets)))
+    for peer_port in (80, 81, 82):  # new records each time: their addresses looked up
+        sockets["tcp"] = [replace(diag, dport=peer_port) for diag in sockets["tcp"]]
+        records = reader.read()
+        assert [(r.local_ip, r.peer_ip, r.peer_port) for r in records] == [
+            ("198.18.0.1", f"198.18.1.{i % 7}", peer_port) for i in range(30)
+        ]
 
 
 def test_sockets_no_file_holds_are_left_out() -> None:

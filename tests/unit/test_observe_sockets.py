@@ -4,14 +4,23 @@ made from them (snapshot.py) over a directory laid out like /proc."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from agent.observe.model import Connection, Direction, ProcessInfo
 from agent.observe.processes import ProcessCache
-from agent.observe.snapshot import SocketSnapshotter, make_connections
+from agent.observe.snapshot import (
+    SocketSnapshotter,
+    direction,
+    directions,
+    listening_ports,
+    make_connections,
+)
 from agent.observe.sockets import (
     TABLES,
     SocketRecord,
@@ -365,3 +374,107 @@ def test_connections_made_column_by_column_are_connections() -> None:
         make_connections(**(columns | {"uid": [0]}))
     with pytest.raises(ValueError, match="not the fields of Connection"):
         make_connections(**{name: column for name, column in columns.items() if name != "uid"})
+
+
+def test_a_cold_snapshot_on_two_threads_is_the_one_on_one(host: FakeProc) -> None:
+    two = snapshotter_at(host)
+    one = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), overlap=False
+    )
+    assert sorted(two.snapshot(), key=_by_inode) == sorted(one.snapshot(), key=_by_inode)
+
+
+def _by_inode(connection: Connection) -> int:
+    return connection.inode
+
+
+class _BrokenOnce:
+    """A socket source whose first read fails (on the helper thread, beside the fd scan)."""
+
+    def __init__(self, proc: FakeProc) -> None:
+        self._reader = SocketTableReader(f"{proc.path}/net")
+        self._reads = 0
+        self.fresh: list[SocketRecord] = []
+        self.threads: list[str] = []
+
+    def read(self) -> list[SocketRecord]:
+        self._reads += 1
+        self.threads.append(threading.current_thread().name)
+        if self._reads == 1:
+            raise RuntimeError("the table read broke")
+        records = self._reader.read()
+        self.fresh = self._reader.fresh
+        return records
+
+
+def test_an_error_beside_the_fd_scan_reaches_the_caller_and_the_next_snapshot_is_whole(
+    host: FakeProc,
+) -> None:
+    source = _BrokenOnce(host)
+    snapshotter = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), sockets=source
+    )
+    with pytest.raises(RuntimeError, match="the table read broke"):
+        snapshotter.snapshot()
+
+    assert summary(snapshotter) == summary(snapshotter_at(host))
+    assert source.threads[0] != threading.current_thread().name  # it was read beside
+    assert source.threads[1] != threading.current_thread().name  # the scan was retried
+
+
+def test_a_cold_snapshot_pauses_the_collector_and_leaves_it_as_it_found_it(
+    host: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    real = ProcessCache.get
+
+    def get(cache: ProcessCache, pid: int) -> ProcessInfo | None:
+        seen.append(gc.isenabled())
+        return real(cache, pid)
+
+    monkeypatch.setattr(ProcessCache, "get", get)
+    snapshotter = snapshotter_at(host)
+    snapshotter.snapshot()
+    assert seen
+    assert not any(seen)  # paused while the connections were made
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        snapshotter_at(host).snapshot()
+        assert not gc.isenabled()  # someone else's pause is not ended
+    finally:
+        gc.enable()
+
+
+def test_directions_of_columns_are_those_of_each_record() -> None:
+    records = [
+        SocketRecord("tcp", "0.0.0.0", 22, "", 0, "LISTEN", 0, 1),
+        SocketRecord("tcp", "::", 80, "", 0, "LISTEN", 0, 2),
+        SocketRecord("tcp", "127.0.0.1", 5432, "", 0, "LISTEN", 0, 3),
+        SocketRecord("udp", "0.0.0.0", 53, "", 0, "UNCONN", 0, 4),
+    ]
+    for protocol in ("tcp", "udp"):
+        for local_ip in ("198.18.0.10", "127.0.0.1", "2001:db8::1", "::1"):
+            for port in (22, 53, 80, 5432, 40000):
+                records.append(
+                    SocketRecord(protocol, local_ip, port, "198.18.0.99", 1, "ESTABLISHED", 0, 9)
+                )
+    listeners = listening_ports(records)
+    columns = list(zip(*records, strict=True))
+
+    assert directions(columns[0], columns[1], columns[2], columns[3], listeners) == [
+        direction(record, listeners) for record in records
+    ]
+
+
+def test_on_one_core_the_tables_are_read_on_the_callers_thread(
+    host: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    source = _BrokenOnce(host)
+    snapshotter = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), sockets=source
+    )
+    with pytest.raises(RuntimeError, match="the table read broke"):
+        snapshotter.snapshot()
+    assert source.threads == [threading.current_thread().name]
