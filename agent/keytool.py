@@ -29,8 +29,6 @@ A request that cannot be served answers {"error": MESSAGE} (exit status 0); anyt
 from __future__ import annotations
 
 import json
-import socket
-import ssl
 import sys
 from typing import Any
 
@@ -41,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.identity import IdentityError, Names, Validity
+from bulkhead.presented import presented_certificate_pem
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
 
 
@@ -113,21 +112,13 @@ def presented_certificate(host: str, port: int, timeout: float) -> dict[str, str
     """The PEM certificate the TLS server at HOST:PORT presents, not verified (that is the
     next step of enrollment), as {"cert_pem": PEM}; {"unreachable": WHY} if there is none
     to be had there now."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
     try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
+        pem = presented_certificate_pem(host, port, timeout)
     except OSError as exc:
         return {"unreachable": str(exc)}
-    if der is None:
+    if pem is None:
         return {"error": f"{host}:{port} presented no certificate"}
-    return {"cert_pem": ssl.DER_cert_to_PEM_cert(der)}
+    return {"cert_pem": pem}
 
 
 def _parse_cert(data: bytes, what: str) -> x509.Certificate:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from bulkhead.presented import presented_certificate_pem
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 from bulkhead.v1.contract import TokenFormatError, parse_token
 from controller.cli.client import AdminClient
@@ -120,23 +119,13 @@ def ca_fingerprint(pem: bytes) -> str:
 def presented_certificate(address: str) -> bytes:
     """The PEM certificate presented at ADDRESS (HOST:PORT), not verified yet."""
     host, _, port = address.rpartition(":")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    context.set_alpn_protocols(["h2"])
     try:
-        with (
-            socket.create_connection(
-                (host.strip("[]"), int(port)), timeout=ENROLL_TIMEOUT_S
-            ) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
+        pem = presented_certificate_pem(host.strip("[]"), int(port), ENROLL_TIMEOUT_S)
     except OSError as exc:
         raise SimError(f"--enroll-address {address}: cannot reach the controller: {exc}") from exc
-    if der is None:
+    if pem is None:
         raise SimError(f"--enroll-address {address}: the controller presented no certificate")
-    return ssl.DER_cert_to_PEM_cert(der).encode()
+    return pem.encode()
 
 
 def issued_by(leaf_pem: bytes, ca_pem: bytes) -> bool:
