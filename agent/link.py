@@ -33,6 +33,7 @@ from agent.identity import (
 from agent.observe.observer import Observer
 from agent.observe.reports import FlowReports
 from agent.observe.wire import connection_message
+from bulkhead.channel import AGENT_STREAM_OPTIONS
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,11 @@ STABLE_STREAM_S = 5.0
 # Tamper reports (agent/tamper.py) kept while there is no stream; the oldest are dropped.
 TAMPER_BACKLOG_MAX = 100
 FLOW_REPORT_INTERVAL_S = 2.0
-# Pings notice a controller that vanished without closing the connection.
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     # The controller is verified by this name (its certificate always carries it),
     # whatever address it is dialled at.
     ("grpc.ssl_target_name_override", CONTROLLER_NAME),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    *AGENT_STREAM_OPTIONS,
 ]
 
 

@@ -17,6 +17,7 @@ import click
 import grpc
 
 from bulkhead import sdnotify
+from bulkhead.channel import SERVER_STREAM_OPTIONS
 from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
@@ -56,6 +57,7 @@ SERVER_OPTIONS = [
     # TLS records of 4 KB rather than 16: each stream holds buffers of that size, and
     # agents' messages are mostly small. 50 MB less with 10,000 agents (docs/benchmarks.md).
     ("grpc.tsi.max_frame_size", 4096),
+    *SERVER_STREAM_OPTIONS,
 ]
 
 

@@ -17,19 +17,18 @@ from typing import Any
 
 import grpc
 
+from bulkhead.channel import AGENT_STREAM_OPTIONS
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc, ruleset_pb2
 from bulkhead.v1.contract import DeltaError, DeltaHashMismatch, delta_result, ruleset_hash
 from controller.pki import CONTROLLER_NAME
 from controller.sim.credentials import AgentCredentials
 
 AGENT_VERSION = "bulkhead-sim"
-# As the real agent's channel: keepalive pings notice a controller that vanished.
-CHANNEL_OPTIONS = [
+# The real agent's stream settings (bulkhead.channel), and one TCP connection per agent,
+# as with real hosts, never a shared subchannel.
+CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     ("grpc.ssl_target_name_override", CONTROLLER_NAME),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # One TCP connection per agent, as with real hosts, never a shared subchannel.
+    *AGENT_STREAM_OPTIONS,
     ("grpc.use_local_subchannel_pool", 1),
 ]
 # The generated stub class is untyped; this alias gives it a type.
