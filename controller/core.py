@@ -393,7 +393,10 @@ class Controller:
 
     def last_seen_ms(self, agent: AgentRecord) -> int:
         """When the agent was last heard from, including heartbeats not yet written."""
-        return max(agent.last_seen_ms, self._seen_ms.get(agent.agent_id, 0))
+        return self._last_seen(agent.agent_id, agent.last_seen_ms)
+
+    def _last_seen(self, agent_id: str, stored_ms: int) -> int:
+        return max(stored_ms, self._seen_ms.get(agent_id, 0))
 
     def flush_last_seen(self) -> int:
         """Write the heartbeat and disconnect times gathered since the last flush, and the
@@ -492,7 +495,7 @@ class Controller:
         # Written with the next batch (flush_last_seen): one transaction per ack was most
         # of the controller's time when a change reached thousands of agents. A crash
         # loses nothing the agents do not report again when they reconnect.
-        self._store.put_agent_later(agent)
+        self._store.put_applied_later(agent)
 
     def check_stuck(self) -> set[str]:
         """Cut the streams of agents that have not answered what they were sent for the
@@ -533,14 +536,19 @@ class Controller:
 
     def is_offline(self, agent: AgentRecord, at_ms: int | None = None) -> bool:
         """Not connected and silent for longer than the offline threshold."""
-        silent_ms = (at_ms if at_ms is not None else now_ms()) - self.last_seen_ms(agent)
-        return not self.is_connected(agent.agent_id) and silent_ms > self._offline_after_ms
+        at = at_ms if at_ms is not None else now_ms()
+        return self._offline(agent.agent_id, agent.last_seen_ms, at)
+
+    def _offline(self, agent_id: str, stored_last_seen_ms: int, at_ms: int) -> bool:
+        silent_ms = at_ms - self._last_seen(agent_id, stored_last_seen_ms)
+        return not self.is_connected(agent_id) and silent_ms > self._offline_after_ms
 
     def check_offline(self) -> set[str]:
         """Re-evaluate which agents are offline (called periodically); with isolation,
         recompile when that changes. Returns the offline agents."""
         at = now_ms()
-        offline = {a.agent_id for a in self._store.list_agents() if self.is_offline(a, at)}
+        seen = self._store.agents_last_seen()  # every 5 s: no copies of the records
+        offline = {agent_id for agent_id, ms in seen.items() if self._offline(agent_id, ms, at)}
         if self._offline_isolation and frozenset(offline) != self._isolated:
             log.warning("offline agents now %s; recompiling their peers", sorted(offline) or "none")
             self._recompile(offline ^ self._isolated)

@@ -5,7 +5,8 @@ leaves either the old or the new state, never half a policy batch.
 
 Agents are also held in memory (one process owns the store, so the table cannot change
 behind it): reads cost a copy, not a query and three JSON decodes, and what agents report
-at a high rate (acks) can be written in batches (put_agent_later, write_unwritten).
+at a high rate (hellos, acks) can be written in batches (put_agent_later,
+put_applied_later, write_unwritten).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ class SqliteStore:
         self._agents: dict[str, AgentRecord] = {}
         self._staged: dict[str, AgentRecord] | None = None  # put in the open transaction
         self._unwritten: set[str] = set()  # in memory, row not written yet
+        self._unwritten_applied: set[str] = set()  # only the ack's columns not written yet
         try:
             # Readable by the controller alone: token hashes, certificates, audit, flows.
             # SQLite gives the -wal and -shm files the database file's permissions.
@@ -213,7 +215,7 @@ class SqliteStore:
             )
 
     def close(self) -> None:
-        if self._unwritten:
+        if self._unwritten or self._unwritten_applied:
             with self.transaction():
                 self.write_unwritten()
         self._db.close()
@@ -450,18 +452,44 @@ class SqliteStore:
         merged = {**self._agents, **(self._staged or {})}
         return [_copy(merged[agent_id]) for agent_id in sorted(merged)]
 
+    def agents_last_seen(self) -> dict[str, int]:
+        """Every agent's last-seen time as stored, without copying 10,000 records."""
+        merged = {**self._agents, **(self._staged or {})}
+        return {agent_id: agent.last_seen_ms for agent_id, agent in merged.items()}
+
     def put_agent_later(self, agent: AgentRecord) -> None:
         """Keep AGENT now and write it with the next write_unwritten: for what agents report
         at a high rate, which they report again if it is lost in a crash."""
         self._agents[agent.agent_id] = _stored(agent)
         self._unwritten.add(agent.agent_id)
+        self._unwritten_applied.discard(agent.agent_id)
+
+    def put_applied_later(self, agent: AgentRecord) -> None:
+        """As put_agent_later, for an ack: AGENT differs from the stored record only in its
+        applied state, last error and last seen, so the batch writes those columns alone
+        (no JSON encoding of labels and addresses for 10,000 acks)."""
+        self._agents[agent.agent_id] = _stored(agent)
+        if agent.agent_id not in self._unwritten:
+            self._unwritten_applied.add(agent.agent_id)
 
     def write_unwritten(self) -> int:
-        """Write the agents kept by put_agent_later; call inside a transaction."""
+        """Write the agents kept by put_agent_later and put_applied_later; call inside a
+        transaction. Returns how many."""
         unwritten, self._unwritten = self._unwritten, set()
+        applied, self._unwritten_applied = self._unwritten_applied - unwritten, set()
         for agent_id in sorted(unwritten):
             self._write_agent(self._agents[agent_id])
-        return len(unwritten)
+        rows = [
+            (a.applied_revision, a.applied_hash, a.applied_parts, a.last_error, a.last_seen_ms,
+             a.agent_id)
+            for a in (self._agents[agent_id] for agent_id in sorted(applied))
+        ]  # fmt: skip
+        self._db.executemany(
+            "UPDATE agents SET applied_revision=?, applied_hash=?, applied_parts=?, "
+            "last_error=?, last_seen_ms=? WHERE agent_id=?",
+            rows,
+        )
+        return len(unwritten) + len(rows)
 
     def _current(self, agent_id: str) -> AgentRecord | None:
         if self._staged is not None and agent_id in self._staged:
@@ -480,6 +508,7 @@ class SqliteStore:
         self._write_agent(stored)
         self._stage(stored)
         self._unwritten.discard(agent.agent_id)
+        self._unwritten_applied.discard(agent.agent_id)
 
     def _write_agent(self, agent: AgentRecord) -> None:
         self._db.execute(

@@ -87,6 +87,52 @@ def test_an_agent_put_later_is_read_at_once_and_written_in_the_batch(tmp_path: P
     assert applied_revision(SqliteStore(tmp_path / "c.db")) == 8
 
 
+def test_an_ack_put_later_writes_its_columns_and_never_hides_a_pending_full_write(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    with store.transaction():
+        store.put_agent(AgentRecord(agent_id="web", hostname="old"))
+        store.put_agent(AgentRecord(agent_id="db", hostname="db-1"))
+    hello = store.get_agent("web")
+    assert hello is not None
+    hello.hostname = "new"  # a hello: the whole row is written later
+    store.put_agent_later(hello)
+    for agent_id, revision in (("web", 7), ("db", 9)):
+        acked = store.get_agent(agent_id)
+        assert acked is not None
+        acked.applied_revision, acked.applied_hash = revision, f"h{revision}"
+        acked.applied_parts, acked.last_error, acked.last_seen_ms = b"p", "", 1234
+        store.put_applied_later(acked)
+    with store.transaction():
+        assert store.write_unwritten() == 2
+    reopened = SqliteStore(tmp_path / "c.db")
+    web, db = reopened.get_agent("web"), reopened.get_agent("db")
+    assert web is not None
+    assert db is not None
+    assert (web.hostname, web.applied_revision, web.applied_hash) == ("new", 7, "h7")
+    assert (db.hostname, db.applied_revision, db.applied_parts, db.last_seen_ms) == (
+        "db-1", 9, b"p", 1234,
+    )  # fmt: skip
+    acked = store.get_agent("db")
+    assert acked is not None
+    acked.last_error = "apply failed"
+    store.put_applied_later(acked)
+    store.close()  # writes what is left
+    db = SqliteStore(tmp_path / "c.db").get_agent("db")
+    assert db is not None
+    assert db.last_error == "apply failed"
+
+
+def test_agents_last_seen_includes_a_put_inside_the_open_transaction(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "c.db")
+    with store.transaction():
+        store.put_agent(AgentRecord(agent_id="web", last_seen_ms=5))
+        store.put_agent(AgentRecord(agent_id="db", last_seen_ms=6))
+        assert store.agents_last_seen() == {"web": 5, "db": 6}
+    assert store.agents_last_seen() == {"web": 5, "db": 6}
+
+
 def addresses(store: SqliteStore) -> list[str]:
     agent = store.get_agent("web")
     assert agent is not None
