@@ -151,21 +151,18 @@ class SimAgent:
         """Hold one stream until the controller ends it (returns) or it fails (raises
         grpc.aio.AioRpcError or ResyncNeeded). ON_UP is called at the first answer."""
         self.up = False
-        outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
-        outbox.put_nowait(agent_pb2.AgentMessage(hello=self.hello()))
         credentials = grpc.ssl_channel_credentials(
             self._ca_pem, self._credentials.key_pem, self._credentials.cert_pem
         )
         async with grpc.aio.secure_channel(
             self._controller, credentials, options=CHANNEL_OPTIONS
         ) as channel:
-            # Written with call.write() from a task of ours rather than a request iterator:
-            # grpc's own iterator task would outlive a failed call, stuck on the queue.
+            # Written with call.write() rather than a request iterator: grpc's own iterator
+            # task would outlive a failed call.
             call: _Call = _AGENT_STUB(channel).Connect()
-            helpers = [
-                asyncio.create_task(_write(call, outbox)),
-                asyncio.create_task(_heartbeats(outbox, heartbeat_interval)),
-            ]
+            writer = _Writer(call)
+            await writer.send(agent_pb2.AgentMessage(hello=self.hello()))
+            beats = asyncio.create_task(_heartbeats(writer, heartbeat_interval))
             try:
                 async for message in call:
                     was_up = self.up
@@ -173,24 +170,37 @@ class SimAgent:
                     if not was_up:
                         on_up()
                     if answer is not None:
-                        outbox.put_nowait(answer)
+                        # Acked from this task, not handed to a writer task: with 10,000
+                        # agents in one process each hop is felt in the latency measured.
+                        await writer.send(answer)
             finally:
                 self.up = False
                 call.cancel()
-                for task in helpers:
-                    task.cancel()
-                await asyncio.gather(*helpers, return_exceptions=True)
+                beats.cancel()
+                await asyncio.gather(beats, return_exceptions=True)
 
 
-async def _write(call: _Call, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
-    while True:
-        await call.write(await outbox.get())
+class _Writer:
+    """One write at a time on the call (grpc.aio allows no more), from any task."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._lock = asyncio.Lock()
+
+    async def send(self, message: agent_pb2.AgentMessage) -> None:
+        async with self._lock:
+            if self._call.done():
+                return  # the read side reports how the call ended
+            try:
+                await self._call.write(message)
+            except asyncio.InvalidStateError:
+                return  # finished while we waited: as above
 
 
-async def _heartbeats(outbox: asyncio.Queue[agent_pb2.AgentMessage], interval: float) -> None:
+async def _heartbeats(writer: _Writer, interval: float) -> None:
     # The first beat at a random point of the interval, so a fleet does not beat in step.
     await asyncio.sleep(random.uniform(0, interval))
     while True:
         beat = agent_pb2.Heartbeat(sent_unix_ms=int(time.time() * 1000))
-        outbox.put_nowait(agent_pb2.AgentMessage(heartbeat=beat))
+        await writer.send(agent_pb2.AgentMessage(heartbeat=beat))
         await asyncio.sleep(interval)

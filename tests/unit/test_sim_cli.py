@@ -1,7 +1,9 @@
-"""bulkhead-sim: command-line checks (no controller is contacted) and the bench's policy."""
+"""bulkhead-sim: command-line checks (no controller is contacted) and the bench's policy
+and collector pause."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from controller.policy import Policy, parse_documents
-from controller.sim.benchmark import ring_policy, round_names
+from controller.sim.benchmark import collector_paused, ring_policy, round_names
 from controller.sim.errors import SimError
 from controller.sim.main import enrollment_address, host_port, main
 from controller.sim.spec import parse_label_pattern
@@ -98,3 +100,20 @@ def test_rounds_create_the_policy_then_change_its_port() -> None:
         ("port changed to tcp/8081", 8081),
         ("port changed to tcp/8082", 8082),
     ]
+
+
+def test_the_collector_is_paused_while_a_round_is_timed_and_restored_after() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a round failed")
+    assert gc.isenabled(), "restored when the round fails"
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled(), "left off when it was off"
+    finally:
+        gc.enable()
