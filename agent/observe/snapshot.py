@@ -296,18 +296,12 @@ class SocketSnapshotter:
         return records
 
     def _read_beside(self, scan: FdScan) -> list[SocketRecord]:
-        """The tables, read while this thread reads fds for the full scan; then both
-        threads read fds. The fd links and the dump are mostly system calls, which
-        release the GIL: with the second core free a cold snapshot of 10,000 sockets
-        takes 79 ms instead of 99, for 11 ms more CPU; with that core busy it is no
-        faster, for up to 44 ms more (docs/benchmarks.md)."""
-
-        def tables_then_fds() -> list[SocketRecord]:
-            records = self._tables.read()
-            scan.run()
-            return records
-
-        records, _ = run_beside(tables_then_fds, scan.run, name=_HELPER_THREAD)
+        """The tables, read on a helper thread while this one reads every fd for the full
+        scan. The dump is mostly waiting in recv(), which releases the GIL, so it hides
+        behind the scan. Sharing the fd scan itself between both threads was slower than
+        reading it on one: its system calls are 3 µs each, and every one of them handed the
+        GIL to the other thread (docs/benchmarks.md)."""
+        records, _ = run_beside(self._tables.read, scan.run, name=_HELPER_THREAD)
         return records
 
     def _process(self, inode: int, processes: dict[int, ProcessInfo | None]) -> ProcessInfo | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.observe import owners as owners_module
 from agent.observe.model import Connection, Direction, ProcessInfo
 from agent.observe.processes import ProcessCache
 from agent.observe.snapshot import (
@@ -391,9 +392,9 @@ def _by_inode(connection: Connection) -> int:
 class _BrokenOnce:
     """A socket source whose first read fails (on the helper thread, beside the fd scan)."""
 
-    def __init__(self, proc: FakeProc) -> None:
+    def __init__(self, proc: FakeProc, *, fail_first: bool = True) -> None:
         self._reader = SocketTableReader(f"{proc.path}/net")
-        self._reads = 0
+        self._reads = 0 if fail_first else 1
         self.fresh: list[SocketRecord] = []
         self.threads: list[str] = []
 
@@ -420,6 +421,29 @@ def test_an_error_beside_the_fd_scan_reaches_the_caller_and_the_next_snapshot_is
     assert summary(snapshotter) == summary(snapshotter_at(host))
     assert source.threads[0] != threading.current_thread().name  # it was read beside
     assert source.threads[1] != threading.current_thread().name  # the scan was retried
+
+
+def test_a_cold_snapshot_reads_every_fd_on_the_callers_thread_and_the_tables_beside(
+    host: FakeProc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two threads sharing the fd scan were slower than one: each readlink handed the GIL
+    # over. Only the table dump, mostly spent waiting in recv(), goes to the helper.
+    readers: set[str] = set()
+    real = owners_module.read_all_fds
+
+    def read_all_fds(proc: str, pid: int) -> dict[str, int] | None:
+        readers.add(threading.current_thread().name)
+        return real(proc, pid)
+
+    monkeypatch.setattr(owners_module, "read_all_fds", read_all_fds)
+    source = _BrokenOnce(host, fail_first=False)  # it notes the thread of each read
+    snapshotter = SocketSnapshotter(
+        host.path, processes=ProcessCache(host.path, describe=describe), sockets=source
+    )
+
+    assert summary(snapshotter) == summary(snapshotter_at(host))
+    assert readers == {threading.current_thread().name}
+    assert source.threads[0] != threading.current_thread().name
 
 
 def test_a_cold_snapshot_pauses_the_collector_and_leaves_it_as_it_found_it(
