@@ -3,7 +3,8 @@
 Neither end may run the bandwidth-delay probe: it costs a PING and its answer per burst of
 data received, which doubled gRPC's I/O work in a 10,000-agent fan-out. Whether it runs is
 seen in gRPC's own `bdp_estimator` trace, in a fresh interpreter (the trace is read at
-import). A control run with default options shows the trace does report probes.
+import). A control run with default options shows the trace does report probes. The
+window the agent announces instead is seen in the `http` trace of the SETTINGS frame.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+
+from bulkhead.channel import AGENT_STREAM_WINDOW_BYTES
 
 ECHO_CODE = """
 import asyncio, sys
@@ -50,21 +53,26 @@ asyncio.run(main())
 """
 
 
-def probes(options: str) -> tuple[int, int]:
-    """BDP probes started by (the client, the server) while 20 messages are echoed."""
+def echoed(options: str) -> tuple[str, list[str]]:
+    """The server's port and gRPC's trace lines while 20 messages are echoed."""
     done = subprocess.run(
         [sys.executable, "-c", ECHO_CODE, options],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={"GRPC_TRACE": "bdp_estimator", "GRPC_VERBOSITY": "debug", "PATH": "/usr/bin"},
+        env={"GRPC_TRACE": "bdp_estimator,http", "GRPC_VERBOSITY": "debug", "PATH": "/usr/bin"},
     )
     assert done.returncode == 0, done.stderr
-    server_port = done.stdout.split()[-1]
+    return done.stdout.split()[-1], done.stderr.splitlines()
+
+
+def probes(options: str) -> tuple[int, int]:
+    """BDP probes started by (the client, the server) while 20 messages are echoed."""
+    server_port, lines = echoed(options)
     # "bdp[ipv4:127.0.0.1:PORT]:start": PORT is the peer's, so the server's port
     # marks the client's estimator.
-    started = [line for line in done.stderr.splitlines() if "]:start" in line]
+    started = [line for line in lines if "]:start" in line]
     by_client = sum(f":{server_port}]" in line for line in started)
     return by_client, len(started) - by_client
 
@@ -77,3 +85,11 @@ def test_the_trace_shows_probes_with_grpc_defaults(side: str) -> None:
 
 def test_neither_the_agent_nor_the_controller_probes() -> None:
     assert probes("bulkhead") == (0, 0)
+
+
+def test_the_agent_announces_its_fixed_window() -> None:
+    # With no probe the window never grows: the agent asks for 1 MiB from the start.
+    _, lines = echoed("bulkhead")
+    announced = [line for line in lines if "SVR" in line and "INITIAL_WINDOW_SIZE" in line]
+    assert announced, "the server logged no SETTINGS from the agent"
+    assert all(line.endswith(f"= {AGENT_STREAM_WINDOW_BYTES}") for line in announced)
