@@ -7,8 +7,8 @@ Run as root: .venv/bin/python bench/packet_cost_bench.py [--peers 10000] [--roun
 Namespaces bh-pc-<pid>-srv and bh-pc-<pid>-cli (always deleted, with whatever runs in
 them) are joined by a veth pair. Two servers (SO_REUSEPORT) accept on tcp/5432 and close
 at once; CLIENTS generator processes connect and close (SO_LINGER 0: a reset, so no
-TIME_WAIT uses up ports) as fast as they can. The server namespace holds one of four
-configurations, run interleaved (a, b, c, d, a, b, c, d, ...) so drift hits all alike:
+TIME_WAIT uses up ports) as fast as they can. The server namespace holds one of five
+configurations, run interleaved (a, b, c, d, e, a, b, ...) so drift hits all alike:
 * a: no firewall at all (no table, so no conntrack either);
 * b: Bulkhead's table, loaded by the agent's backend (make_backend("nftables")), allowing
   tcp/5432 from one set of PEERS host addresses, the client's among them;
@@ -18,7 +18,11 @@ configurations, run interleaved (a, b, c, d, a, b, c, d, ...) so drift hits all 
   so each new connection's first packet walks all of them; later packets are
   established in b and c alike, so b against c is the peer lookup of each SYN;
 * d: conntrack alone (established/related accepted, policy accept), to tell how much of
-  b's cost any stateful firewall pays.
+  b's cost any stateful firewall pays;
+* e: the set form without connection tracking for the allowed service (hand-written,
+  not Bulkhead's table): `notrack` at raw priority for tcp/5432 from the set and for its
+  replies, then stateless accepts where b has `ct state`. What an opt-in untracked rule
+  (Calico's doNotTrack) would load, to show what the per-packet target costs.
 
 A phase is SECONDS of load; its rate is the connections per second of all generators.
 Printed per configuration: the median over ROUNDS phases, b/a and c/a (target: b/a >=
@@ -76,6 +80,7 @@ CONFIGS = {
     "sets": "b: Bulkhead, set",
     "rules": "c: rule per peer",
     "conntrack": "d: conntrack only",
+    "untracked": "e: set, untracked",
 }
 CONNTRACK_TABLE = "conntrack"
 # Configuration d: state tracking and nothing else, so b's cost splits into conntrack's
@@ -87,6 +92,7 @@ CONNTRACK_SCRIPT = f"""table inet {CONNTRACK_TABLE} {{
   }}
 }}
 """
+UNTRACKED_TABLE = "untracked"
 OPEN_CONFIGS = ("none", "conntrack")  # configurations that let anyone in
 NAMESPACE_PREFIX = "bh-pc-"
 LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends a reset
@@ -95,6 +101,37 @@ LINGER_RESET = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends a r
 def allowed_peers(count: int) -> list[str]:
     """COUNT addresses in ascending order, the client's last."""
     return [str(PEERS_FROM + i) for i in range(count - 1)] + [CLIENT_ADDRESS]
+
+
+def untracked_rules(peers: Sequence[str]) -> str:
+    """Configuration e as an `nft -f` script: the allowed service bypasses conntrack."""
+    lines = [
+        f"table inet {UNTRACKED_TABLE} {{",
+        f"  set {SET_GROUP} {{ type ipv4_addr; elements = {{ {', '.join(peers)} }} }}",
+        "  chain raw_in {",
+        "    type filter hook prerouting priority raw;",
+        f"    ip saddr @{SET_GROUP} tcp dport {PORT} notrack",
+        "  }",
+        "  chain raw_out {",
+        "    type filter hook output priority raw;",
+        f"    ip daddr @{SET_GROUP} tcp sport {PORT} notrack",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority 0; policy drop;",
+        '    iif "lo" accept',
+        "    ct state established,related accept",
+        "    ct state invalid drop",
+        f"    ip saddr @{SET_GROUP} tcp dport {PORT} counter accept",
+        "  }",
+        "  chain output {",
+        "    type filter hook output priority 0; policy drop;",
+        '    oif "lo" accept',
+        "    ct state established,related accept",
+        f"    ip daddr @{SET_GROUP} tcp sport {PORT} accept",
+        "  }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def per_peer_rules(peers: Sequence[str]) -> str:
@@ -174,15 +211,19 @@ def _nft(*argv: str, stdin: str | None = None) -> str:
 
 
 def _allow_rule_packets(config: str) -> int:
-    """Packets counted by the rule that accepts the client: Bulkhead's set rule, or the
-    client's own rule in configuration c."""
-    table = "bulkhead" if config == "sets" else PER_PEER_TABLE
-    marker = f"@{SET_GROUP}_v4" if config == "sets" else CLIENT_ADDRESS
+    """Packets counted by the rule that accepts the client: Bulkhead's set rule, the
+    client's own rule in configuration c, the set rule in e."""
+    table, marker = {
+        "sets": ("bulkhead", f"@{SET_GROUP}_v4"),
+        "rules": (PER_PEER_TABLE, CLIENT_ADDRESS),
+        "untracked": (UNTRACKED_TABLE, f"@{SET_GROUP}"),
+    }[config]
     listing = json.loads(_nft("-j", "list", "table", "inet", table))
     for item in listing["nftables"]:
         expressions = item.get("rule", {}).get("expr", [])
-        if any(e.get("match", {}).get("right") == marker for e in expressions):
-            return next(int(e["counter"]["packets"]) for e in expressions if "counter" in e)
+        counters = [int(e["counter"]["packets"]) for e in expressions if "counter" in e]
+        if counters and any(e.get("match", {}).get("right") == marker for e in expressions):
+            return counters[0]
     raise LookupError(f"no rule matching {marker} in table inet {table}")
 
 
@@ -208,6 +249,7 @@ def firewall(peers: int) -> None:
     baseline = Baseline(mode=Mode.ENFORCE, failsafe_inbound=(PortSpec("tcp", 22, 22),))
     scripts = {"rules": (PER_PEER_TABLE, per_peer_rules(addresses))}
     scripts["conntrack"] = (CONNTRACK_TABLE, CONNTRACK_SCRIPT)
+    scripts["untracked"] = (UNTRACKED_TABLE, untracked_rules(addresses))
     backend = make_backend("nftables")  # kept for the run, as an agent keeps its table
     loaded = "none"
     for line in sys.stdin:
@@ -413,7 +455,7 @@ def report(phases: Sequence[Phase], args: argparse.Namespace) -> None:
     console.print(table)
     per_round = {
         c: [p.rate / a.rate for p, a in zip(by_config[c], by_config["none"], strict=True)]
-        for c in ("sets", "rules", "conntrack")
+        for c in ("sets", "rules", "conntrack", "untracked")
     }
     ratio = medians["sets"] / medians["none"]
     paired = {c: statistics.median(ratios) for c, ratios in per_round.items()}
@@ -423,7 +465,7 @@ def report(phases: Sequence[Phase], args: argparse.Namespace) -> None:
         f"b/c = {medians['sets'] / medians['rules']:.2f}, "
         f"b/d = {medians['sets'] / medians['conntrack']:.3f}; "
         f"median of per-round ratios: b/a {paired['sets']:.3f}, c/a {paired['rules']:.3f}, "
-        f"d/a {paired['conntrack']:.3f}"
+        f"d/a {paired['conntrack']:.3f}, e/a {paired['untracked']:.3f}"
     )
     console.print(
         f"{os.cpu_count()} CPUs shared by {args.clients} generators, {SERVERS} servers and the "
