@@ -466,9 +466,16 @@ class SqliteStore:
 
     def put_applied_later(self, agent: AgentRecord) -> None:
         """As put_agent_later, for an ack: AGENT differs from the stored record only in its
-        applied state, last error and last seen, so the batch writes those columns alone
-        (no JSON encoding of labels and addresses for 10,000 acks)."""
-        self._agents[agent.agent_id] = _stored(agent)
+        applied state, last error and last seen. Those are set on the record kept (no copy
+        made: 10,000 acks per change) and the batch writes those columns alone (no JSON
+        encoding of labels and addresses)."""
+        kept = self._agents.get(agent.agent_id)
+        if kept is None or (self._staged is not None and agent.agent_id in self._staged):
+            self.put_agent_later(agent)  # not the case for an ack; written whole
+            return
+        kept.applied_revision, kept.applied_hash = agent.applied_revision, agent.applied_hash
+        kept.applied_parts, kept.last_error = agent.applied_parts, agent.last_error
+        kept.last_seen_ms = agent.last_seen_ms or now_ms()
         if agent.agent_id not in self._unwritten:
             self._unwritten_applied.add(agent.agent_id)
 

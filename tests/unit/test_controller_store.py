@@ -98,12 +98,15 @@ def test_an_ack_put_later_writes_its_columns_and_never_hides_a_pending_full_writ
     assert hello is not None
     hello.hostname = "new"  # a hello: the whole row is written later
     store.put_agent_later(hello)
+    read_before = store.get_agent("db")
     for agent_id, revision in (("web", 7), ("db", 9)):
         acked = store.get_agent(agent_id)
         assert acked is not None
         acked.applied_revision, acked.applied_hash = revision, f"h{revision}"
         acked.applied_parts, acked.last_error, acked.last_seen_ms = b"p", "", 1234
         store.put_applied_later(acked)
+    assert read_before is not None
+    assert read_before.applied_revision == 0, "a record read earlier is a copy, left as it was"
     with store.transaction():
         assert store.write_unwritten() == 2
     reopened = SqliteStore(tmp_path / "c.db")
