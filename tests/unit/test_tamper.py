@@ -301,6 +301,7 @@ def test_a_monitor_event_on_our_table_wakes_a_check(kernel: FakeKernel, tmp_path
             await _until(lambda: bool(events))
         finally:
             watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
 
     asyncio.run(scenario())
     assert len(events) == 1
