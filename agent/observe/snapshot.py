@@ -136,8 +136,8 @@ class SocketSnapshotter:
         self._tables = socket_source(proc) if sockets is None else sockets
         self._owners = SocketOwners(proc, rescan_interval=rescan_interval)
         self._processes = ProcessCache(proc) if processes is None else processes
-        # Full fd scans on two threads, one reading the tables too; by default only where
-        # this process may run on two cores (on one, a thread only adds GIL hand-overs).
+        # For a full fd scan, the tables are read on a helper thread meanwhile; by default
+        # only where this process may run on two cores (on one it only adds GIL hand-overs).
         self._overlap = len(os.sched_getaffinity(0)) > 1 if overlap is None else overlap
         self._lock = threading.Lock()
         # The last read of the tables.
