@@ -39,8 +39,15 @@ class ListAgentsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AgentSummary(_message.Message):
-    __slots__ = ("agent_id", "hostname", "labels", "addresses", "mode", "connected", "applied_revision", "applied_hash", "desired_revision", "desired_hash", "last_seen_unix_ms", "revoked", "certificate_not_after_unix_ms", "offline", "stuck")
+    __slots__ = ("agent_id", "hostname", "labels", "addresses", "mode", "connected", "applied_revision", "applied_hash", "desired_revision", "desired_hash", "last_seen_unix_ms", "revoked", "certificate_not_after_unix_ms", "offline", "stuck", "reported_labels", "refused_addresses", "allowed_ranges")
     class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ReportedLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +69,9 @@ class AgentSummary(_message.Message):
     CERTIFICATE_NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     OFFLINE_FIELD_NUMBER: _ClassVar[int]
     STUCK_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_LABELS_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_RANGES_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     hostname: str
     labels: _containers.ScalarMap[str, str]
@@ -77,7 +87,10 @@ class AgentSummary(_message.Message):
     certificate_not_after_unix_ms: int
     offline: bool
     stuck: bool
-    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., addresses: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[_agent_pb2.Mode, str]] = ..., connected: _Optional[bool] = ..., applied_revision: _Optional[int] = ..., applied_hash: _Optional[str] = ..., desired_revision: _Optional[int] = ..., desired_hash: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., certificate_not_after_unix_ms: _Optional[int] = ..., offline: _Optional[bool] = ..., stuck: _Optional[bool] = ...) -> None: ...
+    reported_labels: _containers.ScalarMap[str, str]
+    refused_addresses: _containers.RepeatedCompositeFieldContainer[_agent_pb2.RefusedAddress]
+    allowed_ranges: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., addresses: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[_agent_pb2.Mode, str]] = ..., connected: _Optional[bool] = ..., applied_revision: _Optional[int] = ..., applied_hash: _Optional[str] = ..., desired_revision: _Optional[int] = ..., desired_hash: _Optional[str] = ..., last_seen_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., certificate_not_after_unix_ms: _Optional[int] = ..., offline: _Optional[bool] = ..., stuck: _Optional[bool] = ..., reported_labels: _Optional[_Mapping[str, str]] = ..., refused_addresses: _Optional[_Iterable[_Union[_agent_pb2.RefusedAddress, _Mapping]]] = ..., allowed_ranges: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAgentsResponse(_message.Message):
     __slots__ = ("agents",)
@@ -142,7 +155,7 @@ class DeleteResourceResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
 
 class LabelAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "set", "remove")
+    __slots__ = ("agent_id", "set", "remove", "accept_reported")
     class SetEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,10 +166,12 @@ class LabelAgentRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SET_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_REPORTED_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     set: _containers.ScalarMap[str, str]
     remove: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+    accept_reported: bool
+    def __init__(self, agent_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ..., accept_reported: _Optional[bool] = ...) -> None: ...
 
 class LabelAgentResponse(_message.Message):
     __slots__ = ("labels",)
@@ -172,7 +187,7 @@ class LabelAgentResponse(_message.Message):
     def __init__(self, labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
-    __slots__ = ("labels", "ttl_seconds", "uses")
+    __slots__ = ("labels", "ttl_seconds", "uses", "addresses")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -183,10 +198,12 @@ class CreateTokenRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     USES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     labels: _containers.ScalarMap[str, str]
     ttl_seconds: int
     uses: int
-    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[int] = ..., uses: _Optional[int] = ...) -> None: ...
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, labels: _Optional[_Mapping[str, str]] = ..., ttl_seconds: _Optional[int] = ..., uses: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateTokenResponse(_message.Message):
     __slots__ = ("token", "info")
@@ -197,7 +214,7 @@ class CreateTokenResponse(_message.Message):
     def __init__(self, token: _Optional[str] = ..., info: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
-    __slots__ = ("token_id", "labels", "uses", "used", "expires_unix_ms", "revoked", "created_by", "created_unix_ms")
+    __slots__ = ("token_id", "labels", "uses", "used", "expires_unix_ms", "revoked", "created_by", "created_unix_ms", "addresses")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +230,7 @@ class TokenInfo(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     token_id: str
     labels: _containers.ScalarMap[str, str]
     uses: int
@@ -221,7 +239,8 @@ class TokenInfo(_message.Message):
     revoked: bool
     created_by: str
     created_unix_ms: int
-    def __init__(self, token_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., uses: _Optional[int] = ..., used: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., created_by: _Optional[str] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., uses: _Optional[int] = ..., used: _Optional[int] = ..., expires_unix_ms: _Optional[int] = ..., revoked: _Optional[bool] = ..., created_by: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListTokensRequest(_message.Message):
     __slots__ = ()
@@ -255,27 +274,49 @@ class RevokeAgentResponse(_message.Message):
     certificates: int
     def __init__(self, certificates: _Optional[int] = ...) -> None: ...
 
+class SetAgentAddressesRequest(_message.Message):
+    __slots__ = ("agent_id", "allowed_ranges")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_RANGES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    allowed_ranges: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., allowed_ranges: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetAgentAddressesResponse(_message.Message):
+    __slots__ = ("allowed_ranges", "addresses", "refused_addresses")
+    ALLOWED_RANGES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    allowed_ranges: _containers.RepeatedScalarFieldContainer[str]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    refused_addresses: _containers.RepeatedCompositeFieldContainer[_agent_pb2.RefusedAddress]
+    def __init__(self, allowed_ranges: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Iterable[str]] = ..., refused_addresses: _Optional[_Iterable[_Union[_agent_pb2.RefusedAddress, _Mapping]]] = ...) -> None: ...
+
 class ListAuditRequest(_message.Message):
-    __slots__ = ("since_unix_ms", "limit")
+    __slots__ = ("since_unix_ms", "limit", "include_agents")
     SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_AGENTS_FIELD_NUMBER: _ClassVar[int]
     since_unix_ms: int
     limit: int
-    def __init__(self, since_unix_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    include_agents: bool
+    def __init__(self, since_unix_ms: _Optional[int] = ..., limit: _Optional[int] = ..., include_agents: _Optional[bool] = ...) -> None: ...
 
 class AuditEntry(_message.Message):
-    __slots__ = ("at_unix_ms", "actor", "action", "target", "detail")
+    __slots__ = ("at_unix_ms", "actor", "action", "target", "detail", "repeated_count")
     AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    REPEATED_COUNT_FIELD_NUMBER: _ClassVar[int]
     at_unix_ms: int
     actor: str
     action: str
     target: str
     detail: str
-    def __init__(self, at_unix_ms: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    repeated_count: int
+    def __init__(self, at_unix_ms: _Optional[int] = ..., actor: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., detail: _Optional[str] = ..., repeated_count: _Optional[int] = ...) -> None: ...
 
 class ListAuditResponse(_message.Message):
     __slots__ = ("entries",)

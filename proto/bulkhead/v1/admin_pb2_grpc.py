@@ -85,6 +85,11 @@ class AdminServiceStub:
                 request_serializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentResponse.FromString,
                 _registered_method=True)
+        self.SetAgentAddresses = channel.unary_unary(
+                '/bulkhead.v1.AdminService/SetAgentAddresses',
+                request_serializer=bulkhead_dot_v1_dot_admin__pb2.SetAgentAddressesRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_v1_dot_admin__pb2.SetAgentAddressesResponse.FromString,
+                _registered_method=True)
         self.ListAudit = channel.unary_unary(
                 '/bulkhead.v1.AdminService/ListAudit',
                 request_serializer=bulkhead_dot_v1_dot_admin__pb2.ListAuditRequest.SerializeToString,
@@ -167,6 +172,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetAgentAddresses(self, request, context):
+        """Sets the address ranges an agent's reported addresses must fall in (empty: any).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAudit(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -239,6 +251,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeAgent,
                     request_deserializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentRequest.FromString,
                     response_serializer=bulkhead_dot_v1_dot_admin__pb2.RevokeAgentResponse.SerializeToString,
+            ),
+            'SetAgentAddresses': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAgentAddresses,
+                    request_deserializer=bulkhead_dot_v1_dot_admin__pb2.SetAgentAddressesRequest.FromString,
+                    response_serializer=bulkhead_dot_v1_dot_admin__pb2.SetAgentAddressesResponse.SerializeToString,
             ),
             'ListAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAudit,
@@ -526,6 +543,33 @@ class AdminService:
             '/bulkhead.v1.AdminService/RevokeAgent',
             bulkhead_dot_v1_dot_admin__pb2.RevokeAgentRequest.SerializeToString,
             bulkhead_dot_v1_dot_admin__pb2.RevokeAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAgentAddresses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.v1.AdminService/SetAgentAddresses',
+            bulkhead_dot_v1_dot_admin__pb2.SetAgentAddressesRequest.SerializeToString,
+            bulkhead_dot_v1_dot_admin__pb2.SetAgentAddressesResponse.FromString,
             options,
             channel_credentials,
             insecure,

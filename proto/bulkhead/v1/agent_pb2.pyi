@@ -253,20 +253,36 @@ class PolicyDelta(_message.Message):
     def __init__(self, base_revision: _Optional[int] = ..., base_hash: _Optional[str] = ..., revision: _Optional[int] = ..., hash: _Optional[str] = ..., sets: _Optional[_Iterable[_Union[SetChange, _Mapping]]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request", "delta", "flows_stored")
+    __slots__ = ("snapshot", "in_sync", "certificate", "connections_request", "delta", "flows_stored", "addresses_refused")
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     IN_SYNC_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_REQUEST_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     FLOWS_STORED_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     snapshot: PolicySnapshot
     in_sync: InSync
     certificate: CertificateIssued
     connections_request: ConnectionsRequest
     delta: PolicyDelta
     flows_stored: FlowsStored
-    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ..., delta: _Optional[_Union[PolicyDelta, _Mapping]] = ..., flows_stored: _Optional[_Union[FlowsStored, _Mapping]] = ...) -> None: ...
+    addresses_refused: AddressesRefused
+    def __init__(self, snapshot: _Optional[_Union[PolicySnapshot, _Mapping]] = ..., in_sync: _Optional[_Union[InSync, _Mapping]] = ..., certificate: _Optional[_Union[CertificateIssued, _Mapping]] = ..., connections_request: _Optional[_Union[ConnectionsRequest, _Mapping]] = ..., delta: _Optional[_Union[PolicyDelta, _Mapping]] = ..., flows_stored: _Optional[_Union[FlowsStored, _Mapping]] = ..., addresses_refused: _Optional[_Union[AddressesRefused, _Mapping]] = ...) -> None: ...
+
+class RefusedAddress(_message.Message):
+    __slots__ = ("address", "reason")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    reason: str
+    def __init__(self, address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AddressesRefused(_message.Message):
+    __slots__ = ("refused",)
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedAddress]
+    def __init__(self, refused: _Optional[_Iterable[_Union[RefusedAddress, _Mapping]]] = ...) -> None: ...
 
 class Process(_message.Message):
     __slots__ = ("pid", "name", "exe", "cmdline", "user", "start_unix_ms", "systemd_unit")
