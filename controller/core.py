@@ -7,7 +7,6 @@ can be driven directly by tests and offline tools.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -15,12 +14,22 @@ import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from bulkhead.channel import MAX_RULESET_BYTES
 from bulkhead.v1 import agent_pb2, ruleset_pb2
-from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
+from controller.address_book import AddressBook, ClaimResult
+from controller.address_claims import canonical_ranges, parse_ranges
 from controller.applied import AppliedRulesets
 from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
 from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from controller.host_reports import (
+    DEFAULT_HOST_LIMITS,
+    MAX_REVISION,
+    HostLimits,
+    address_problems,
+    hello_problems,
+    label_problems,
+)
 from controller.observations import Observations, Workloads
 from controller.policy import (
     Estate,
@@ -34,7 +43,7 @@ from controller.policy import (
     resource_to_json,
 )
 from controller.policy.estate import SetVersion
-from controller.policy.names import label_key_problem, label_value_problem
+from controller.policy.names import label_key_problem
 from controller.sessions import AgentSession, PushCounts
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
@@ -48,8 +57,6 @@ DEFAULT_STUCK_AFTER_S = 30.0
 # Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
 MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
-MAX_REVISION = 2**63 - 1  # revisions are SQLite integers
-HOSTNAME_MAX = 253  # a DNS name's limit
 TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
 
 
@@ -70,8 +77,17 @@ class Controller:
         offline_isolation: bool = False,
         coalesce_s: float = 0.0,
         stuck_after_s: float = DEFAULT_STUCK_AFTER_S,
+        limits: HostLimits = DEFAULT_HOST_LIMITS,
+        trusted_label_keys: frozenset[str] = frozenset(),
+        max_ruleset_bytes: int = MAX_RULESET_BYTES,
     ) -> None:
         self._store = store
+        self._limits = limits
+        # Reported label keys compiled as if the operator had set them (off by default:
+        # a host must not choose its own segment).
+        self._trusted_keys = trusted_label_keys
+        # No change may compile a ruleset larger than an agent accepts (bulkhead.channel).
+        self._max_ruleset_bytes = max_ruleset_bytes
         self._stuck_after_s = stuck_after_s
         self._stuck: set[str] = set()  # marked until they acknowledge (or are in sync)
         # Changes agents report (hello, addresses, labels) are compiled together after this
@@ -88,6 +104,7 @@ class Controller:
         # that changes hands must not inherit the old workload's access.
         self._offline_isolation = offline_isolation
         self._isolated: frozenset[str] = frozenset()
+        self._offline_seen: frozenset[str] = frozenset()  # as of the last check_offline
         # Every agent's rules and the address sets they share, as last compiled (None: not
         # yet), and per agent the revision at which its ruleset last changed. Desired state
         # lives here only: it is recompiled at start, so nothing per agent is written when
@@ -108,6 +125,7 @@ class Controller:
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
+        self._book = AddressBook(store.list_agents())
         self._applied = AppliedRulesets(store)
         self.observations = Observations(store.flow_store(), self.workloads)
         # Addresses or labels may have changed while we were down; bring desired state current.
@@ -154,7 +172,13 @@ class Controller:
             changes.append(ResourceChange(resource.kind, resource.metadata.name, action))
             if action != "unchanged":
                 pending.append((resource, text, action))
-        if dry_run or not pending:
+        if not pending:
+            return changes, self._store.current_revision()
+        candidate = self._candidate_estate([resource for resource, _, _ in pending])
+        oversized = self._oversized(candidate, candidate.agent_ids)
+        if oversized:
+            self._refuse_oversize(oversized, [], raise_it=True)
+        if dry_run:
             return changes, self._store.current_revision()
         with self._store.transaction():
             revision = self._store.next_revision()
@@ -171,8 +195,19 @@ class Controller:
         for resource, _, _ in pending:
             self._cache(resource)
         log.info("applied %d resource(s) at revision %d", len(pending), revision)
-        self._recompile()
+        self._recompile(built=candidate)
         return changes, revision
+
+    def _candidate_estate(self, resources: Sequence[Resource]) -> Estate:
+        """The estate compiled with RESOURCES stored (nothing is changed)."""
+        policies, iplists = dict(self._policies), dict(self._iplists)
+        for resource in resources:
+            if isinstance(resource, Policy):
+                policies[resource.metadata.name] = resource
+            else:
+                iplists[resource.metadata.name] = resource
+        workloads = self._estate.workloads() if self._estate is not None else []
+        return Estate(workloads, iplists.values(), policies.values())
 
     def _check_references(self, resources: Sequence[Resource]) -> None:
         known = set(self._iplists) | {r.metadata.name for r in resources if isinstance(r, IPList)}
@@ -218,27 +253,63 @@ class Controller:
         return [(r.name, r.document, r.revision) for r in self._store.list_resources(kind)]
 
     def label(
-        self, agent_id: str, set_labels: Mapping[str, str], remove: Sequence[str], *, actor: str
+        self,
+        agent_id: str,
+        set_labels: Mapping[str, str],
+        remove: Sequence[str],
+        *,
+        actor: str,
+        accept_reported: bool = False,
     ) -> dict[str, str]:
+        """Set or remove the agent's operator labels (the ones compiled); with
+        ACCEPT_REPORTED, the labels the host reports become operator labels first."""
         agent = self._require_agent(agent_id)
-        problems = _label_problems(set_labels, "labels") + [
+        problems = label_problems(set_labels, "labels", self._limits.max_labels) + [
             f"labels: {problem}" for k in remove if (problem := label_key_problem(k))
         ]
+        before = agent.labels
+        overrides = dict(agent.label_overrides)
+        if accept_reported:
+            overrides.update(agent.reported_labels)
+        for key in remove:
+            overrides[key] = None
+        overrides.update(set_labels)
+        after = {k: v for k, v in overrides.items() if v is not None}
+        if not problems and len(after) > self._limits.max_labels:
+            problems.append(
+                f"labels: the agent would have {len(after)} labels; at most "
+                f"{self._limits.max_labels}"
+            )
         if problems:
             raise InvalidArgument(problems)
-        for key in remove:
-            agent.label_overrides[key] = None
-        before = agent.labels
-        agent.label_overrides.update(set_labels)
+        agent.label_overrides = overrides
         with self._store.transaction():
             self._store.put_agent(agent)
             self._store.add_audit(
                 actor, "agent.labelled", f"agent/{agent_id}",
                 {"set": dict(set_labels), "removed": list(remove), "before": before,
-                 "after": agent.labels},
+                 "after": agent.labels, "accepted_reported": accept_reported},
             )  # fmt: skip
         self._recompile([agent_id])
-        return agent.labels
+        return self.compiled_labels(agent)
+
+    def set_allowed_ranges(
+        self, agent_id: str, ranges: Sequence[str], *, actor: str
+    ) -> AgentRecord:
+        """Set the CIDRs the agent's addresses must fall in (none: any workload address)
+        and decide its reported addresses again."""
+        agent = self._require_agent(agent_id)
+        networks, problems = parse_ranges(ranges, "allowed_ranges")
+        if problems:
+            raise InvalidArgument(problems)
+        before = list(agent.allowed_ranges)
+        agent.allowed_ranges = canonical_ranges(networks)
+        self._store_claims(
+            agent,
+            audit=(actor, "agent.addresses.allowed",
+                   {"before": before, "after": agent.allowed_ranges}),
+        )  # fmt: skip
+        return self._require_agent(agent_id)
 
     def audit(self, since_ms: int, limit: int) -> list[AuditRecord]:
         return self._store.list_audit(since_ms, min(limit, 10_000))
@@ -268,7 +339,7 @@ class Controller:
             return self._workloads_view[1]
         agents = self._store.list_agents()
         view = Workloads(
-            labels={a.agent_id: a.labels for a in agents},
+            labels={a.agent_id: a.labels_with(self._trusted_keys) for a in agents},
             owners={address: a.agent_id for a in agents for address in a.addresses},
             iplists=[
                 (network, iplist.metadata.labels)
@@ -299,10 +370,12 @@ class Controller:
                 agent_id, hello.agent_id, agent_id,
             )  # fmt: skip
         hello.agent_id = agent_id
-        _validate_hello(hello)
+        problems = hello_problems(hello, self._limits)
+        if problems:
+            raise InvalidArgument(problems)
         known = self._store.get_agent(agent_id)
         agent = known or AgentRecord(agent_id=agent_id, first_seen_ms=now_ms())
-        before = (agent.labels, agent.addresses)
+        before = (self.compiled_labels(agent), agent.addresses)
         if known is not None and known.hostname != hello.hostname:
             log.warning(
                 "agent %s now reports hostname %r (was %r): two hosts sharing one agent id "
@@ -311,7 +384,7 @@ class Controller:
             )  # fmt: skip
         agent.hostname = hello.hostname
         agent.reported_labels = dict(hello.labels)
-        agent.addresses = sorted(set(hello.addresses))
+        agent.reported_addresses = list(hello.addresses)
         agent.mode = hello.mode
         agent.baseline = hello.baseline.SerializeToString(deterministic=True)
         if hello.applied_hash != agent.applied_hash:
@@ -319,9 +392,14 @@ class Controller:
         agent.applied_revision = hello.applied_revision
         agent.applied_hash = hello.applied_hash
         agent.last_seen_ms = now_ms()
-        # Written with the next batch: all of it is the agent's own report, which it sends
-        # again on its next connect (a reconnect storm is 10,000 of these at once).
-        self._store.put_agent_later(agent)
+        claims = self._book.claim(agent, self._is_live)
+        if claims.accepted_changed or claims.newly_refused or claims.taken_over:
+            # Claims are the controller's decisions: written now, with their audit.
+            self._write_claims(agent, claims)
+        else:
+            # Written with the next batch: all of it is the agent's own report, which it
+            # sends again on its next connect (a reconnect storm is 10,000 of these).
+            self._store.put_agent_later(agent)
         previous = self._sessions.get(agent.agent_id)
         if previous is not None:
             log.warning("agent %s opened a new stream; closing the old one", agent.agent_id)
@@ -333,23 +411,28 @@ class Controller:
             self.pushes,
         )
         self._sessions[agent.agent_id] = session
+        if agent.refused_addresses:
+            session.send(_refusal_notice(agent))
         if agent.applied_hash == self.desired(agent_id).hash:
             self._stuck.discard(agent.agent_id)
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
         # Only labels and addresses (and, with isolation, being offline) feed the compiler;
         # an unchanged agent costs no recompile.
+        others = self._released_and_taken(agent.agent_id, claims)
         changed = (
             known is None
             or self._estate is None
             or agent.agent_id not in self._estate
-            or before != (agent.labels, agent.addresses)
+            or before != (self.compiled_labels(agent), agent.addresses)
             or agent.agent_id in self._isolated
+            or bool(others)
         )
         if changed and self._coalesce_s > 0:
             self._awaiting_sync.add(agent.agent_id)
-            self._agent_changed(agent.agent_id)
+            for agent_id_changed in (agent.agent_id, *others):
+                self._agent_changed(agent_id_changed)
             return session
-        pushed = self._recompile([agent.agent_id]) if changed else set()
+        pushed = self._recompile([agent.agent_id, *others]) if changed else set()
         if agent.agent_id not in pushed:
             self._sync(session, self._require_agent(agent.agent_id))
         return session
@@ -383,7 +466,8 @@ class Controller:
             session.failure = Unauthenticated(f"agent '{agent_id}': certificate revoked")
             session.close()
         log.warning("agent %s revoked by %s (%d certificate(s))", agent_id, actor, count)
-        self._recompile([agent_id])  # its addresses leave every peer's sets
+        # Its addresses leave every peer's sets, and agents waiting for one may have it.
+        self._recompile([agent_id, *self._reclaim(self._book.waiting_on([agent_id]))])
         return count
 
     def heartbeat(self, agent_id: str) -> None:
@@ -410,28 +494,127 @@ class Controller:
         return len(seen)
 
     def addresses_changed(self, agent_id: str, addresses: Sequence[str]) -> None:
-        problems = _address_problems(addresses, "addresses")
+        problems = address_problems(addresses, "addresses", self._limits)
         if problems:
             raise InvalidArgument(problems)
         agent = self._require_agent(agent_id)
-        agent.addresses = sorted(set(addresses))
-        with self._store.transaction():
-            self._store.put_agent(agent)
-        log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
-        self._agent_changed(agent_id)
+        agent.reported_addresses = list(addresses)
+        claims = self._store_claims(agent)
+        if claims.accepted_changed:
+            log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
 
     def config_changed(self, agent_id: str, change: agent_pb2.ConfigChange) -> None:
-        """The host's own labels or mode changed (its config or labels drop-ins)."""
-        problems = _label_problems(change.labels, "config.labels")
+        """The host's own labels or mode changed (its config or labels drop-ins). Its
+        labels are kept as reported; they drive policy only once an operator accepts them
+        (or for the keys the controller trusts)."""
+        problems = label_problems(change.labels, "config.labels", self._limits.max_labels)
         if problems:
             raise InvalidArgument(problems)
         agent = self._require_agent(agent_id)
+        before = self.compiled_labels(agent)
         agent.reported_labels = dict(change.labels)
         agent.mode = change.mode
         with self._store.transaction():
             self._store.put_agent(agent)
         log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
-        self._agent_changed(agent_id)
+        if self.compiled_labels(agent) != before:
+            self._agent_changed(agent_id)
+
+    # -- address claims (controller/address_book.py) ---------------------------------------
+
+    def compiled_labels(self, agent: AgentRecord) -> dict[str, str]:
+        """The labels the compiler sees for AGENT: the operator's, and reported ones of
+        the keys this controller trusts."""
+        return agent.labels_with(self._trusted_keys)
+
+    def _is_live(self, agent_id: str) -> bool:
+        """Another agent's hold on an address still counts: it is neither revoked nor
+        offline. (Asked only when two agents claim one address.)"""
+        record = self._store.get_agent(agent_id)
+        if record is None or self.enrollment.is_agent_revoked(agent_id):
+            return False
+        return not self.is_offline(record)
+
+    def _store_claims(
+        self, agent: AgentRecord, *, audit: tuple[str, str, dict[str, object]] | None = None
+    ) -> ClaimResult:
+        """Decide AGENT's reported addresses, store the outcome (with AUDIT, an operator
+        action), tell the agent what was refused, and recompile whoever changed."""
+        claims = self._book.claim(agent, self._is_live)
+        self._write_claims(agent, claims, audit=audit)
+        session = self._sessions.get(agent.agent_id)
+        if session is not None and (claims.newly_refused or claims.accepted_changed):
+            session.send(_refusal_notice(agent))
+        others = self._released_and_taken(agent.agent_id, claims)
+        for agent_id in (agent.agent_id, *others):
+            self._agent_changed(agent_id)
+        return claims
+
+    def _write_claims(
+        self,
+        agent: AgentRecord,
+        claims: ClaimResult,
+        *,
+        audit: tuple[str, str, dict[str, object]] | None = None,
+    ) -> None:
+        with self._store.transaction():
+            self._store.put_agent(agent)
+            target = f"agent/{agent.agent_id}"
+            if audit is not None:
+                actor, action, detail = audit
+                self._store.add_audit(actor, action, target, {**detail, **_claims_detail(agent)})
+            if claims.accepted_changed:
+                self._store.add_audit(
+                    f"agent:{agent.agent_id}", "agent.addresses", target,
+                    {"added": claims.added, "removed": claims.removed,
+                     "addresses": agent.addresses},
+                )  # fmt: skip
+            if claims.newly_refused:
+                log.warning(
+                    "agent %s: addresses refused: %s", agent.agent_id,
+                    "; ".join(f"{a} {r}" for a, r in sorted(claims.newly_refused.items())),
+                )  # fmt: skip
+                self._store.add_audit(
+                    f"agent:{agent.agent_id}", "agent.addresses.refused", target,
+                    {"refused": claims.newly_refused},
+                )  # fmt: skip
+            for address, previous in sorted(claims.taken_over.items()):
+                record = self._store.get_agent(previous)
+                if record is None:
+                    continue
+                self._book.give_up(
+                    record, address, f"taken over by agent {agent.agent_id} while this agent "
+                    "was offline or revoked",
+                )  # fmt: skip
+                self._store.put_agent(record)
+                self._store.add_audit(
+                    "controller", "agent.address.taken_over", f"agent/{previous}",
+                    {"address": address, "by": agent.agent_id},
+                )  # fmt: skip
+
+    def _released_and_taken(self, agent_id: str, claims: ClaimResult) -> list[str]:
+        """Other agents whose accepted addresses change with AGENT_ID's claims: the ones
+        an address was taken from, and the ones that were waiting for a released one."""
+        others = set(claims.taken_over.values())
+        others |= self._reclaim(self._book.waiting_for(claims.removed) - {agent_id})
+        return sorted(others - {agent_id})
+
+    def _reclaim(self, agent_ids: Iterable[str]) -> set[str]:
+        """Decide the claims of AGENT_IDS again (a holder let go); returns the agents whose
+        accepted addresses changed."""
+        changed: set[str] = set()
+        for agent_id in sorted(agent_ids):
+            record = self._store.get_agent(agent_id)
+            if record is None:
+                continue
+            claims = self._book.claim(record, self._is_live)
+            if claims.accepted_changed or claims.newly_refused:
+                self._write_claims(record, claims)
+                session = self._sessions.get(agent_id)
+                if session is not None:
+                    session.send(_refusal_notice(record))
+                changed.add(agent_id)
+        return changed
 
     # -- tamper reports (agent/tamper.py) -------------------------------------------------
     def tampered(self, agent_id: str, event: agent_pb2.TamperEvent) -> None:
@@ -549,18 +732,34 @@ class Controller:
         at = now_ms()
         seen = self._store.agents_last_seen()  # every 5 s: no copies of the records
         offline = {agent_id for agent_id, ms in seen.items() if self._offline(agent_id, ms, at)}
+        newly_offline = offline - self._offline_seen
+        self._offline_seen = frozenset(offline)
+        if newly_offline:  # agents waiting for their addresses may have them now
+            reclaimed = self._reclaim(self._book.waiting_on(newly_offline))
+            if reclaimed:
+                self._recompile(reclaimed)
         if self._offline_isolation and frozenset(offline) != self._isolated:
             log.warning("offline agents now %s; recompiling their peers", sorted(offline) or "none")
             self._recompile(offline ^ self._isolated)
         return offline
 
-    def _recompile(self, changed: Iterable[str] | None = None) -> set[str]:
+    def _recompile(
+        self,
+        changed: Iterable[str] | None = None,
+        *,
+        built: Estate | None = None,
+        refuse_oversize: bool = False,
+    ) -> set[str]:
         """Bring the estate current and push to the agents whose ruleset changed; returns
         them.
 
         With CHANGED (agents whose labels, addresses, isolation or existence changed) the
         estate is updated in place, at a cost that follows what changed; policies and IP
-        lists changing rebuild it."""
+        lists changing rebuild it (or BUILT, an estate already compiled from them).
+
+        A change that would give some agent a ruleset above the size cap is undone in the
+        estate: with REFUSE_OVERSIZE (an operator's change) it raises InvalidArgument,
+        otherwise (a host's report) the workloads keep their last compiled state."""
         at = now_ms()
         # Revoked agents always lose their peers' access; offline ones with isolation on.
         # (One query for the revoked: this runs on every change.)
@@ -570,14 +769,14 @@ class Controller:
             records: list[AgentRecord] = []
             if previous is None:  # starting
                 records = self._store.list_agents()
-                built = {a.agent_id: self._workload(a, revoked, at) for a in records}
-                workloads = [workload for workload, _ in built.values()]
-                isolated = {i for i, (_, cut_off) in built.items() if cut_off}
+                compiled = {a.agent_id: self._workload(a, revoked, at) for a in records}
+                workloads = [workload for workload, _ in compiled.values()]
+                isolated = {i for i, (_, cut_off) in compiled.items() if cut_off}
             else:  # policies or IP lists changed: the workloads did not
                 workloads = previous.workloads()
                 isolated = set(self._isolated)
             before = {i: self.desired(i).hash for i in previous.agent_ids} if previous else {}
-            self._estate = estate = Estate(
+            self._estate = estate = built or Estate(
                 workloads, self._iplists.values(), self._policies.values()
             )
             self._desired.clear()
@@ -599,7 +798,13 @@ class Controller:
                 changes[agent_id], cut_off = self._workload(record, revoked, at)
                 if cut_off:
                     isolated.add(agent_id)
+            previous_workloads = {i: self._estate.workload(i) for i in changes}
             targets = self._estate.update(changes)
+            oversized = self._oversized(self._estate, targets)
+            if oversized:
+                self._estate.update(previous_workloads)
+                self._refuse_oversize(oversized, sorted(changes), raise_it=refuse_oversize)
+                return set()
             targets |= {i for i, w in changes.items() if w is not None and i not in self._revisions}
         self._isolated = frozenset(isolated)
         targets = {i for i in targets if i in self._estate}  # not the ones that left
@@ -615,6 +820,28 @@ class Controller:
                     # Built when sent: a delta or snapshot against what it will hold.
                     session.offer_desired()
         return targets
+
+    def _oversized(self, estate: Estate, agent_ids: Iterable[str]) -> dict[str, int]:
+        """The agents among AGENT_IDS whose ruleset would exceed the size cap, and sizes."""
+        sizes = {i: estate.size(i) for i in agent_ids if i in estate}
+        return {i: size for i, size in sorted(sizes.items()) if size > self._max_ruleset_bytes}
+
+    def _refuse_oversize(
+        self, oversized: Mapping[str, int], cause: Sequence[str], *, raise_it: bool
+    ) -> None:
+        shown = ", ".join(f"{i} ({size:,} bytes)" for i, size in list(oversized.items())[:5])
+        problem = (
+            f"the change would give {len(oversized)} agent(s) a ruleset above the "
+            f"{self._max_ruleset_bytes:,} bytes an agent accepts: {shown}; narrow the "
+            "policy's peers or split the workloads"
+        )
+        if raise_it:
+            raise InvalidArgument([problem])
+        log.error("changes of agent(s) %s not compiled: %s", ", ".join(cause), problem)
+        with self._store.transaction():
+            self._store.add_audit(
+                "controller", "ruleset.too_large", ",".join(cause)[:200], {"problem": problem}
+            )
 
     def desired(self, agent_id: str) -> DesiredRuleset:
         """The ruleset the agent should hold (empty, at revision 0, if it is not known)."""
@@ -666,7 +893,7 @@ class Controller:
             self._offline_isolation and self.is_offline(agent, at)
         )
         addresses = () if cut_off else tuple(agent.addresses)
-        return Workload(agent.agent_id, agent.labels, addresses), cut_off
+        return Workload(agent.agent_id, self.compiled_labels(agent), addresses), cut_off
 
     def _sync(self, session: AgentSession, agent: AgentRecord) -> None:
         desired = self.desired(agent.agent_id)
@@ -698,45 +925,16 @@ def _check_sizes(documents: Sequence[str]) -> None:
         raise InvalidArgument(problems)
 
 
-def _address_problems(addresses: Sequence[str], field: str) -> list[str]:
-    """Addresses an agent may claim: they go verbatim into every peer's address sets."""
-    problems = []
-    for index, text in enumerate(addresses):
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            problems.append(f"{field}[{index}]: {text!r} is not an IP address")
-            continue
-        if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
-            problems.append(f"{field}[{index}]: {text!r} carries a scope; send the bare address")
-        elif address.is_unspecified or address.is_multicast or address.is_loopback:
-            problems.append(f"{field}[{index}]: {text!r} is not a unicast host address")
-        elif address.is_link_local:
-            problems.append(f"{field}[{index}]: {text!r} is link-local; peers cannot use it")
-    return problems
+def _refusal_notice(agent: AgentRecord) -> agent_pb2.ControllerMessage:
+    """Tell the agent which of its addresses are not compiled, and why (empty: none)."""
+    refused = [
+        agent_pb2.RefusedAddress(address=address, reason=reason)
+        for address, reason in sorted(agent.refused_addresses.items())
+    ]
+    return agent_pb2.ControllerMessage(
+        addresses_refused=agent_pb2.AddressesRefused(refused=refused)
+    )
 
 
-def _label_problems(labels: Mapping[str, str], field: str) -> list[str]:
-    problems = []
-    for key, value in labels.items():
-        if problem := label_key_problem(key):
-            problems.append(f"{field}: {problem}")
-        elif problem := label_value_problem(value):
-            problems.append(f"{field}.{key}: {problem}")
-    return problems
-
-
-def _validate_hello(hello: agent_pb2.Hello) -> None:
-    problems = []
-    if not is_valid_agent_id(hello.agent_id):
-        problems.append(f"hello.agent_id: {hello.agent_id!r} must be {AGENT_ID_RULE}")
-    problems += _label_problems(hello.labels, "hello.labels")
-    problems += _address_problems(hello.addresses, "hello.addresses")
-    if hello.applied_revision > MAX_REVISION:
-        problems.append(
-            f"hello.applied_revision: {hello.applied_revision} is beyond {MAX_REVISION}"
-        )
-    if len(hello.hostname) > HOSTNAME_MAX:
-        problems.append(f"hello.hostname: longer than {HOSTNAME_MAX} characters")
-    if problems:
-        raise InvalidArgument(problems)
+def _claims_detail(agent: AgentRecord) -> dict[str, object]:
+    return {"addresses": agent.addresses, "refused": agent.refused_addresses}

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from cryptography import x509
 
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
+from controller.address_claims import canonical_ranges, parse_ranges
 from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated
+from controller.host_reports import DEFAULT_MAX_AGENT_LABELS, hostname_problem, label_problems
 from controller.pki import AGENT_URI_PREFIX, CertificateAuthority, PkiError, cert_pem
 from controller.pki.tokens import new_token, parse_token, secret_digest
-from controller.policy.names import label_key_problem, label_value_problem
 from controller.store.sqlite_store import AgentRecord, SqliteStore, TokenRecord, now_ms
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,24 @@ class Enrollment:
     # -- tokens -------------------------------------------------------------------------
 
     def create_token(
-        self, labels: Mapping[str, str], ttl_seconds: int, uses: int, *, actor: str
+        self,
+        labels: Mapping[str, str],
+        ttl_seconds: int,
+        uses: int,
+        *,
+        actor: str,
+        addresses: Sequence[str] = (),
     ) -> tuple[str, TokenRecord]:
+        """A token whose agents get LABELS and may hold addresses only inside ADDRESSES
+        (CIDRs; none: any workload address)."""
         problems = []
         if not 0 < ttl_seconds <= MAX_TOKEN_TTL_S:
             problems.append(f"ttl: {ttl_seconds} s must be above 0 and at most 30 days")
         if not 0 < uses <= MAX_TOKEN_USES:
             problems.append(f"uses: {uses} must be between 1 and {MAX_TOKEN_USES}")
-        for key, value in labels.items():
-            if problem := label_key_problem(key):
-                problems.append(f"labels: {problem}")
-            elif problem := label_value_problem(value):
-                problems.append(f"labels.{key}: {problem}")
+        problems += label_problems(labels, "labels", DEFAULT_MAX_AGENT_LABELS)
+        ranges, range_problems = parse_ranges(addresses, "addresses")
+        problems += range_problems
         if problems:
             raise InvalidArgument(problems)
         text, token_id, digest = new_token(self._ca.fingerprint)
@@ -94,12 +101,14 @@ class Enrollment:
             revoked=False,
             created_by=actor,
             created_ms=created,
+            addresses=canonical_ranges(ranges),
         )
         with self._store.transaction():
             self._store.put_token(record)
             self._store.add_audit(
                 actor, "token.created", f"token/{token_id}",
-                {"labels": dict(labels), "uses": uses, "ttl_seconds": ttl_seconds},
+                {"labels": dict(labels), "uses": uses, "ttl_seconds": ttl_seconds,
+                 "addresses": record.addresses},
             )  # fmt: skip
         return text, record
 
@@ -122,7 +131,9 @@ class Enrollment:
     ) -> tuple[bytes, dict[str, str]]:
         """Check the token, issue the agent's certificate; returns it and the token's labels."""
         if not is_valid_agent_id(agent_id):
-            raise InvalidArgument([f"agent_id: {agent_id!r} must be {AGENT_ID_RULE}"])
+            raise InvalidArgument([f"agent_id: {agent_id[:80]!r} must be {AGENT_ID_RULE}"])
+        if problem := hostname_problem(hostname, "hostname"):
+            raise InvalidArgument([problem])
         token = self._usable_token(token_text)
         identity = agent_identity(agent_id)
         # Expired is not enough: a host that was off for a day must not have its id (and
@@ -143,10 +154,12 @@ class Enrollment:
             # Token labels are the operator's word: they win over what the host reports.
             # A re-enrolled id starts from its new token, not from the old holder's labels.
             agent.label_overrides = dict(token.labels)
+            agent.allowed_ranges = list(token.addresses)
             self._store.put_agent(agent)
             self._store.add_audit(
                 f"agent:{agent_id}", "agent.enrolled", f"agent/{agent_id}",
                 {"token": token.token_id, "labels": token.labels, "hostname": hostname,
+                 "allowed_ranges": token.addresses,
                  "serial": format(certificate.serial_number, "x")},
             )  # fmt: skip
         log.info("agent %s enrolled with token %s", agent_id, token.token_id)

@@ -37,6 +37,16 @@ def make_controller(directory: Path, **options: Any) -> Controller:
     return Controller(store, Enrollment(store, ca), **options)
 
 
+# Label keys that the compile and push tests let hosts report themselves (the controller
+# setting --trust-host-label-keys): those tests are about compiling, not about trust.
+HOST_LABEL_KEYS = frozenset({"app", "env", "role", "tier"})
+
+
+def make_trusting_controller(directory: Path, **options: Any) -> Controller:
+    """A controller that compiles the labels hosts report for HOST_LABEL_KEYS."""
+    return make_controller(directory, trusted_label_keys=HOST_LABEL_KEYS, **options)
+
+
 def issued_credentials(ca: CertificateAuthority, agent_id: str, ttl: timedelta) -> AgentCredentials:
     """An agent's credentials as enrollment leaves them, made in this process (unlike the
     agent, the tests may load cryptography)."""

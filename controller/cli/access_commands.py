@@ -5,6 +5,8 @@ Arguments are checked before the controller is contacted (exit 2 on a bad one).
 
 from __future__ import annotations
 
+import ipaddress
+
 import click
 
 from controller.cli.durations import EXAMPLES, parse_duration
@@ -49,17 +51,29 @@ def token() -> None:
     show_default=True,
     help="How many agents can enroll with the token.",
 )
+@click.option(
+    "--addresses",
+    metavar="CIDR,...",
+    help="Ranges the enrolled agent's addresses must fall in; others it reports are "
+    "refused (default: any workload address no other live agent holds).",
+)
 @output_option
 @click.pass_obj
-def token_create(
-    settings: Settings, labels: str | None, ttl: str, uses: int, fmt: OutputFormat
+def token_create(  # noqa: PLR0917 - click passes options positionally
+    settings: Settings,
+    labels: str | None,
+    ttl: str,
+    uses: int,
+    addresses: str | None,
+    fmt: OutputFormat,
 ) -> None:
     """Create an enrollment token. The table output is the token alone on stdout, so that
     T=$(bulkhead token create) works; its id and expiry go to stderr."""
     ttl_seconds = parse_duration(ttl, "--ttl", maximum_seconds=MAX_TOKEN_TTL_S)
     token_labels = {} if labels is None else parse_label_list(labels, "--labels")
+    ranges = parse_cidr_list(addresses, "--addresses")
     with settings.client() as client:
-        response = client.create_token(token_labels, ttl_seconds, uses)
+        response = client.create_token(token_labels, ttl_seconds, uses, addresses=ranges)
     if fmt != "table":
         echo_message(response, fmt)
         return
@@ -112,6 +126,49 @@ def agent_revoke(settings: Settings, agent_id: str) -> None:
         response = client.revoke_agent(agent_id)
     count = response.certificates
     click.echo(f"agent/{agent_id} revoked: {count} certificate{'s' if count != 1 else ''} revoked")
+
+
+@agent.command("addresses")
+@click.argument("agent_id", metavar="ID")
+@click.option(
+    "--allow",
+    metavar="CIDR,...|any",
+    required=True,
+    help="Ranges agent ID's addresses must fall in ('any': no restriction). Addresses it "
+    "reports outside them leave its peers' sets.",
+)
+@output_option
+@click.pass_obj
+def agent_addresses(settings: Settings, agent_id: str, allow: str, fmt: OutputFormat) -> None:
+    """Set the address ranges agent ID may hold, and show what it holds then."""
+    ranges = [] if allow.strip() == "any" else parse_cidr_list(allow, "--allow")
+    with settings.client() as client:
+        response = client.set_agent_addresses(agent_id, ranges)
+    if fmt != "table":
+        echo_message(response, fmt)
+        return
+    # Canonical addresses and the controller's own reasons: nothing here is host text.
+    click.echo(
+        f"agent/{agent_id} may hold addresses in: {', '.join(response.allowed_ranges) or 'any'}"
+    )
+    click.echo(f"accepted: {', '.join(response.addresses) or 'none'}")
+    for refused in response.refused_addresses:
+        click.echo(f"refused: {refused.address}: {refused.reason}")
+
+
+def parse_cidr_list(text: str | None, option: str) -> list[str]:
+    """Comma-separated CIDRs, checked before the controller is asked (exit 2 on a bad one)."""
+    if text is None:
+        return []
+    ranges = [part.strip() for part in text.split(",") if part.strip()]
+    for part in ranges:
+        try:
+            ipaddress.ip_network(part, strict=True)
+        except ValueError:
+            raise click.BadParameter(
+                f"{part!r} is not a CIDR with host bits zero", param_hint=option
+            ) from None
+    return ranges
 
 
 @click.command()

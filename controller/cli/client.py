@@ -92,15 +92,37 @@ class AdminClient:
         return self._call("DeleteResource", request, admin_pb2.DeleteResourceResponse)
 
     def label_agent(
-        self, agent_id: str, set_labels: Mapping[str, str], remove: Sequence[str]
+        self,
+        agent_id: str,
+        set_labels: Mapping[str, str],
+        remove: Sequence[str],
+        *,
+        accept_reported: bool = False,
     ) -> admin_pb2.LabelAgentResponse:
-        request = admin_pb2.LabelAgentRequest(agent_id=agent_id, set=set_labels, remove=remove)
+        request = admin_pb2.LabelAgentRequest(
+            agent_id=agent_id, set=set_labels, remove=remove, accept_reported=accept_reported
+        )
         return self._call("LabelAgent", request, admin_pb2.LabelAgentResponse)
 
+    def set_agent_addresses(
+        self, agent_id: str, allowed_ranges: Sequence[str]
+    ) -> admin_pb2.SetAgentAddressesResponse:
+        request = admin_pb2.SetAgentAddressesRequest(
+            agent_id=agent_id, allowed_ranges=allowed_ranges
+        )
+        return self._call("SetAgentAddresses", request, admin_pb2.SetAgentAddressesResponse)
+
     def create_token(
-        self, labels: Mapping[str, str], ttl_seconds: int, uses: int
+        self,
+        labels: Mapping[str, str],
+        ttl_seconds: int,
+        uses: int,
+        *,
+        addresses: Sequence[str] = (),
     ) -> admin_pb2.CreateTokenResponse:
-        request = admin_pb2.CreateTokenRequest(labels=labels, ttl_seconds=ttl_seconds, uses=uses)
+        request = admin_pb2.CreateTokenRequest(
+            labels=labels, ttl_seconds=ttl_seconds, uses=uses, addresses=addresses
+        )
         return self._call("CreateToken", request, admin_pb2.CreateTokenResponse)
 
     def list_tokens(self) -> admin_pb2.ListTokensResponse:

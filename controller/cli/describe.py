@@ -72,7 +72,13 @@ def _summary_grid(detail: admin_pb2.AgentDetail, now_ms: int) -> Table:
             ("id", summary.agent_id),
             ("hostname", summary.hostname or "-"),
             ("labels", labels_text(summary.labels)),
-            ("addresses", truncated(list(summary.addresses), _ADDRESS_LIMIT)),
+            ("reported labels", _reported_labels_text(summary)),
+            ("addresses", truncated(list(summary.addresses), _ADDRESS_LIMIT) or "-"),
+            ("allowed ranges", ", ".join(summary.allowed_ranges) or "any"),
+            *(
+                ("refused address", f"{refused.address}: {refused.reason}")
+                for refused in summary.refused_addresses[:_ADDRESS_LIMIT]
+            ),
             ("mode", _mode_meaning(summary.mode)),
             ("connected", connected),
             ("certificate", _certificate_text(summary, now_ms)),
@@ -81,6 +87,19 @@ def _summary_grid(detail: admin_pb2.AgentDetail, now_ms: int) -> Table:
             ("in sync", _sync_text(summary)),
             ("last error", detail.last_error or "-"),
         ]
+    )
+
+
+def _reported_labels_text(summary: admin_pb2.AgentSummary) -> str:
+    """What the host says of itself, and which of it no policy uses yet."""
+    if not summary.reported_labels:
+        return "-"
+    waiting = {k: v for k, v in summary.reported_labels.items() if summary.labels.get(k) != v}
+    if not waiting:
+        return f"{labels_text(summary.reported_labels)} (all in use)"
+    return (
+        f"{labels_text(summary.reported_labels)}; not used until accepted: "
+        f"{labels_text(waiting)} (bulkhead label agent {summary.agent_id} --accept-reported)"
     )
 
 

@@ -25,9 +25,9 @@ class LabelChanges:
     remove: list[str] = field(default_factory=list)
 
 
-def parse_label_args(args: Sequence[str]) -> LabelChanges:
+def parse_label_args(args: Sequence[str], *, allow_empty: bool = False) -> LabelChanges:
     """Parse `key=value` and `key-` arguments; raise BadInputError naming a bad one."""
-    if not args:
+    if not args and not allow_empty:
         raise BadInputError(f"no labels given: {_USAGE}")
     changes = LabelChanges()
     for arg in args:

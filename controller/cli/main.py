@@ -204,12 +204,24 @@ def label() -> None:
 @label.command("agent")
 @click.argument("agent_id", metavar="ID")
 @click.argument("changes", nargs=-1, metavar="key=value|key- ...")
+@click.option(
+    "--accept-reported",
+    is_flag=True,
+    help="Make the labels the host reports (its config and labels.d/) operator labels, "
+    "so policy uses them; KEY=VALUE and KEY- given too apply after them.",
+)
 @click.pass_obj
-def label_agent(settings: Settings, agent_id: str, changes: Sequence[str]) -> None:
-    """Set (key=value) or remove (key-) labels of agent ID."""
-    parsed = parse_label_args(changes)
+def label_agent(
+    settings: Settings, agent_id: str, changes: Sequence[str], accept_reported: bool
+) -> None:
+    """Set (key=value) or remove (key-) labels of agent ID. Only these labels (and the
+    enrollment token's) drive policy; what the host reports about itself waits for
+    --accept-reported."""
+    parsed = parse_label_args(changes, allow_empty=accept_reported)
     with settings.client() as client:
-        response = client.label_agent(agent_id, parsed.set, parsed.remove)
+        response = client.label_agent(
+            agent_id, parsed.set, parsed.remove, accept_reported=accept_reported
+        )
     click.echo(f"agent/{agent_id} labelled: {labels_text(response.labels)}")
 
 

@@ -207,6 +207,14 @@ class Estate:
     def skeleton(self, agent_id: str) -> Skeleton:
         return self._skeletons.get(agent_id, EMPTY_SKELETON)
 
+    def workload(self, agent_id: str) -> Workload | None:
+        return self._workloads.get(agent_id)
+
+    def size(self, agent_id: str) -> int:
+        """About the length of the agent's ruleset serialised (a snapshot's payload)."""
+        versions = self.versions(agent_id)
+        return len(self.skeleton(agent_id).serialized) + sum(len(v.serialized) for v in versions)
+
     def set_version(self, name: str) -> SetVersion:
         return self._by_set[name].build_version()
 

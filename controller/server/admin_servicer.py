@@ -94,7 +94,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         labels = await self._run(
             context,
             lambda actor: self._core.label(
-                request.agent_id, dict(request.set), list(request.remove), actor=actor
+                request.agent_id,
+                dict(request.set),
+                list(request.remove),
+                actor=actor,
+                accept_reported=request.accept_reported,
             ),
             write=True,
         )
@@ -104,7 +108,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         text, token = await self._run(
             context,
             lambda actor: self._core.enrollment.create_token(
-                dict(request.labels), request.ttl_seconds, request.uses, actor=actor
+                dict(request.labels),
+                request.ttl_seconds,
+                request.uses,
+                actor=actor,
+                addresses=list(request.addresses),
             ),
             write=True,
         )
@@ -129,6 +137,22 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             write=True,
         )
         return admin_pb2.RevokeAgentResponse(certificates=count)
+
+    async def SetAgentAddresses(
+        self, request: admin_pb2.SetAgentAddressesRequest, context: Context
+    ) -> Any:
+        agent = await self._run(
+            context,
+            lambda actor: self._core.set_allowed_ranges(
+                request.agent_id, list(request.allowed_ranges), actor=actor
+            ),
+            write=True,
+        )
+        return admin_pb2.SetAgentAddressesResponse(
+            allowed_ranges=agent.allowed_ranges,
+            addresses=agent.addresses,
+            refused_addresses=_refused(agent),
+        )
 
     async def ListAudit(self, request: admin_pb2.ListAuditRequest, context: Context) -> Any:
         entries = await self._run(
@@ -163,7 +187,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.AgentSummary(
             agent_id=agent.agent_id,
             hostname=agent.hostname,
-            labels=agent.labels,
+            labels=self._core.compiled_labels(agent),
             addresses=agent.addresses,
             mode=cast("agent_pb2.Mode", agent.mode),
             connected=self._core.is_connected(agent.agent_id),
@@ -176,7 +200,17 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             certificate_not_after_unix_ms=expiries.get(agent.agent_id, 0),
             offline=self._core.is_offline(agent),
             stuck=self._core.is_stuck(agent.agent_id),
+            reported_labels=agent.reported_labels,
+            refused_addresses=_refused(agent),
+            allowed_ranges=agent.allowed_ranges,
         )
+
+
+def _refused(agent: AgentRecord) -> list[agent_pb2.RefusedAddress]:
+    return [
+        agent_pb2.RefusedAddress(address=address, reason=reason)
+        for address, reason in sorted(agent.refused_addresses.items())
+    ]
 
 
 def _token_info(token: TokenRecord) -> admin_pb2.TokenInfo:
@@ -189,6 +223,7 @@ def _token_info(token: TokenRecord) -> admin_pb2.TokenInfo:
         revoked=token.revoked,
         created_by=token.created_by,
         created_unix_ms=token.created_ms,
+        addresses=token.addresses,
     )
 
 

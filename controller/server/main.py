@@ -22,6 +22,7 @@ from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
 from controller.gc_tuning import tune_for_many_streams
+from controller.host_reports import DEFAULT_HOST_LIMITS, HostLimits
 from controller.metrics import serve_metrics
 from controller.pki import (
     OPERATOR_ROLES,
@@ -32,6 +33,7 @@ from controller.pki import (
     identity_from_certificate,
     write_private_files,
 )
+from controller.policy.names import label_key_problem
 from controller.server.admin_servicer import AdminServicer
 from controller.server.agent_servicer import AgentServicer
 from controller.server.enrollment_servicer import EnrollmentServicer
@@ -120,6 +122,14 @@ def _split(value: str | None) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _label_keys(value: str) -> frozenset[str]:
+    keys = frozenset(k.strip() for k in value.split(",") if k.strip())
+    for key in keys:
+        if problem := label_key_problem(key):
+            raise click.BadParameter(problem, param_hint="--trust-host-label-keys")
+    return keys
+
+
 def enrollment_address(listen: str) -> str:
     """The default enrollment address: the main one with the next port."""
     host, _, port = listen.rpartition(":")
@@ -156,6 +166,8 @@ async def serve(
     agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
     offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
     offline_isolation: bool = False,
+    limits: HostLimits = DEFAULT_HOST_LIMITS,
+    trusted_label_keys: frozenset[str] = frozenset(),
     metrics_listen: tuple[str, int] | None = None,
 ) -> None:
     _lock_state_dir(state_dir)
@@ -168,6 +180,8 @@ async def serve(
             offline_after_s=offline_after_s,
             offline_isolation=offline_isolation,
             coalesce_s=COALESCE_S,
+            limits=limits,
+            trusted_label_keys=trusted_label_keys,
         )
     except RuntimeError as exc:  # stored resources that no longer validate
         raise StartupError(str(exc)) from exc
@@ -295,6 +309,27 @@ def _setup_logging(level: str) -> None:
     help="Take offline agents' addresses out of their peers' sets.",
 )
 @click.option(
+    "--max-agent-addresses",
+    type=click.IntRange(1, 4096),
+    default=DEFAULT_HOST_LIMITS.max_addresses,
+    show_default=True,
+    help="Addresses one agent may report; a report with more is refused.",
+)
+@click.option(
+    "--max-agent-labels",
+    type=click.IntRange(1, 1024),
+    default=DEFAULT_HOST_LIMITS.max_labels,
+    show_default=True,
+    help="Labels one agent may report or be given.",
+)
+@click.option(
+    "--trust-host-label-keys",
+    metavar="KEY,...",
+    default="",
+    help="Label keys compiled as hosts report them (off by default: host labels drive no "
+    "policy until an operator accepts them with `bulkhead label agent ID --accept-reported`).",
+)
+@click.option(
     "--metrics-listen",
     metavar="ADDR:PORT",
     help="Serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9470); off by default.",
@@ -317,6 +352,9 @@ def main(  # noqa: PLR0917 - click passes options positionally
     agent_cert_ttl: int,
     offline_after: float,
     offline_isolation: bool,
+    max_agent_addresses: int,
+    max_agent_labels: int,
+    trust_host_label_keys: str,
     metrics_listen: str | None,
     log_level: str,
 ) -> None:
@@ -339,6 +377,8 @@ def main(  # noqa: PLR0917 - click passes options positionally
                 agent_cert_ttl=timedelta(seconds=agent_cert_ttl),
                 offline_after_s=offline_after,
                 offline_isolation=offline_isolation,
+                limits=HostLimits(max_agent_addresses, max_agent_labels),
+                trusted_label_keys=_label_keys(trust_host_label_keys),
                 metrics_listen=_split(_host_port(metrics_listen, "--metrics-listen")),
             )
         )  # fmt: skip

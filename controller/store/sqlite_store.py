@@ -22,7 +22,7 @@ from pathlib import Path
 
 from controller.store.flow_store import FlowStore
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -42,7 +42,10 @@ CREATE TABLE IF NOT EXISTS agents (
     applied_parts    BLOB NOT NULL DEFAULT x'',
     last_error       TEXT NOT NULL DEFAULT '',
     first_seen_ms    INTEGER NOT NULL,
-    last_seen_ms     INTEGER NOT NULL
+    last_seen_ms     INTEGER NOT NULL,
+    reported_addresses TEXT NOT NULL DEFAULT '[]',
+    refused_addresses  TEXT NOT NULL DEFAULT '{}',
+    allowed_ranges     TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS ruleset_parts (
     digest  BLOB PRIMARY KEY,
@@ -64,7 +67,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_ms    INTEGER NOT NULL,
     revoked       INTEGER NOT NULL DEFAULT 0,
     created_by    TEXT NOT NULL,
-    created_ms    INTEGER NOT NULL
+    created_ms    INTEGER NOT NULL,
+    addresses     TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS certificates (
     serial       TEXT PRIMARY KEY,
@@ -102,8 +106,10 @@ class AgentRecord:
     agent_id: str
     hostname: str = ""
     reported_labels: dict[str, str] = field(default_factory=dict)
-    # Operator edits win over what the agent reports; None marks a removed key.
+    # The operator's labels (token, `bulkhead label`): only these are compiled, with the
+    # reported keys the controller is told to trust. None marks a key the operator removed.
     label_overrides: dict[str, str | None] = field(default_factory=dict)
+    # Accepted addresses: compiled into peers' sets (controller/address_claims.py).
     addresses: list[str] = field(default_factory=list)
     mode: int = 0
     baseline: bytes = b""
@@ -115,17 +121,27 @@ class AgentRecord:
     last_error: str = ""
     first_seen_ms: int = 0
     last_seen_ms: int = 0
+    # Everything the host last reported, and the reported addresses not accepted (why).
+    reported_addresses: list[str] = field(default_factory=list)
+    refused_addresses: dict[str, str] = field(default_factory=dict)
+    # CIDRs its addresses must fall in (from its token or the operator); empty: any.
+    allowed_ranges: list[str] = field(default_factory=list)
 
-    @property
-    def labels(self) -> dict[str, str]:
-        """Effective labels: reported labels with operator overrides applied."""
-        merged = dict(self.reported_labels)
+    def labels_with(self, trusted_keys: frozenset[str] = frozenset()) -> dict[str, str]:
+        """The labels policy is compiled from: the operator's, plus the reported labels
+        of TRUSTED_KEYS that the operator did not set or remove."""
+        merged = {k: v for k, v in self.reported_labels.items() if k in trusted_keys}
         for key, value in self.label_overrides.items():
             if value is None:
                 merged.pop(key, None)
             else:
                 merged[key] = value
         return merged
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The operator's labels (a controller that trusts host keys adds those)."""
+        return self.labels_with()
 
 
 @dataclass
@@ -139,6 +155,7 @@ class TokenRecord:
     revoked: bool
     created_by: str
     created_ms: int
+    addresses: list[str] = field(default_factory=list)  # allowed ranges of its agents
 
 
 @dataclass(frozen=True)
@@ -190,7 +207,7 @@ class SqliteStore:
             self._db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        elif row["value"] in ("1", "2"):
+        elif row["value"] in ("1", "2", "3"):
             self._migrate_from(int(row["value"]))
         elif row["value"] != str(SCHEMA_VERSION):
             raise StoreCorrupt(
@@ -201,15 +218,28 @@ class SqliteStore:
         # Version 2 kept each agent's acknowledged ruleset whole, and 1 and 2 its desired
         # one; 3 keeps acknowledged rulesets as shared parts and desired state in memory
         # only. The old content is dropped: each agent gets one snapshot after the upgrade.
+        # Version 4 keeps what a host reports apart from what the controller accepted
+        # (addresses, allowed ranges); until re-reported, the addresses count as reported.
         old_columns = ["desired_revision", "desired_hash", "desired_ruleset"]
         if version == 2:
             old_columns.append("applied_ruleset")
         with self.transaction():
-            self._db.execute(
-                "ALTER TABLE agents ADD COLUMN applied_parts BLOB NOT NULL DEFAULT x''"
-            )
-            for column in old_columns:
-                self._db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
+            if version < 3:
+                self._db.execute(
+                    "ALTER TABLE agents ADD COLUMN applied_parts BLOB NOT NULL DEFAULT x''"
+                )
+                for column in old_columns:
+                    self._db.execute(f"ALTER TABLE agents DROP COLUMN {column}")
+            for column, default in (
+                ("reported_addresses", "'[]'"),
+                ("refused_addresses", "'{}'"),
+                ("allowed_ranges", "'[]'"),
+            ):
+                self._db.execute(
+                    f"ALTER TABLE agents ADD COLUMN {column} TEXT NOT NULL DEFAULT {default}"
+                )
+            self._db.execute("UPDATE agents SET reported_addresses = addresses")
+            self._db.execute("ALTER TABLE tokens ADD COLUMN addresses TEXT NOT NULL DEFAULT '[]'")
             self._db.execute(
                 "UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
             )
@@ -330,7 +360,7 @@ class SqliteStore:
     def put_token(self, token: TokenRecord) -> None:
         self._db.execute(
             "INSERT INTO tokens(token_id, secret_sha256, labels, uses, used, expires_ms, revoked, "
-            "created_by, created_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "created_by, created_ms, addresses) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(token_id) DO UPDATE SET used=excluded.used, revoked=excluded.revoked",
             (
                 token.token_id,
@@ -342,6 +372,7 @@ class SqliteStore:
                 int(token.revoked),
                 token.created_by,
                 token.created_ms,
+                _dump(token.addresses),
             ),
         )
 
@@ -521,14 +552,16 @@ class SqliteStore:
         self._db.execute(
             "INSERT INTO agents(agent_id, hostname, reported_labels, label_overrides, addresses, "
             "mode, baseline, applied_revision, applied_hash, applied_parts, last_error, "
-            "first_seen_ms, last_seen_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "first_seen_ms, last_seen_ms, reported_addresses, refused_addresses, allowed_ranges) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(agent_id) DO UPDATE SET hostname=excluded.hostname, "
             "reported_labels=excluded.reported_labels, label_overrides=excluded.label_overrides, "
             "addresses=excluded.addresses, mode=excluded.mode, baseline=excluded.baseline, "
             "applied_revision=excluded.applied_revision, applied_hash=excluded.applied_hash, "
             "applied_parts=excluded.applied_parts, last_error=excluded.last_error, "
-            "last_seen_ms=excluded.last_seen_ms",
+            "last_seen_ms=excluded.last_seen_ms, reported_addresses=excluded.reported_addresses, "
+            "refused_addresses=excluded.refused_addresses, "
+            "allowed_ranges=excluded.allowed_ranges",
             (
                 agent.agent_id,
                 agent.hostname,
@@ -543,6 +576,9 @@ class SqliteStore:
                 agent.last_error,
                 agent.first_seen_ms,
                 agent.last_seen_ms,
+                _dump(agent.reported_addresses),
+                _dump(agent.refused_addresses),
+                _dump(agent.allowed_ranges),
             ),
         )
 
@@ -563,6 +599,9 @@ def _copy(agent: AgentRecord) -> AgentRecord:
     copied.reported_labels = dict(agent.reported_labels)
     copied.label_overrides = dict(agent.label_overrides)
     copied.addresses = list(agent.addresses)
+    copied.reported_addresses = list(agent.reported_addresses)
+    copied.refused_addresses = dict(agent.refused_addresses)
+    copied.allowed_ranges = list(agent.allowed_ranges)
     return copied
 
 
@@ -581,6 +620,7 @@ def _token_from_row(row: sqlite3.Row) -> TokenRecord:
         revoked=bool(row["revoked"]),
         created_by=row["created_by"],
         created_ms=row["created_ms"],
+        addresses=json.loads(row["addresses"]),
     )
 
 
@@ -599,4 +639,7 @@ def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
         last_error=row["last_error"],
         first_seen_ms=row["first_seen_ms"],
         last_seen_ms=row["last_seen_ms"],
+        reported_addresses=json.loads(row["reported_addresses"]),
+        refused_addresses=json.loads(row["refused_addresses"]),
+        allowed_ranges=json.loads(row["allowed_ranges"]),
     )

@@ -25,3 +25,8 @@ AGENT_STREAM_OPTIONS: list[tuple[str, int]] = [
 
 # The controller's side: it receives acks, heartbeats and bounded flow batches, all small.
 SERVER_STREAM_OPTIONS: list[tuple[str, int]] = [("grpc.http2.bdp_probe", 0)]
+
+# The largest compiled ruleset the controller may produce for one agent, and the message
+# limit both ends of every channel set (a snapshot plus its envelope).
+MAX_RULESET_BYTES = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = MAX_RULESET_BYTES + 1024 * 1024

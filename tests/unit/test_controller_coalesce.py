@@ -10,7 +10,7 @@ from pathlib import Path
 from bulkhead.v1 import agent_pb2
 from controller.core import Controller
 from controller.sessions import AgentSession
-from tests.pki_support import make_controller
+from tests.pki_support import make_trusting_controller
 
 POLICY = json.dumps(
     {
@@ -63,7 +63,7 @@ def hosts_of(core: Controller, agent_id: str) -> list[str]:
 
 
 def test_a_thousand_moves_of_one_peer_reach_its_peer_once(tmp_path: Path) -> None:
-    core = make_controller(tmp_path, coalesce_s=WINDOW_S)
+    core = make_trusting_controller(tmp_path, coalesce_s=WINDOW_S)
     pushed_to_db, pushed_to_web, db_sees = asyncio.run(burst(core))
     assert pushed_to_db == 1, "one push for the whole burst"
     assert pushed_to_web == 0, "web's own ruleset does not depend on its address"
@@ -71,7 +71,7 @@ def test_a_thousand_moves_of_one_peer_reach_its_peer_once(tmp_path: Path) -> Non
 
 
 def test_without_a_window_every_change_is_compiled_at_once(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     core.apply([POLICY], dry_run=False, actor="operator:test")
     db = core.connect("db", hello("db", "db", "198.18.0.11"))
     core.connect("web", hello("web", "web", "198.18.0.10"))
@@ -82,7 +82,9 @@ def test_without_a_window_every_change_is_compiled_at_once(tmp_path: Path) -> No
 
 def test_operator_changes_are_not_delayed(tmp_path: Path) -> None:
     async def scenario() -> int:
-        core = make_controller(tmp_path, coalesce_s=10.0)  # a window that never closes here
+        core = make_trusting_controller(
+            tmp_path, coalesce_s=10.0
+        )  # a window that never closes here
         db = core.connect("db", hello("db", "db", "198.18.0.11"))
         core.flush_pending()
         drain(db)

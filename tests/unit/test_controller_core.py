@@ -14,7 +14,7 @@ from bulkhead.v1.contract import apply_set_changes, ruleset_hash
 from controller.core import Controller
 from controller.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from controller.sessions import AgentSession
-from tests.pki_support import make_controller
+from tests.pki_support import make_trusting_controller
 
 OPERATOR = "operator:test"
 WEB_DB = {
@@ -67,7 +67,7 @@ def revision_of(message: agent_pb2.ControllerMessage) -> int:
 
 @pytest.fixture
 def core(tmp_path: Path) -> Controller:
-    return make_controller(tmp_path)
+    return make_trusting_controller(tmp_path)
 
 
 def connect_three(core: Controller) -> dict[str, AgentSession]:
@@ -169,11 +169,11 @@ def test_bad_label_changes_nothing(core: Controller) -> None:
     connect_three(core)
     with pytest.raises(InvalidArgument, match=r"labels\.app: .no spaces allowed.: label values"):
         core.label("web", {"app": "no spaces allowed"}, [], actor=OPERATOR)
-    assert core.agent("web").labels == {"app": "web"}
+    assert core.compiled_labels(core.agent("web")) == {"app": "web"}
 
 
 def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     sessions = connect_three(core)
     core.apply([json.dumps(WEB_DB)], actor=OPERATOR)
     applied = {}
@@ -188,7 +188,7 @@ def test_restart_resyncs_with_in_sync_and_keeps_everything(tmp_path: Path) -> No
     revision_before = max(r for r, _ in applied.values())
     core.flush_last_seen()  # as a stopping controller does (acks are written in batches)
 
-    restarted = make_controller(tmp_path)
+    restarted = make_trusting_controller(tmp_path)
     assert [name for name, _, _ in restarted.list_resources("Policy")] == ["web-db"]
     rev, digest = applied["db"]
     session = restarted.connect(
@@ -264,9 +264,21 @@ def test_a_change_back_while_one_is_in_flight_is_sent_not_taken_for_in_sync(
 
 
 def test_unusable_addresses_are_refused(core: Controller) -> None:
-    for bad in ("2001:db8::1%eth0", "0.0.0.0", "::", "224.0.0.1", "127.0.0.1", "fe80::1"):
-        with pytest.raises(InvalidArgument, match=r"hello\.addresses\[0\]"):
-            core.connect(*for_agent(hello("web", "web", bad)))
+    bad = ("2001:db8::1%eth0", "0.0.0.0", "::", "224.0.0.1", "127.0.0.1", "fe80::1")
+    message = hello("web", "web", "198.18.0.10")
+    message.addresses.extend(bad)
+    session = core.connect(*for_agent(message))
+    agent = core.agent("web")
+    assert agent.addresses == ["198.18.0.10"], "only the workload address is compiled"
+    assert sorted(agent.refused_addresses) == sorted(bad)
+    notice = take(session)
+    assert notice is not None
+    assert notice.WhichOneof("body") == "addresses_refused"
+    assert len(notice.addresses_refused.refused) == len(bad)
+    garbled = hello("db", "db", "198.18.0.11")
+    garbled.addresses.append("no-ip")
+    with pytest.raises(InvalidArgument, match=r"hello\.addresses\[1\]: 'no-ip'"):
+        core.connect(*for_agent(garbled))
 
 
 def test_out_of_range_revisions_and_long_hostnames_are_refused(core: Controller) -> None:
@@ -325,7 +337,7 @@ def _silence(core: Controller, session: AgentSession) -> None:
 
 def test_offline_agents_are_shown_and_isolated_only_when_asked(tmp_path: Path) -> None:
     for isolation in (False, True):
-        core = make_controller(tmp_path / str(isolation), offline_after_s=0.1,
+        core = make_trusting_controller(tmp_path / str(isolation), offline_after_s=0.1,
                                offline_isolation=isolation)  # fmt: skip
         sessions = connect_three(core)
         core.apply([json.dumps(WEB_DB)], actor=OPERATOR)

@@ -19,7 +19,7 @@ from controller.desired import DesiredRuleset, StateMessages, part_digests_of
 from controller.errors import Unavailable
 from controller.sessions import AgentSession
 from controller.store.sqlite_store import SqliteStore
-from tests.pki_support import make_controller
+from tests.pki_support import make_trusting_controller
 
 OPERATOR = "operator:test"
 
@@ -106,7 +106,7 @@ def fleet(core: Controller) -> tuple[FakeAgent, FakeAgent]:
 
 
 def test_a_peer_that_moves_reaches_the_agent_as_a_delta_against_its_ack(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     core.addresses_changed("web", ["198.18.0.50"])
     assert db.receive() == "delta"
@@ -119,7 +119,7 @@ def test_a_peer_that_moves_reaches_the_agent_as_a_delta_against_its_ack(tmp_path
 
 
 def test_a_rule_change_is_sent_as_a_snapshot(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     core.apply([policy(5433)], actor=OPERATOR)
     assert db.receive() == "snapshot"
@@ -127,7 +127,7 @@ def test_a_rule_change_is_sent_as_a_snapshot(tmp_path: Path) -> None:
 
 
 def test_an_agent_that_cannot_apply_a_delta_gets_a_snapshot(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     core.addresses_changed("web", ["198.18.0.50"])
     message = db.session.take()
@@ -144,7 +144,7 @@ def test_an_agent_that_cannot_apply_a_delta_gets_a_snapshot(tmp_path: Path) -> N
 
 
 def test_after_a_failed_apply_the_next_change_is_a_snapshot(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     core.addresses_changed("web", ["198.18.0.50"])
     message = db.session.take()
@@ -160,10 +160,10 @@ def test_after_a_failed_apply_the_next_change_is_a_snapshot(tmp_path: Path) -> N
 
 
 def test_the_acknowledged_base_survives_a_controller_restart(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     core.flush_last_seen()  # as a stopping controller does (acks are written in batches)
-    restarted = make_controller(tmp_path)
+    restarted = make_trusting_controller(tmp_path)
     db.core = restarted
     db.connect()
     assert db.receive() == "in_sync"
@@ -172,7 +172,7 @@ def test_the_acknowledged_base_survives_a_controller_restart(tmp_path: Path) -> 
 
 
 def test_agents_taking_the_same_step_are_sent_one_shared_message(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     core.apply([policy(5432)], actor=OPERATOR)
     web = FakeAgent(core, "web", "web", "198.18.0.10")
     replicas = [FakeAgent(core, f"db-{i}", "db", f"198.18.0.{20 + i}") for i in range(3)]
@@ -216,7 +216,7 @@ def test_shared_messages_are_bounded_by_the_size_of_their_rulesets() -> None:
 
 
 def test_an_agent_holding_something_else_gets_a_snapshot(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     db.session.close()
     db.hash = "f" * 64  # e.g. it restored an older saved snapshot
@@ -225,7 +225,7 @@ def test_an_agent_holding_something_else_gets_a_snapshot(tmp_path: Path) -> None
 
 
 def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: Path) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     web, _ = fleet(core)
     web_before = set(part_digests_of(core.agent("web").applied_parts))
     second = FakeAgent(core, "db-2", "db", "198.18.0.12")  # holds what db holds
@@ -239,7 +239,7 @@ def test_acknowledged_rulesets_are_stored_as_shared_parts_and_pruned(tmp_path: P
     assert stale
     assert store.part_digests() == held | stale, "each part once, however many hold it"
     store.close()
-    make_controller(tmp_path)
+    make_trusting_controller(tmp_path)
     store = SqliteStore(tmp_path / "c.db")
     assert store.part_digests() == held, "parts nobody holds are dropped at start"
     store.close()
@@ -249,7 +249,7 @@ def test_a_running_controller_drops_parts_nobody_holds_once_they_pile_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(applied, "PARTS_SLACK", 0)
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     _, db = fleet(core)
     for last in range(50, 56):  # web moves six times: db acks six versions of its set
         core.addresses_changed("web", [f"198.18.0.{last}"])
@@ -262,9 +262,9 @@ def test_a_running_controller_drops_parts_nobody_holds_once_they_pile_up(
     store.close()
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_database_is_migrated_keeping_its_agents(tmp_path: Path, version: int) -> None:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     fleet(core)
     core.flush_last_seen()
     applied = core.agent("db").applied_hash
@@ -276,9 +276,14 @@ def test_an_older_database_is_migrated_keeping_its_agents(tmp_path: Path, versio
                    "DEFAULT ''", "desired_ruleset BLOB NOT NULL DEFAULT x''"]  # fmt: skip
     if version == 2:
         old_columns.append("applied_ruleset BLOB NOT NULL DEFAULT x''")
-    for column in old_columns:
-        connection.execute(f"ALTER TABLE agents ADD COLUMN {column}")
-    connection.execute("ALTER TABLE agents DROP COLUMN applied_parts")
+    if version < 3:
+        for column in old_columns:
+            connection.execute(f"ALTER TABLE agents ADD COLUMN {column}")
+        connection.execute("ALTER TABLE agents DROP COLUMN applied_parts")
+    # Version 3 had no reported addresses, refusals or allowed ranges.
+    for column in ("reported_addresses", "refused_addresses", "allowed_ranges"):
+        connection.execute(f"ALTER TABLE agents DROP COLUMN {column}")
+    connection.execute("ALTER TABLE tokens DROP COLUMN addresses")
     connection.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
     connection.commit()
     connection.close()
@@ -286,11 +291,15 @@ def test_an_older_database_is_migrated_keeping_its_agents(tmp_path: Path, versio
     migrated = store.get_agent("db")
     assert migrated is not None
     assert migrated.applied_hash == applied
-    assert migrated.applied_parts == b""  # content unknown: one snapshot after the upgrade
+    if version < 3:
+        assert migrated.applied_parts == b""  # content unknown: one snapshot after the upgrade
+    # What the agent reported before is what it reports until it says otherwise.
+    assert migrated.reported_addresses == migrated.addresses == ["198.18.0.11"]
+    assert migrated.allowed_ranges == []
     store.close()
     connection = sqlite3.connect(tmp_path / "c.db")
     assert (
-        connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "3"
+        connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "4"
     )
     columns = {row[1] for row in connection.execute("PRAGMA table_info(agents)")}
     assert not {"desired_hash", "desired_ruleset", "applied_ruleset"} & columns
@@ -298,7 +307,7 @@ def test_an_older_database_is_migrated_keeping_its_agents(tmp_path: Path, versio
 
 
 def test_an_agent_that_does_not_answer_is_cut_marked_and_resynced(tmp_path: Path) -> None:
-    core = make_controller(tmp_path, stuck_after_s=0.05)
+    core = make_trusting_controller(tmp_path, stuck_after_s=0.05)
     web, db = fleet(core)
     core.apply([policy(5433)], actor=OPERATOR)
     assert web.receive() == "snapshot"  # web answers at once
@@ -319,7 +328,7 @@ def test_an_agent_that_does_not_answer_is_cut_marked_and_resynced(tmp_path: Path
 
 
 def test_a_state_never_taken_off_the_stream_counts_as_stuck(tmp_path: Path) -> None:
-    core = make_controller(tmp_path, stuck_after_s=0.05)
+    core = make_trusting_controller(tmp_path, stuck_after_s=0.05)
     web, _ = fleet(core)
     core.apply([policy(5433)], actor=OPERATOR)  # offered to db, never taken
     assert web.receive() == "snapshot"
@@ -329,7 +338,7 @@ def test_a_state_never_taken_off_the_stream_counts_as_stuck(tmp_path: Path) -> N
 
 
 def test_an_answering_agent_is_never_stuck(tmp_path: Path) -> None:
-    core = make_controller(tmp_path, stuck_after_s=0.05)
+    core = make_trusting_controller(tmp_path, stuck_after_s=0.05)
     agents = fleet(core)
     for port in (5433, 5434):
         core.apply([policy(port)], actor=OPERATOR)

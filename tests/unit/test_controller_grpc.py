@@ -26,7 +26,7 @@ from tests.pki_support import (
     CHANNEL_OPTIONS,
     agent_credentials,
     anonymous_credentials,
-    make_controller,
+    make_trusting_controller,
     operator_credentials,
     server_credentials,
 )
@@ -61,7 +61,7 @@ class Running:
 
 
 async def start(tmp_path: Path) -> tuple[grpc.aio.Server, Running]:
-    core = make_controller(tmp_path)
+    core = make_trusting_controller(tmp_path)
     ca = CertificateAuthority.load_or_create(tmp_path / "pki")
     server = grpc.aio.server(options=SERVER_OPTIONS)
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(core), server)

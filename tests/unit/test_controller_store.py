@@ -15,7 +15,17 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     with store.transaction():
         revision = store.next_revision()
         store.put_resource("Policy", "web-db", '{"x": 1}', revision)
-        store.put_agent(AgentRecord(agent_id="web", reported_labels={"app": "web"}))
+        store.put_agent(
+            AgentRecord(
+                agent_id="web",
+                reported_labels={"app": "web"},
+                label_overrides={"env": "prod"},
+                reported_addresses=["198.18.0.10", "198.18.0.99"],
+                addresses=["198.18.0.10"],
+                refused_addresses={"198.18.0.99": "held by agent db"},
+                allowed_ranges=["198.18.0.0/24"],
+            )
+        )
     store.close()
     reopened = SqliteStore(tmp_path / "c.db")
     assert reopened.current_revision() == 1
@@ -24,7 +34,14 @@ def test_state_survives_reopen(tmp_path: Path) -> None:
     assert stored.document == '{"x": 1}'
     agent = reopened.get_agent("web")
     assert agent is not None
-    assert agent.labels == {"app": "web"}
+    # Only the operator's labels are compiled; the host's stay apart.
+    assert agent.labels == {"env": "prod"}
+    assert agent.reported_labels == {"app": "web"}
+    assert agent.labels_with(frozenset({"app"})) == {"app": "web", "env": "prod"}
+    assert agent.reported_addresses == ["198.18.0.10", "198.18.0.99"]
+    assert agent.addresses == ["198.18.0.10"]
+    assert agent.refused_addresses == {"198.18.0.99": "held by agent db"}
+    assert agent.allowed_ranges == ["198.18.0.0/24"]
 
 
 def test_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
