@@ -7,6 +7,7 @@ both the refusal and that the store and every other agent's ruleset are byte-ide
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sqlite3
 from pathlib import Path
@@ -51,7 +52,7 @@ def hello(agent_id: str, *addresses: str, **labels: str) -> agent_pb2.Hello:
 def estate(tmp_path: Path, **options: object) -> Controller:
     """web, db and other, enrolled with their labels and the lab's range, connected, with
     web -> db applied."""
-    core = make_controller(tmp_path, **options)  # type: ignore[arg-type]
+    core = make_controller(tmp_path, **options)
     for index, name in enumerate(("web", "db", "other"), start=10):
         enroll(core, name, {"app": name}, (LAN,))
         core.connect(name, hello(name, f"198.18.0.{index}"))
@@ -110,7 +111,8 @@ def test_an_agent_reporting_other_agents_addresses_gains_nothing(tmp_path: Path)
         for e in core.audit(0, 100, include_agents=True)
         if e.action.startswith("agent.addresses.refused")
     ]
-    assert refusals and "198.18.0.11" in refusals[-1].detail
+    assert refusals
+    assert "198.18.0.11" in refusals[-1].detail
 
 
 @pytest.mark.parametrize(
@@ -122,7 +124,7 @@ def test_addresses_that_are_no_workload_address_are_refused(tmp_path: Path, addr
     core.connect("web", hello("web", "198.18.0.10", address))
     web = core.agent("web")
     assert web.addresses == ["198.18.0.10"]
-    assert list(web.refused_addresses) == [str(__import__("ipaddress").ip_address(address))]
+    assert list(web.refused_addresses) == [str(ipaddress.ip_address(address))]
 
 
 def test_an_address_passes_to_a_new_holder_only_when_the_old_one_is_no_longer_live(
@@ -160,7 +162,7 @@ def test_labels_a_host_gives_itself_drive_no_policy_until_accepted(tmp_path: Pat
     before = state(core, tmp_path)
     core.connect("intruder", hello("intruder", "198.18.0.20", app="web"))
     core.config_changed("other", agent_pb2.ConfigChange(labels={"app": "web"}))
-    dump_after, rulesets_after = state(core, tmp_path)
+    _, rulesets_after = state(core, tmp_path)
     assert rulesets_after == before[1]
     assert db_sources(core) == ["198.18.0.10"]
     assert core.agent("intruder").reported_labels == {"app": "web"}
