@@ -71,9 +71,9 @@ def check(core: Controller) -> None:
                 owner = records[owners[0]]
                 assert host in {str(ipaddress.ip_address(a)) for a in owner.reported_addresses}
                 networks = [ipaddress.ip_network(text) for text in owner.allowed_ranges]
-                address = ipaddress.ip_address(host)
+                ip = ipaddress.ip_address(host)
                 assert not networks or any(
-                    address.version == n.version and address in n for n in networks
+                    ip.version == n.version and ip in n for n in networks
                 ), f"{host} outside {owner.agent_id}'s ranges {owner.allowed_ranges}"
 
 
