@@ -183,6 +183,7 @@ async def run_benchmark(config: BenchConfig, progress: Callable[[str], None]) ->
         log=workdir / "controller.log",
         log_level=config.controller_log_level,
         profile=config.profile,
+        trusted_label_keys=(config.label_key,),
     )
     try:
         report = await _run(config, controller, workdir, progress)

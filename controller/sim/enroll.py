@@ -88,7 +88,9 @@ class TokenPool:
 
 
 def mint_tokens(controller: str, operator_dir: Path, agents: int) -> list[str]:
-    """Enough enrollment tokens (no labels: the simulated hello carries them) for AGENTS."""
+    """Enough enrollment tokens for AGENTS. They carry no labels: the simulated hello does,
+    which counts only on a controller that trusts those keys (--trust-host-label-keys; the
+    benchmark's own controller does)."""
     tokens = []
     try:
         with AdminClient(controller, operator_dir) as admin:

@@ -98,8 +98,12 @@ class LocalController:
         log: Path,
         log_level: str = "info",
         profile: Path | None = None,
+        trusted_label_keys: tuple[str, ...] = (),
     ) -> None:
         self.state_dir = state_dir
+        # The simulated hosts report their labels in the hello; the controller compiles
+        # those keys only when told to trust them (--trust-host-label-keys).
+        self._trusted_label_keys = trusted_label_keys
         self.port = port
         self.metrics_port = metrics_port
         self.log = log
@@ -140,6 +144,8 @@ class LocalController:
         options = ["--listen", self.address, "--state-dir", str(self.state_dir),
                    "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                    "--log-level", self._log_level]  # fmt: skip
+        if self._trusted_label_keys:
+            options += ["--trust-host-label-keys", ",".join(self._trusted_label_keys)]
         if self._profile is None:
             argv = [program("bulkhead-controller"), *options]
         else:

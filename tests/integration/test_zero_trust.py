@@ -58,9 +58,11 @@ spec:
 """
 
 
-def test_labels_dropped_in_on_the_host_change_enforcement_within_two_seconds(lab: Lab) -> None:
-    # The host may add labels the operator did not set (app came with web's token, and
-    # the host cannot change it); a policy keyed on such a label follows the drop-in.
+def test_a_label_the_host_gives_itself_opens_nothing_until_an_operator_accepts_it(
+    lab: Lab,
+) -> None:
+    # The host may report labels the operator did not set (app came with web's token); a
+    # policy keyed on such a label ignores it until an operator accepts it.
     lab.ok("apply", "-f", "-", stdin=FRONTEND_TO_DB)
     lab.wait_in_sync()
     assert not lab.probe("web", "db", 5433)
@@ -68,11 +70,28 @@ def test_labels_dropped_in_on_the_host_change_enforcement_within_two_seconds(lab
     drop_ins.mkdir()
     (drop_ins / "10-tier.yaml").write_text("tier: frontend\n")
     try:
+        deadline = time.monotonic() + 10
+        reported: dict[str, str] = {}
+        while time.monotonic() < deadline and "tier" not in reported:
+            detail = json.loads(lab.ok("describe", "agent", "web", "-o", "json"))
+            reported = detail["summary"].get("reported_labels", {})
+            time.sleep(0.1)
+        assert reported.get("tier") == "frontend", "the controller never saw the drop-in"
+        assert "tier" not in detail["summary"]["labels"]
+        lab.wait_in_sync()
+        assert lab.probe_until("web", "db", 5433, want=True, within=2.0) is None, (
+            "a label the host gave itself opened db:5433"
+        )
+        shown = " ".join(lab.ok("describe", "agent", "web").split())  # as wrapped for 80 columns
+        assert "not used until accepted: tier=frontend" in shown, shown
+        lab.ok("label", "agent", "web", "--accept-reported")
         took = lab.probe_until("web", "db", 5433, want=True, within=2.0)
-        assert took is not None, "web had no access 2 s after the drop-in gave it tier=frontend"
-        print(f"\ndrop-in label -> enforced in {took:.3f} s")
+        assert took is not None, "web had no access 2 s after the operator accepted tier"
+        print(f"\naccepted label -> enforced in {took:.3f} s")
     finally:
         (drop_ins / "10-tier.yaml").unlink()
+    # Accepted, it is the operator's: the host dropping it changes nothing; the operator can.
+    lab.ok("label", "agent", "web", "tier-")
     assert lab.probe_until("web", "db", 5433, want=False, within=3.0) is not None
     lab.ok("delete", "policy", "frontend-to-db")
     lab.wait_in_sync()

@@ -72,9 +72,9 @@ def check(core: Controller) -> None:
                 assert host in {str(ipaddress.ip_address(a)) for a in owner.reported_addresses}
                 networks = [ipaddress.ip_network(text) for text in owner.allowed_ranges]
                 ip = ipaddress.ip_address(host)
-                assert not networks or any(
-                    ip.version == n.version and ip in n for n in networks
-                ), f"{host} outside {owner.agent_id}'s ranges {owner.allowed_ranges}"
+                assert not networks or any(ip.version == n.version and ip in n for n in networks), (
+                    f"{host} outside {owner.agent_id}'s ranges {owner.allowed_ranges}"
+                )
 
 
 def run(core: Controller, step: tuple[Any, ...]) -> None:
