@@ -63,6 +63,18 @@ def evil_detail() -> admin_pb2.AgentDetail:
     )
 
 
+def one_flow(
+    source: admin_pb2.FlowEndpoint,
+    destination: admin_pb2.FlowEndpoint,
+    verdict: agent_pb2.Verdict,
+) -> admin_pb2.ListFlowsResponse:
+    """SOURCE reached DESTINATION on tcp/5432 once."""
+    entry = admin_pb2.FlowEntry(
+        source=source, destination=destination, port=5432, protocol="tcp", verdict=verdict, count=1
+    )
+    return admin_pb2.ListFlowsResponse(flows=[entry])
+
+
 def test_get_agents_shows_a_hostile_hostname_escaped(admin: FakeAdmin) -> None:
     admin.responses["ListAgents"] = admin_pb2.ListAgentsResponse(agents=[evil_summary()])
 
@@ -125,18 +137,7 @@ def test_flows_show_hostile_process_names_escaped_and_never_as_markup(
 ) -> None:
     source = admin_pb2.FlowEndpoint(workload="web-1", process=EVIL, pid=7)
     destination = admin_pb2.FlowEndpoint(address="198.18.0.3", process="[/][bold]x")
-    admin.responses["ListFlows"] = admin_pb2.ListFlowsResponse(
-        flows=[
-            admin_pb2.FlowEntry(
-                source=source,
-                destination=destination,
-                port=5432,
-                protocol="tcp",
-                verdict=agent_pb2.VERDICT_DENIED,
-                count=1,
-            )
-        ]
-    )
+    admin.responses["ListFlows"] = one_flow(source, destination, agent_pb2.VERDICT_DENIED)
 
     result = run(admin.target, "flows")
 
@@ -205,18 +206,7 @@ def test_audit_shows_hostile_targets_and_details_escaped(admin: FakeAdmin) -> No
 def test_suggest_never_writes_a_hostile_label(admin: FakeAdmin) -> None:
     web = admin_pb2.FlowEndpoint(workload="web-1", address="198.18.0.2", labels={"app": EVIL})
     db = admin_pb2.FlowEndpoint(workload="db-1", address="198.18.0.3", labels={"app": "db"})
-    admin.responses["ListFlows"] = admin_pb2.ListFlowsResponse(
-        flows=[
-            admin_pb2.FlowEntry(
-                source=web,
-                destination=db,
-                port=5432,
-                protocol="tcp",
-                verdict=agent_pb2.VERDICT_ALLOWED,
-                count=1,
-            )
-        ]
-    )
+    admin.responses["ListFlows"] = one_flow(web, db, agent_pb2.VERDICT_ALLOWED)
 
     result = run(admin.target, "suggest")
 
