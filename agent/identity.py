@@ -10,22 +10,20 @@ child process, agent/keytool.py. The CA fingerprint needs only the standard libr
 
 Files in the state directory (0700), each 0600: agent.key, agent.crt, ca.crt and
 agent.validity (the certificate's validity period, and a digest of the three others that
-says which files it describes and that they were checked). They are replaced together:
-each is written in full as ``<name>.new`` and fsynced, then renamed into place, key
-first. Renaming the key is the commit point, so after a crash ``load_credentials``
-either discards the pending files (the key was not renamed) or finishes the renames (it
-was): the agent never pairs a new key with an old certificate. A missing or stale
+says which files it describes and that they were checked). They are replaced together by
+the shared private-file writer (bulkhead.privatefile), key first. Renaming the key is the
+commit point, so after a crash ``load_credentials`` either discards the pending files (the
+key was not renamed) or finishes the renames (it was): the agent never pairs a new key
+with an old certificate. A missing or stale
 agent.validity (state directories written before it existed, or files changed by hand)
 is recomputed by the key tool, which checks the files again, and written anew.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import ssl
 import subprocess
 import sys
@@ -34,6 +32,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from bulkhead.privatefile import (
+    PrivateFile,
+    recover_private_group,
+    write_private_file,
+    write_private_group,
+)
 from bulkhead.v1 import contract
 from bulkhead.v1.contract import EnrollmentToken
 
@@ -45,7 +49,6 @@ CA_FILE = "ca.crt"
 VALIDITY_FILE = "agent.validity"
 _PEM_FILES = (KEY_FILE, CERT_FILE, CA_FILE)
 _FILES = (*_PEM_FILES, VALIDITY_FILE)  # the key first: its rename commits a save
-_PENDING = ".new"
 RENEW_AFTER_FRACTION = 2 / 3
 # The key tool's command line; -P keeps the working directory off its sys.path.
 KEYTOOL = (sys.executable, "-P", "-m", "agent.keytool")
@@ -192,17 +195,11 @@ def parse_token(text: str) -> EnrollmentToken:
 def save_credentials(directory: Path, creds: AgentCredentials) -> None:
     """Write agent.key, agent.crt, ca.crt and agent.validity (0600) so that they change
     together. CREDS must have been checked (checked_credentials): loading trusts them."""
-    if not directory.is_dir():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
     pems = (creds.key_pem, creds.cert_pem, creds.ca_pem)
-    contents = dict(zip(_FILES, (*pems, _validity_record(creds.validity, pems)), strict=True))
-    for name in _FILES:
-        _write_synced(_pending(directory / name), contents[name])
-    _fsync_dir(directory)
-    for name in _FILES:
-        os.replace(_pending(directory / name), directory / name)
-    _fsync_dir(directory)
+    contents = (*pems, _validity_record(creds.validity, pems))
+    write_private_group(
+        directory, [PrivateFile(*pair) for pair in zip(_FILES, contents, strict=True)]
+    )
 
 
 def load_credentials(directory: Path) -> AgentCredentials | None:
@@ -210,7 +207,10 @@ def load_credentials(directory: Path) -> AgentCredentials | None:
     Runs the key tool only when agent.validity does not describe the files (see above)."""
     if not directory.is_dir():
         return None
-    _recover(directory)
+    try:
+        recover_private_group(directory, _FILES)
+    except OSError as exc:  # UnsafeLocation included: its text names the path and why
+        raise IdentityError(f"cannot finish the interrupted save of credentials: {exc}") from exc
     paths = [directory / name for name in _PEM_FILES]
     present = [path for path in paths if path.exists()]
     if not present:
@@ -254,9 +254,7 @@ def _store_validity(directory: Path, validity: Validity, pems: tuple[bytes, ...]
     """Write agent.validity alone (as a save would); the agent only loses time if it cannot."""
     path = directory / VALIDITY_FILE
     try:
-        _write_synced(_pending(path), _validity_record(validity, pems))
-        os.replace(_pending(path), path)
-        _fsync_dir(directory)
+        write_private_file(path, _validity_record(validity, pems))
     except OSError as exc:
         log.warning("cannot write %s (%s); the next start checks the credentials again",
                     path, exc.strerror)  # fmt: skip
@@ -296,43 +294,6 @@ def _keytool(request: dict[str, object], what: str) -> dict[str, str]:
     if "error" in answer:
         raise IdentityError(answer["error"])
     return answer
-
-
-def _recover(directory: Path) -> None:
-    pending = [_pending(directory / name) for name in _FILES]
-    if pending[0].exists():  # crashed before the commit: the old files are intact
-        for path in pending:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-        return
-    for name, path in zip(_FILES, pending, strict=True):
-        if path.exists():  # crashed after the commit: finish it
-            os.replace(path, directory / name)
-    _fsync_dir(directory)
-
-
-def _pending(path: Path) -> Path:
-    return path.with_name(path.name + _PENDING)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # an existing file keeps its old mode otherwise
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path) -> bytes:

@@ -11,7 +11,6 @@ ships it as agent/units/bulkhead-agent.service (a symlink there).
 
 from __future__ import annotations
 
-import os
 import shlex
 import socket
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from agent.config import (
     load_config,
     parse_config,
 )
+from bulkhead.privatefile import UnsafeLocation, write_private_file
 
 UNIT_NAME = "bulkhead-agent.service"
 UNIT_DIR = Path("/etc/systemd/system")
@@ -119,18 +119,6 @@ def below(root: Path, path: Path) -> Path:
     return root / path.relative_to("/")
 
 
-def _write_file(path: Path, data: str, mode: int) -> None:
-    """Write DATA to PATH with MODE from the start, replacing any old file atomically."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as file:
-        os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask
-        file.write(data.encode())
-        file.flush()
-        os.fsync(fd)
-    os.replace(temporary, path)
-
-
 def install(
     root: Path, config: AgentConfig | None, *, force: bool, unit_text: str
 ) -> InstallReport:
@@ -144,11 +132,13 @@ def install(
     try:
         if config is not None and write_config:
             config_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            _write_file(config_path, render_config(config), 0o600)
+            write_private_file(config_path, render_config(config).encode())
         unit_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _write_file(unit_path, unit_text, 0o644)
+        write_private_file(unit_path, unit_text.encode(), mode=0o644)
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         state_dir.chmod(0o700)  # mkdir's mode is filtered by the umask; an old dir may be open
+    except UnsafeLocation as exc:
+        raise InstallError(str(exc)) from exc
     except OSError as exc:
         where = exc.filename or root
         message = f"cannot write {where}: {exc.strerror} (run as root, or use --root)"

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from bulkhead.privatefile import write_private_file
 from bulkhead.v1 import ruleset_pb2
 from bulkhead.v1.contract import legacy_ruleset_hash, ruleset_hash
 
@@ -32,8 +32,7 @@ class AppliedSnapshot:
 
 
 def save_snapshot(state_dir: Path, snapshot: AppliedSnapshot) -> None:
-    """Write, fsync and rename, so a crash leaves the old file or the new one."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """Write, fsync and rename (0600), so a crash leaves the old file or the new one."""
     payload = {
         "revision": snapshot.revision,
         "hash": snapshot.hash,
@@ -41,19 +40,7 @@ def save_snapshot(state_dir: Path, snapshot: AppliedSnapshot) -> None:
             snapshot.ruleset.SerializeToString(deterministic=True)
         ).decode(),
     }
-    target = state_dir / SNAPSHOT_FILE
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, target)
-    dir_fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_file(state_dir / SNAPSHOT_FILE, json.dumps(payload).encode())
 
 
 def load_snapshot(state_dir: Path) -> AppliedSnapshot | None:

@@ -10,7 +10,6 @@ connected with applied_hash == desired_hash (and a desired hash at all).
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any
 import grpc
 import yaml
 
+from bulkhead.privatefile import write_private_file
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc
 from lab.errors import DaemonError
 from lab.iproute import ip_binary
@@ -186,10 +186,11 @@ def start_agent(
         token=token,
     )  # fmt: skip
     config_path = paths.agent_config(host.name)
-    # 0600: until the agent's first start it holds a live enrollment token.
-    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(yaml.safe_dump(config, sort_keys=False))
+    # Private: until the agent's first start it holds a live enrollment token.
+    try:
+        write_private_file(config_path, yaml.safe_dump(config, sort_keys=False).encode())
+    except OSError as exc:  # UnsafeLocation included: its reason says what is wrong
+        raise DaemonError(f"cannot write {config_path}: {exc.strerror or exc}") from exc
     argv = [ip_binary(), "netns", "exec", host.netns, program("bulkhead-agent"),
             "--config", str(config_path)]  # fmt: skip
     log = paths.agent_log(host.name)

@@ -1,7 +1,7 @@
 """The lab's state file: what `up` made, so `down`, `status`, `probe` and `listen` find it.
 
 JSON in the lab directory (default /run/bulkhead-lab, override with BULKHEAD_LAB_DIR),
-written atomically (temporary file + rename) so a crash never leaves half a file.
+written by the shared private-file writer (bulkhead.privatefile): 0600, atomically.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bulkhead.privatefile import write_private_file
 from lab.errors import StateError
 
 DEFAULT_LAB_DIR = Path("/run/bulkhead-lab")
@@ -141,18 +142,22 @@ def load_state(directory: Path) -> LabState:
 
 
 def save_state(directory: Path, state: LabState) -> None:
-    path = state_path(directory)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(state.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
+    _write_private(state_path(directory), state.model_dump_json(indent=2) + "\n")
 
 
 def make_lab_dir(directory: Path) -> None:
     """Create the lab directory (private: the controller keeps its state in it)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (directory / MARKER_FILE).write_text(
-        "created by bulkhead-lab; removed by `bulkhead-lab down`\n"
+    _write_private(
+        directory / MARKER_FILE, "created by bulkhead-lab; removed by `bulkhead-lab down`\n"
     )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """PATH written by the shared writer (its directory created 0700 if missing)."""
+    try:
+        write_private_file(path, text.encode())
+    except OSError as exc:  # UnsafeLocation included: its reason says what is wrong
+        raise StateError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def is_lab_dir(directory: Path) -> bool:

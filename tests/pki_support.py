@@ -26,6 +26,9 @@ from controller.pki import (
 from controller.server.enrollment_servicer import EnrollmentServicer
 from controller.store.sqlite_store import SqliteStore
 
+# The token of a group write (bulkhead.privatefile) that a crash interrupted, in tests that
+# replay one by placing its pending files.
+CRASHED_WRITE = "0123456789abcdef"
 # Clients verify the controller by this name, whatever address they dial.
 CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", CONTROLLER_NAME)]
 

@@ -24,7 +24,7 @@ from controller.cli.output import (
     unix_ms_text,
     yes_no,
 )
-from controller.cli.tables import plain_table
+from controller.cli.tables import PlainTable, plain_table
 
 # The baseline the agent always allows besides the configured ports (see DESIGN.md).
 _IMPLICIT_BASELINE = "loopback, established/related, essential ICMP/ICMPv6"
@@ -54,7 +54,7 @@ def _section(title: str) -> Text:
 
 
 def _key_values(rows: Sequence[tuple[str, str]]) -> Table:
-    grid = Table.grid(padding=(0, 2))
+    grid = PlainTable.grid(padding=(0, 2))
     grid.add_column(style="dim")
     grid.add_column(overflow="fold")
     for key, value in rows:

@@ -12,6 +12,8 @@ from typing import IO, Any
 
 import click
 
+from controller.cli.terminal import printable
+
 EXIT_CONTROLLER = 1
 EXIT_BAD_INPUT = 2
 
@@ -26,8 +28,8 @@ class CliError(click.ClickException):
         super().__init__("\n".join(self.lines))
 
     def show(self, file: IO[Any] | None = None) -> None:
-        for line in self.lines:
-            click.echo(f"error: {line}", file=file, err=True)
+        for line in self.lines:  # the controller's or an agent's words may be in it
+            click.echo(f"error: {printable(line)}", file=file, err=True)
 
 
 class BadInputError(CliError):

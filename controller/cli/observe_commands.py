@@ -19,6 +19,7 @@ from controller.cli.errors import BadInputError, CliError
 from controller.cli.labels import parse_label_list
 from controller.cli.output import (
     OutputFormat,
+    cell,
     dump_data,
     make_console,
     now_unix_ms,
@@ -134,7 +135,7 @@ def flows_table(entries: Sequence[admin_pb2.FlowEntry], now_ms: int) -> Table:
             "→",
             endpoint_text(entry.destination, entry.port if entry.protocol != "icmp" else None),
             entry.protocol,
-            f"[{style}]{verdict}[/]" if style else verdict,
+            cell(verdict, style),
             str(entry.count),
             relative_text(entry.last_seen_unix_ms, now_ms),
         )

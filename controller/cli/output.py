@@ -1,4 +1,9 @@
-"""Output formats (table, json, yaml) and the small text renderings shared by the views."""
+"""Output formats (table, json, yaml) and the small text renderings shared by the views.
+
+Nothing a host sent reaches the terminal raw (see controller/cli/terminal.py): every
+table cell and describe value goes through ``printable`` (by ``cell``, or by the tables'
+own ``add_row``), and ``dump_data`` and ``dump_documents`` escape json and yaml text.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,13 @@ import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
+from rich.style import Style
 from rich.text import Text
 
 from bulkhead.v1 import admin_pb2, agent_pb2, ruleset_pb2
 from controller.cli.durations import span_text
 from controller.cli.errors import ControllerError
+from controller.cli.terminal import escape_in_json, has_active, printable
 
 OutputFormat = Literal["table", "json", "yaml"]
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
@@ -46,10 +53,14 @@ def message_to_data(message: Message) -> dict[str, Any]:
 
 
 def dump_data(data: object, fmt: OutputFormat) -> str:
-    """Serialise one value as JSON or YAML text (ending in a newline)."""
+    """Serialise one value as JSON or YAML text (ending in a newline), safe to print."""
     if fmt == "json":
-        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+        return escape_in_json(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return _safe_yaml(
+        lambda unicode: yaml.safe_dump(
+            data, sort_keys=False, allow_unicode=unicode, default_flow_style=False
+        )
+    )
 
 
 def dump_documents(documents: Sequence[Mapping[str, Any]], fmt: OutputFormat) -> str:
@@ -58,13 +69,23 @@ def dump_documents(documents: Sequence[Mapping[str, Any]], fmt: OutputFormat) ->
         return dump_data(list(documents), fmt)
     if not documents:
         return ""
-    return yaml.safe_dump_all(
-        [dict(document) for document in documents],
-        sort_keys=False,
-        allow_unicode=True,
-        default_flow_style=False,
-        explicit_start=True,
+    return _safe_yaml(
+        lambda unicode: yaml.safe_dump_all(
+            [dict(document) for document in documents],
+            sort_keys=False,
+            allow_unicode=unicode,
+            default_flow_style=False,
+            explicit_start=True,
+        )
     )
+
+
+def _safe_yaml(dump: Callable[[bool], str]) -> str:
+    """DUMP's text with unicode as it is, unless that would print an active character
+    (yaml leaves C1 controls and bidirectional marks raw); then its ASCII-only text, where
+    every character outside ASCII is an escape in a double-quoted string."""
+    text = dump(True)
+    return dump(False) if has_active(text) else text
 
 
 def parse_stored_document(resource: admin_pb2.Resource) -> dict[str, Any]:
@@ -83,9 +104,10 @@ def parse_stored_document(resource: admin_pb2.Resource) -> dict[str, Any]:
     return document
 
 
-def cell(value: object) -> Text:
-    """Plain text for a table cell: data is never parsed as rich markup ("[::1]")."""
-    return Text(str(value))
+def cell(value: object, style: str | Style = "") -> Text:
+    """Plain, printable text for a table cell: data is never parsed as rich markup
+    ("[::1]"), and no character of it acts on the terminal."""
+    return Text(printable(value), style=style)
 
 
 def enum_word(enum_name: str) -> str:

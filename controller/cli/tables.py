@@ -7,7 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich import box
+from rich.console import RenderableType
+from rich.style import StyleType
 from rich.table import Table
+from rich.text import Text
 
 from bulkhead.v1 import admin_pb2
 from controller.cli.output import (
@@ -21,14 +24,37 @@ from controller.cli.output import (
     unix_ms_text,
     yes_no,
 )
+from controller.cli.terminal import printable
 
 # Audit details longer than this are cut in the table (never in json/yaml).
 AUDIT_DETAIL_LIMIT = 80
 
 
+class PlainTable(Table):
+    """A table whose cells are plain, printable text, whoever fills it: a string cell is
+    never parsed as markup, and what a host sent cannot act on the terminal."""
+
+    def add_row(
+        self,
+        *renderables: RenderableType | None,
+        style: StyleType | None = None,
+        end_section: bool = False,
+    ) -> None:
+        plain = [_plain(renderable) for renderable in renderables]
+        super().add_row(*plain, style=style, end_section=end_section)
+
+
+def _plain(renderable: RenderableType | None) -> RenderableType | None:
+    if isinstance(renderable, str):
+        return cell(renderable)
+    if isinstance(renderable, Text) and printable(renderable.plain) != renderable.plain:
+        return cell(renderable.plain, renderable.style)
+    return renderable
+
+
 def plain_table(*headers: str, caption: str | None = None) -> Table:
     """A borderless table like `kubectl get`: easy to read and to grep."""
-    table = Table(
+    table = PlainTable(
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,

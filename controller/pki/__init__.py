@@ -8,7 +8,6 @@ from __future__ import annotations
 from bulkhead.v1.contract import EnrollmentToken
 from controller.pki.authority import CertificateAuthority, cert_pem
 from controller.pki.errors import PkiError
-from controller.pki.files import write_private_files
 from controller.pki.identity import (
     AGENT_URI_PREFIX,
     CONTROLLER_NAME,
@@ -43,5 +42,4 @@ __all__ = [
     "parse_token",
     "secret_digest",
     "secret_matches",
-    "write_private_files",
 ]

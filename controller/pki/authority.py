@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controller.pki import files
+from bulkhead.privatefile import PrivateFile, recover_private_group, write_private_group
 from controller.pki.errors import PkiError
 from controller.pki.identity import CONTROLLER_NAME, Identity, check_agent_id, check_operator
 
@@ -65,8 +65,10 @@ class CertificateAuthority:
     ) -> CertificateAuthority:
         """Load ca.key/ca.crt from DIRECTORY, creating both (atomically) if neither exists."""
         key_path, cert_path = directory / CA_KEY_FILE, directory / CA_CERT_FILE
-        if directory.is_dir():
-            files.recover(directory, (CA_KEY_FILE, CA_CERT_FILE))
+        try:
+            recover_private_group(directory, (CA_KEY_FILE, CA_CERT_FILE))
+        except OSError as exc:  # UnsafeLocation included: its text names the path and why
+            raise PkiError(str(exc)) from exc
         have_key, have_cert = key_path.exists(), cert_path.exists()
         if have_key and have_cert:
             return cls.from_files(cert_path, key_path)
@@ -77,13 +79,16 @@ class CertificateAuthority:
                 f"damaged or half-created; restore {missing.name} or move the directory "
                 "aside to create a new CA (every agent must then enroll again)"
             )
-        files.ensure_private_dir(directory)
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _self_signed_ca(key, common_name)
-        files.write_group(
-            directory,
-            [(CA_KEY_FILE, private_key_pem(key), 0o600), (CA_CERT_FILE, cert_pem(cert), 0o644)],
-        )
+        files = [
+            PrivateFile(CA_KEY_FILE, private_key_pem(key)),
+            PrivateFile(CA_CERT_FILE, cert_pem(cert), 0o644),
+        ]
+        try:
+            write_private_group(directory, files)
+        except OSError as exc:
+            raise PkiError(str(exc)) from exc
         return cls(cert, key, source=str(cert_path))
 
     @classmethod

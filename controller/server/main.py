@@ -18,6 +18,7 @@ import grpc
 
 from bulkhead import sdnotify
 from bulkhead.channel import SERVER_STREAM_OPTIONS
+from bulkhead.privatefile import PrivateFile, check_private_dir, write_private_group
 from bulkhead.v1 import admin_pb2_grpc, agent_pb2_grpc
 from controller.core import DEFAULT_OFFLINE_AFTER_S, Controller
 from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
@@ -31,7 +32,6 @@ from controller.pki import (
     PkiError,
     certificate_from_pem,
     identity_from_certificate,
-    write_private_files,
 )
 from controller.policy.names import label_key_problem
 from controller.server.admin_servicer import AdminServicer
@@ -387,6 +387,10 @@ def main(  # noqa: PLR0917 - click passes options positionally
         sys.exit(1)
 
 
+# What `admin-cert --out` writes; the first is the group's commit point.
+_OPERATOR_FILES = ("operator.crt", "operator.key", "ca.crt")
+
+
 @main.command("admin-cert")
 @_STATE_DIR_OPTION
 @click.option("--name", required=True, help="The operator's name, as the audit log shows it.")
@@ -412,6 +416,8 @@ def admin_cert(  # noqa: PLR0917 - click passes options positionally
     """Issue an operator certificate for the `bulkhead` CLI (run on the controller host,
     with the same --ca-cert/--ca-key as the controller if it uses your own CA)."""
     try:
+        # Before issuing: a refused --out must leave no certificate that nobody holds.
+        check_private_dir(out, _OPERATOR_FILES)
         store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
         cert_pem, key_pem = ca.issue_operator(name, role, timedelta(days=days))
         certificate = certificate_from_pem(cert_pem)
@@ -425,9 +431,9 @@ def admin_cert(  # noqa: PLR0917 - click passes options positionally
                 "local:admin-cert", "operator.certificate.issued", f"operator/{name}",
                 {"role": role, "days": days},
             )  # fmt: skip
-        write_private_files(
-            out, {"operator.crt": cert_pem, "operator.key": key_pem, "ca.crt": ca.certificate_pem}
-        )
+        contents = (cert_pem, key_pem, ca.certificate_pem)
+        files = [PrivateFile(*pair) for pair in zip(_OPERATOR_FILES, contents, strict=True)]
+        write_private_group(out, files)
     except (StartupError, PkiError, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

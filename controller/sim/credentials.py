@@ -5,13 +5,13 @@ certificate).
     DIR/ca.crt                       the controller's CA, pinned when the first agent enrolled
     DIR/agents/<agent id>.key, .crt  each agent's key and certificate (0600)
 
-Files are replaced by rename but not fsynced: this is a load tool's cache, and ten
-thousand fsyncs would cost more than the enrollments themselves.
+Files are written by the shared private-file writer (bulkhead.privatefile), without its
+fsyncs: this is a load tool's cache, and ten thousand fsyncs would cost more than the
+enrollments themselves.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from bulkhead.privatefile import write_private_file
 from controller.sim.errors import SimError
 
 CA_FILE = "ca.crt"
@@ -50,12 +51,12 @@ class CredentialCache:
 
     def save_ca(self, pem: bytes) -> None:
         self._prepare()
-        _write_private(self.directory / CA_FILE, pem)
+        _write(self.directory / CA_FILE, pem)
 
     def save(self, agent_id: str, credentials: AgentCredentials) -> None:
         self._prepare()
-        _write_private(self._agents / f"{agent_id}.key", credentials.key_pem)
-        _write_private(self._agents / f"{agent_id}.crt", credentials.cert_pem)
+        _write(self._agents / f"{agent_id}.key", credentials.key_pem)
+        _write(self._agents / f"{agent_id}.crt", credentials.cert_pem)
 
     def load(
         self, agent_ids: list[str], *, now: datetime | None = None
@@ -116,9 +117,8 @@ def _certificate(pem: bytes, path: Path) -> x509.Certificate:
         raise SimError(f"--credentials: {path} is not a PEM certificate") from exc
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    pending = path.with_name(path.name + ".new")
-    fd = os.open(pending, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(pending, path)
+def _write(path: Path, data: bytes) -> None:
+    try:
+        write_private_file(path, data, durable=False)
+    except OSError as exc:  # UnsafeLocation included: its text names the path and why
+        raise SimError(f"--credentials: cannot write {path}: {exc}") from exc

@@ -25,8 +25,9 @@ from agent.identity import (
     save_credentials,
 )
 from agent.keytool import generate_key, key_pem, make_csr
+from bulkhead.privatefile import pending_name
 from controller.pki import CertificateAuthority, cert_pem, new_token
-from tests.pki_support import issued_credentials
+from tests.pki_support import CRASHED_WRITE, issued_credentials
 
 DAY = timedelta(days=1)
 FILES = ["agent.crt", "agent.key", "agent.validity", "ca.crt"]
@@ -183,7 +184,7 @@ def test_a_save_interrupted_before_the_key_rename_keeps_the_old_files(
     old = enroll(ca)
     save_credentials(state, old)
     for name in FILES:
-        (state / f"{name}.new").write_bytes(b"half written")
+        (state / pending_name(name, CRASHED_WRITE)).write_bytes(b"half written")
 
     assert load_credentials(state) == old
     assert sorted(p.name for p in state.iterdir()) == FILES
@@ -196,8 +197,8 @@ def test_a_save_interrupted_after_the_key_rename_is_finished(
     save_credentials(state, enroll(ca))
     new = enroll(ca)
     (state / "agent.key").write_bytes(new.key_pem)
-    (state / "agent.crt.new").write_bytes(new.cert_pem)
-    (state / "ca.crt.new").write_bytes(new.ca_pem)
+    (state / pending_name("agent.crt", CRASHED_WRITE)).write_bytes(new.cert_pem)
+    (state / pending_name("ca.crt", CRASHED_WRITE)).write_bytes(new.ca_pem)
 
     assert load_credentials(state) == new
     assert sorted(p.name for p in state.iterdir()) == FILES

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from bulkhead.privatefile import pending_name
 from controller.pki import (
     CONTROLLER_NAME,
     CertificateAuthority,
@@ -32,8 +33,8 @@ from controller.pki import (
     parse_token,
     secret_digest,
     secret_matches,
-    write_private_files,
 )
+from tests.pki_support import CRASHED_WRITE
 
 DAY = timedelta(days=1)
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
@@ -151,7 +152,7 @@ def test_interrupted_creation_is_finished_after_the_key_was_committed(tmp_path: 
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     (crashed / "ca.key").write_bytes((source / "ca.key").read_bytes())
-    (crashed / "ca.crt.new").write_bytes((source / "ca.crt").read_bytes())
+    (crashed / pending_name("ca.crt", CRASHED_WRITE)).write_bytes((source / "ca.crt").read_bytes())
 
     recovered = CertificateAuthority.load_or_create(crashed)
 
@@ -162,7 +163,9 @@ def test_interrupted_creation_is_finished_after_the_key_was_committed(tmp_path: 
 def test_interrupted_creation_before_the_commit_starts_afresh(tmp_path: Path) -> None:
     crashed = tmp_path / "crashed"
     crashed.mkdir()
-    (crashed / "ca.key.new").write_bytes(b"-----BEGIN PRIVATE KEY-----\ntrunc")
+    (crashed / pending_name("ca.key", CRASHED_WRITE)).write_bytes(
+        b"-----BEGIN PRIVATE KEY-----\ntrunc"
+    )
 
     CertificateAuthority.load_or_create(crashed)
 
@@ -227,18 +230,6 @@ def test_from_files_names_the_unparseable_file(
 
     with pytest.raises(PkiError, match=message):
         CertificateAuthority.from_files(cert_path, key_path)
-
-
-def test_private_files_are_written_0600_in_a_0700_directory(tmp_path: Path) -> None:
-    out = tmp_path / "operator"
-    write_private_files(out, {"operator.key": b"key", "operator.crt": b"crt"})
-    write_private_files(out, {"operator.key": b"key2"})
-
-    assert stat.S_IMODE(out.stat().st_mode) == 0o700
-    assert sorted(p.name for p in out.iterdir()) == ["operator.crt", "operator.key"]
-    assert (out / "operator.key").read_bytes() == b"key2"
-    for path in out.iterdir():
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 # --- issuance ------------------------------------------------------------------------------
