@@ -68,8 +68,12 @@ def plain_table(*headers: str, caption: str | None = None) -> Table:
 
 
 def agents_table(agents: Sequence[admin_pb2.AgentSummary]) -> Table:
-    out_of_sync = any(revisions_text(agent).endswith("*") for agent in agents)
-    caption = "* the agent does not enforce the desired revision yet" if out_of_sync else None
+    notes = []
+    if any(revisions_text(agent).endswith("*") for agent in agents):
+        notes.append("* the agent does not enforce the desired revision yet")
+    if any(agent.refused_addresses for agent in agents):
+        notes.append("refused: addresses the host reports that are not compiled (describe agent)")
+    caption = "\n".join(notes) or None
     table = plain_table(
         "ID", "HOSTNAME", "LABELS", "ADDRESSES", "MODE", "CONNECTED", "APPLIED/DESIRED",
         caption=caption,
@@ -79,12 +83,18 @@ def agents_table(agents: Sequence[admin_pb2.AgentSummary]) -> Table:
             cell(agent.agent_id),
             cell(agent.hostname or "-"),
             cell(labels_text(agent.labels)),
-            cell(truncated(list(agent.addresses))),
+            cell(_addresses_text(agent)),
             cell(mode_text(agent.mode)),
             cell(_connection_state(agent)),
             cell(revisions_text(agent)),
         )
     return table
+
+
+def _addresses_text(agent: admin_pb2.AgentSummary) -> str:
+    text = truncated(list(agent.addresses))
+    refused = len(agent.refused_addresses)
+    return f"{text} (+{refused} refused)" if refused else text
 
 
 def policies_table(resources: Sequence[admin_pb2.Resource]) -> Table:

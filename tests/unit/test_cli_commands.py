@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -367,3 +368,60 @@ def test_other_status_codes_name_the_code(admin: FakeAdmin) -> None:
         f"error: the controller at {admin.address} answered FAILED_PRECONDITION: "
         "iplist 'office' is used by; policy 'office-ssh'"
     ]
+
+
+def test_label_agent_accepts_reported_labels_without_other_changes(admin: FakeAdmin) -> None:
+    admin.responses["LabelAgent"] = admin_pb2.LabelAgentResponse(labels={"tier": "frontend"})
+
+    result = run(admin.target, "label", "agent", "web-1", "--accept-reported")
+
+    assert result.exit_code == 0, result.stderr
+    request = admin.only_request("LabelAgent")
+    assert request.accept_reported
+    assert (dict(request.set), list(request.remove)) == ({}, [])
+
+
+def test_token_create_and_agent_addresses_send_allowed_ranges(admin: FakeAdmin) -> None:
+    admin.responses["CreateToken"] = admin_pb2.CreateTokenResponse(token="T")
+    admin.responses["SetAgentAddresses"] = admin_pb2.SetAgentAddressesResponse(
+        allowed_ranges=["198.18.0.0/24"],
+        addresses=["198.18.0.2"],
+        refused_addresses=[
+            agent_pb2.RefusedAddress(address="203.0.113.9", reason="outside the agent's ranges")
+        ],
+    )
+
+    created = run(admin.target, "token", "create", "--addresses", "198.18.0.0/24, 2001:db8::/64")
+    narrowed = run(admin.target, "agent", "addresses", "web-1", "--allow", "198.18.0.0/24")
+    opened = run(admin.target, "agent", "addresses", "web-1", "--allow", "any")
+    bad = run(admin.target, "agent", "addresses", "web-1", "--allow", "198.18.0.1/24")
+
+    assert created.exit_code == narrowed.exit_code == opened.exit_code == 0
+    token_requests: list[Any] = [r for name, r in admin.requests if name == "CreateToken"]
+    assert [list(r.addresses) for r in token_requests] == [["198.18.0.0/24", "2001:db8::/64"]]
+    requests: list[Any] = [r for name, r in admin.requests if name == "SetAgentAddresses"]
+    assert [list(r.allowed_ranges) for r in requests] == [["198.18.0.0/24"], []]
+    assert "refused: 203.0.113.9: outside the agent's ranges" in narrowed.stdout
+    assert bad.exit_code == 2
+    assert "'198.18.0.1/24' is not a CIDR with host bits zero" in bad.stderr
+    assert len(requests) == 2, "a bad range makes no call"
+
+
+def test_agents_with_refused_addresses_say_so_in_the_table_and_describe(admin: FakeAdmin) -> None:
+    refused = [agent_pb2.RefusedAddress(address="198.18.0.9", reason="held by agent db-1")]
+    summary = admin_pb2.AgentSummary(
+        agent_id="web-1", addresses=["198.18.0.2"], refused_addresses=refused,
+        reported_labels={"app": "web", "tier": "frontend"}, labels={"app": "web"},
+        allowed_ranges=["198.18.0.0/24"],
+    )  # fmt: skip
+    admin.responses["ListAgents"] = admin_pb2.ListAgentsResponse(agents=[summary])
+    admin.responses["DescribeAgent"] = admin_pb2.AgentDetail(summary=summary)
+
+    listed = run(admin.target, "get", "agents")
+    described = run(admin.target, "describe", "agent", "web-1")
+
+    assert "198.18.0.2 (+1 refused)" in listed.stdout
+    text = " ".join(described.stdout.split())
+    assert "refused address: 198.18.0.9: held by agent db-1" in text
+    assert "allowed ranges: 198.18.0.0/24" in text
+    assert "not used until accepted: tier=frontend" in text
