@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
+from controller.agent_events import AgentEvents
 from controller.applied import AppliedRulesets
 from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
@@ -36,6 +37,7 @@ from controller.policy import (
 from controller.policy.estate import SetVersion
 from controller.policy.names import label_key_problem, label_value_problem
 from controller.sessions import AgentSession, PushCounts
+from controller.store.agent_event_store import AgentEventRecord
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,6 @@ MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
 MAX_REVISION = 2**63 - 1  # revisions are SQLite integers
 HOSTNAME_MAX = 253  # a DNS name's limit
-TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,10 @@ class Controller:
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
         self._applied = AppliedRulesets(store)
-        self.observations = Observations(store.flow_store(), self.workloads)
+        self.observations = Observations(
+            store.flow_store(), self.workloads, addresses_of=self._accepted_addresses
+        )
+        self.agent_events = AgentEvents(store.agent_event_store())
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
 
@@ -240,8 +244,19 @@ class Controller:
         self._recompile([agent_id])
         return agent.labels
 
-    def audit(self, since_ms: int, limit: int) -> list[AuditRecord]:
-        return self._store.list_audit(since_ms, min(limit, 10_000))
+    def audit(
+        self, since_ms: int, limit: int, *, include_agents: bool = False
+    ) -> list[AuditRecord | AgentEventRecord]:
+        """The latest LIMIT operator audit entries at or after SINCE_MS, oldest first; with
+        INCLUDE_AGENTS, agents' events too (kept apart: controller/agent_events.py),
+        merged with them by time."""
+        limit = min(limit, 10_000)
+        entries: list[AuditRecord | AgentEventRecord] = []
+        entries += self._store.list_audit(since_ms, limit)
+        if include_agents:
+            entries += self.agent_events.list(since_ms, limit)
+            entries.sort(key=lambda entry: entry.at_ms)  # stable: each list is in order
+        return entries[-limit:]
 
     def is_revoked(self, agent_id: str) -> bool:
         """Certificates were issued to the agent and none of them is live any more."""
@@ -278,6 +293,12 @@ class Controller:
         )
         self._workloads_view = (at, view)
         return view
+
+    def _accepted_addresses(self, agent_id: str) -> list[str]:
+        """The agent's accepted addresses now: a flow report checks against these the
+        addresses the cached workloads view lacks (it may be a second old)."""
+        found = self._store.get_agent(agent_id)
+        return found.addresses if found is not None else []
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._sessions
@@ -432,31 +453,6 @@ class Controller:
             self._store.put_agent(agent)
         log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
         self._agent_changed(agent_id)
-
-    # -- tamper reports (agent/tamper.py) -------------------------------------------------
-    def tampered(self, agent_id: str, event: agent_pb2.TamperEvent) -> None:
-        """The agent found its rules changed behind its back (and says if it repaired them)."""
-        description = event.description[:TAMPER_DESCRIPTION_MAX]
-        with self._store.transaction():
-            self._store.add_audit(
-                f"agent:{agent_id}", "agent.tamper", f"agent/{agent_id}",
-                {"description": description, "repaired": event.repaired,
-                 "repair_seconds": event.repair_seconds,
-                 "detected_unix_ms": event.detected_unix_ms},
-            )  # fmt: skip
-        log.warning(
-            "agent %s: rules tampered with (%s); %s", agent_id, description,
-            f"repaired in {event.repair_seconds:.3f} s" if event.repaired else "NOT repaired",
-        )  # fmt: skip
-
-    def tamper_events(self, agent_id: str, limit: int = 100) -> list[AuditRecord]:
-        """The agent's latest tamper reports, oldest first."""
-        records = self._store.list_audit(0, 10_000)
-        target = f"agent/{agent_id}"
-        found = [r for r in records if r.action == "agent.tamper" and r.target == target]
-        return found[-limit:]
-
-    # -- end tamper reports ----------------------------------------------------------------
 
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
         if ack.revision > MAX_REVISION:
