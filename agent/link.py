@@ -7,6 +7,7 @@ controller restart is followed by a spread-out reconnect, not a stampede.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import time
@@ -49,6 +50,9 @@ STABLE_STREAM_S = 5.0
 # Tamper reports (agent/tamper.py) kept while there is no stream; the oldest are dropped.
 TAMPER_BACKLOG_MAX = 100
 FLOW_REPORT_INTERVAL_S = 2.0
+# A renewal the controller did not answer by then (it refuses one asked before the last
+# third of the certificate's life by its clock, without answering) is asked for again.
+RENEWAL_ANSWER_WAIT_S = 300.0
 CHANNEL_OPTIONS: list[tuple[str, str | int]] = [
     # The controller is verified by this name (its certificate always carries it),
     # whatever address it is dialled at.
@@ -111,6 +115,9 @@ class ControllerLink:
         self._observer = observer
         self._flow_reports = FlowReports(observer.table) if observer is not None else None
         self._flow_report_interval = flow_report_interval
+        # This host's addresses the controller refuses, with its reasons (AddressesRefused):
+        # kept across streams until the controller says otherwise.
+        self.refused_addresses: dict[str, str] = {}
 
     @property
     def flows_reported(self) -> int:
@@ -232,6 +239,8 @@ class ControllerLink:
                 self._flow_reports.stored(message.flows_stored)
         elif kind == "certificate":
             await self._store_renewed(message.certificate.certificate_pem.encode())
+        elif kind == "addresses_refused":
+            self._addresses_refused(message.addresses_refused)
         elif kind == "connections_request":
             await outbox.put(
                 agent_pb2.AgentMessage(
@@ -248,15 +257,46 @@ class ControllerLink:
         else:
             log.warning("ignoring unknown controller message %s", kind)
 
+    def _addresses_refused(self, notice: agent_pb2.AddressesRefused) -> None:
+        """The controller compiles none of these addresses into anyone's peer sets (held
+        by another agent, outside this agent's allowed ranges, not a workload address),
+        and refuses a flow report holding a flow on one: leave their flows out. Logged
+        once per change."""
+        refused: dict[str, str] = {}
+        for entry in notice.refused:
+            try:
+                refused[str(ipaddress.ip_address(entry.address))] = entry.reason
+            except ValueError:
+                log.warning("ignoring a refused address that is not one: %r", entry.address)
+        if refused == self.refused_addresses:
+            return
+        self.refused_addresses = refused
+        if refused:
+            log.warning(
+                "the controller refuses %d of this host's addresses (peers do not get them "
+                "and their flows are not reported): %s", len(refused),
+                "; ".join(f"{address}: {reason}" for address, reason in sorted(refused.items())),
+            )  # fmt: skip
+        else:
+            log.info("the controller accepts all of this host's addresses again")
+        if self._observer is not None:
+            self._observer.refuse_local(refused)
+
     async def _renewals(
         self, outbox: asyncio.Queue[agent_pb2.AgentMessage], credentials: AgentCredentials
     ) -> None:
-        """Ask for a fresh certificate once two thirds of the current one's life are gone."""
+        """Ask for a fresh certificate once two thirds of the current one's life are gone
+        (again if no answer came within RENEWAL_ANSWER_WAIT_S)."""
         lifetime = (credentials.not_after - credentials.not_before).total_seconds()
         check_every = max(1.0, min(60.0, lifetime / 20))
+        asked_at = 0.0
         while True:
             # The newest certificate on disk, so a renewal done on this stream counts.
             credentials = self._renewed or credentials
+            waited = time.monotonic() - asked_at
+            if self._renewal_key is not None and waited >= RENEWAL_ANSWER_WAIT_S:
+                log.warning("no certificate from the controller %.0f s after asking", waited)
+                self._renewal_key = None
             if self._renewal_key is None and credentials.needs_renewal(datetime.now(UTC)):
                 try:
                     key, csr = await asyncio.to_thread(new_key_and_csr, self._agent_id)
@@ -264,6 +304,7 @@ class ControllerLink:
                     log.error("cannot ask for a new certificate: %s; trying again later", exc)
                 else:
                     self._renewal_key = key
+                    asked_at = time.monotonic()
                     log.info("certificate expires %s; asking for a new one", credentials.not_after)
                     renew = agent_pb2.RenewCertificate(csr_pem=csr.decode())
                     await outbox.put(agent_pb2.AgentMessage(renew=renew))

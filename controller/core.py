@@ -18,6 +18,7 @@ from bulkhead.channel import MAX_RULESET_BYTES
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 from controller.address_book import AddressBook, ClaimResult
 from controller.address_claims import canonical_ranges, parse_ranges
+from controller.agent_events import AgentEvents
 from controller.applied import AppliedRulesets
 from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
@@ -45,6 +46,7 @@ from controller.policy import (
 from controller.policy.estate import SetVersion
 from controller.policy.names import label_key_problem
 from controller.sessions import AgentSession, PushCounts
+from controller.store.agent_event_store import AgentEventRecord
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,6 @@ DEFAULT_STUCK_AFTER_S = 30.0
 # Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
 MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_BYTES = 1024 * 1024
-TAMPER_DESCRIPTION_MAX = 1000  # characters of an agent's tamper description kept in the audit
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,10 @@ class Controller:
         self._load_resources()
         self._book = AddressBook(store.list_agents())
         self._applied = AppliedRulesets(store)
-        self.observations = Observations(store.flow_store(), self.workloads)
+        self.observations = Observations(
+            store.flow_store(), self.workloads, addresses_of=self._accepted_addresses
+        )
+        self.agent_events = AgentEvents(store.agent_event_store())
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
 
@@ -311,8 +315,19 @@ class Controller:
         )  # fmt: skip
         return self._require_agent(agent_id)
 
-    def audit(self, since_ms: int, limit: int) -> list[AuditRecord]:
-        return self._store.list_audit(since_ms, min(limit, 10_000))
+    def audit(
+        self, since_ms: int, limit: int, *, include_agents: bool = False
+    ) -> list[AuditRecord | AgentEventRecord]:
+        """The latest LIMIT operator audit entries at or after SINCE_MS, oldest first; with
+        INCLUDE_AGENTS, agents' events too (kept apart: controller/agent_events.py),
+        merged with them by time."""
+        limit = min(limit, 10_000)
+        entries: list[AuditRecord | AgentEventRecord] = []
+        entries += self._store.list_audit(since_ms, limit)
+        if include_agents:
+            entries += self.agent_events.list(since_ms, limit)
+            entries.sort(key=lambda entry: entry.at_ms)  # stable: each list is in order
+        return entries[-limit:]
 
     def is_revoked(self, agent_id: str) -> bool:
         """Certificates were issued to the agent and none of them is live any more."""
@@ -349,6 +364,12 @@ class Controller:
         )
         self._workloads_view = (at, view)
         return view
+
+    def _accepted_addresses(self, agent_id: str) -> list[str]:
+        """The agent's accepted addresses now: a flow report checks against these the
+        addresses the cached workloads view lacks (it may be a second old)."""
+        found = self._store.get_agent(agent_id)
+        return found.addresses if found is not None else []
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._sessions
@@ -563,9 +584,11 @@ class Controller:
             if audit is not None:
                 actor, action, detail = audit
                 self._store.add_audit(actor, action, target, {**detail, **_claims_detail(agent)})
+            # What the host's report changed is an agent event, kept apart from operator
+            # actions and merged while it repeats (controller/agent_events.py).
             if claims.accepted_changed:
-                self._store.add_audit(
-                    f"agent:{agent.agent_id}", "agent.addresses", target,
+                self.agent_events.record(
+                    agent.agent_id, "agent.addresses",
                     {"added": claims.added, "removed": claims.removed,
                      "addresses": agent.addresses},
                 )  # fmt: skip
@@ -574,10 +597,9 @@ class Controller:
                     "agent %s: addresses refused: %s", agent.agent_id,
                     "; ".join(f"{a} {r}" for a, r in sorted(claims.newly_refused.items())),
                 )  # fmt: skip
-                self._store.add_audit(
-                    f"agent:{agent.agent_id}", "agent.addresses.refused", target,
-                    {"refused": claims.newly_refused},
-                )  # fmt: skip
+                self.agent_events.record(
+                    agent.agent_id, "agent.addresses.refused", {"refused": claims.newly_refused}
+                )
             for address, previous in sorted(claims.taken_over.items()):
                 record = self._store.get_agent(previous)
                 if record is None:
@@ -587,9 +609,9 @@ class Controller:
                     "was offline or revoked",
                 )  # fmt: skip
                 self._store.put_agent(record)
-                self._store.add_audit(
-                    "controller", "agent.address.taken_over", f"agent/{previous}",
-                    {"address": address, "by": agent.agent_id},
+                self.agent_events.record(
+                    agent.agent_id, "agent.address.taken_over",
+                    {"address": address, "from": previous},
                 )  # fmt: skip
 
     def _released_and_taken(self, agent_id: str, claims: ClaimResult) -> list[str]:
@@ -615,31 +637,6 @@ class Controller:
                     session.send(_refusal_notice(record))
                 changed.add(agent_id)
         return changed
-
-    # -- tamper reports (agent/tamper.py) -------------------------------------------------
-    def tampered(self, agent_id: str, event: agent_pb2.TamperEvent) -> None:
-        """The agent found its rules changed behind its back (and says if it repaired them)."""
-        description = event.description[:TAMPER_DESCRIPTION_MAX]
-        with self._store.transaction():
-            self._store.add_audit(
-                f"agent:{agent_id}", "agent.tamper", f"agent/{agent_id}",
-                {"description": description, "repaired": event.repaired,
-                 "repair_seconds": event.repair_seconds,
-                 "detected_unix_ms": event.detected_unix_ms},
-            )  # fmt: skip
-        log.warning(
-            "agent %s: rules tampered with (%s); %s", agent_id, description,
-            f"repaired in {event.repair_seconds:.3f} s" if event.repaired else "NOT repaired",
-        )  # fmt: skip
-
-    def tamper_events(self, agent_id: str, limit: int = 100) -> list[AuditRecord]:
-        """The agent's latest tamper reports, oldest first."""
-        records = self._store.list_audit(0, 10_000)
-        target = f"agent/{agent_id}"
-        found = [r for r in records if r.action == "agent.tamper" and r.target == target]
-        return found[-limit:]
-
-    # -- end tamper reports ----------------------------------------------------------------
 
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
         if ack.revision > MAX_REVISION:

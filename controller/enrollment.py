@@ -11,7 +11,7 @@ import hmac
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 
@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 DEFAULT_AGENT_CERT_TTL = timedelta(hours=24)
 MAX_TOKEN_TTL_S = 30 * 24 * 3600
 MAX_TOKEN_USES = 10_000
+# A certificate is renewed only in the last third of its life, once per stream: the agent
+# asks at two thirds (agent/identity.py), so a stolen key cannot mint certificates at
+# will. Asking up to RENEWAL_EARLY_MAX_MS (at most a thirtieth of the life) before that
+# point is tolerated: the agent's clock may run a little ahead of the controller's.
+RENEW_FROM_FRACTION = 2 / 3
+RENEWAL_EARLY_MAX_MS = 5 * 60 * 1000
 
 
 def agent_identity(agent_id: str) -> str:
@@ -41,13 +47,27 @@ class Presented:
 
     serial: str  # hex, as the store keeps it
     not_after_ms: int
+    not_before_ms: int
 
     @classmethod
     def of(cls, certificate: x509.Certificate) -> Presented:
         return cls(
             format(certificate.serial_number, "x"),
             int(certificate.not_valid_after_utc.timestamp() * 1000),
+            int(certificate.not_valid_before_utc.timestamp() * 1000),
         )
+
+    def renewal_opens_ms(self) -> int:
+        """When a renewal of this certificate is accepted from (clock skew tolerated)."""
+        life = self.not_after_ms - self.not_before_ms
+        early = min(RENEWAL_EARLY_MAX_MS, life // 30)
+        return self.not_before_ms + int(life * RENEW_FROM_FRACTION) - early
+
+
+class RenewalRefused(Conflict):
+    """A renewal asked for before the last third of the certificate's life, or a second
+    one on one stream. The stream stays up: a legitimate agent does neither (see
+    AgentServicer), so there is nothing to resync."""
 
 
 class Enrollment:
@@ -165,19 +185,38 @@ class Enrollment:
         log.info("agent %s enrolled with token %s", agent_id, token.token_id)
         return cert_pem(certificate), dict(token.labels)
 
-    def renew(self, agent_id: str, csr_pem: bytes, presented: Presented) -> bytes:
-        """A fresh certificate for an agent whose stream was opened with PRESENTED, provided
-        that one is still on record, unrevoked and unexpired (a long-lived stream must not
-        outlive its certificate by renewing, nor a revocation that raced the request)."""
+    def renew(
+        self, agent_id: str, csr_pem: bytes, presented: Presented, *, renewed_on_stream: bool
+    ) -> tuple[bytes, Presented]:
+        """A fresh certificate (PEM, and what a stream opened with it would keep) for an
+        agent whose stream was opened with PRESENTED, provided that one is still on record,
+        unrevoked and unexpired (a long-lived stream must not outlive its certificate by
+        renewing, nor a revocation that raced the request), is in the last third of its
+        life, and no certificate was issued on this stream yet (RENEWED_ON_STREAM); else
+        RenewalRefused."""
         if not self.is_trusted(presented, agent_identity(agent_id)):
             raise Unauthenticated(f"agent '{agent_id}': certificate revoked; not renewed")
-        if presented.not_after_ms <= now_ms():
+        now = now_ms()
+        if presented.not_after_ms <= now:
             raise Unauthenticated(f"agent '{agent_id}': certificate expired; enroll again")
+        if renewed_on_stream:
+            raise RenewalRefused(
+                f"agent '{agent_id}': a certificate was issued on this stream already; one "
+                "renewal per stream (the new one is used from the next connection)"
+            )
+        opens = presented.renewal_opens_ms()
+        if now < opens:
+            life = presented.not_after_ms - presented.not_before_ms
+            gone = (now - presented.not_before_ms) / life if life > 0 else 1.0
+            raise RenewalRefused(
+                f"agent '{agent_id}': renewal asked with {gone:.0%} of the certificate's life "
+                f"gone; it is renewed in the last third, from {_utc_text(opens)}"
+            )
         certificate = self._issue(csr_pem, agent_id)
         with self._store.transaction():
             self._record(certificate, agent_identity(agent_id))
         log.info("renewed the certificate of agent %s", agent_id)
-        return cert_pem(certificate)
+        return cert_pem(certificate), Presented.of(certificate)
 
     def revoke_agent(self, agent_id: str, *, actor: str) -> int:
         identity = agent_identity(agent_id)
@@ -247,3 +286,7 @@ class Enrollment:
     def _record(self, certificate: x509.Certificate, identity: str) -> None:
         not_after = int(certificate.not_valid_after_utc.timestamp() * 1000)
         self._store.put_certificate(format(certificate.serial_number, "x"), identity, not_after)
+
+
+def _utc_text(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -39,6 +39,25 @@ class ControllerCollector(Collector):
         for agent_id, count in sorted(core.observations.dropped_by_agent.items()):
             dropped.add_metric([agent_id], count)
         yield dropped
+        refused = CounterMetricFamily(
+            "bulkhead_controller_agent_flow_reports_refused",
+            "Flow reports refused whole, per agent and reason: invalid, foreign_address (a "
+            "flow's local address is not one the agent holds) or count_budget.",
+            labels=["agent", "reason"],
+        )
+        for (agent_id, reason), count in sorted(core.observations.refused_by_agent.items()):
+            refused.add_metric([agent_id, reason], count)
+        yield refused
+        yield CounterMetricFamily(
+            "bulkhead_controller_agent_events",
+            "Events agents caused (tamper reports, renewals, address changes), merged or not.",
+            core.agent_events.received,
+        )
+        yield CounterMetricFamily(
+            "bulkhead_controller_agent_events_suppressed",
+            "Agent events beyond an agent's hourly rows, counted into one suppressed entry.",
+            core.agent_events.suppressed,
+        )
         yield GaugeMetricFamily(
             "bulkhead_controller_flows_stored", "Flow rows kept.", core.observations.stored()
         )

@@ -5,6 +5,15 @@ Both ends of a managed connection report it: the client's agent as outbound (wit
 client process), the server's as inbound (with the server process). A flow row shown to
 operators is one source -> destination pair and verdict merged from both reports (see
 _verdicts for the one case where the two ends disagree).
+
+A report is bound to its reporter (the agent of the verified certificate): every flow's
+local address must be one of that agent's accepted addresses, so one host cannot write
+rows for another workload's address, nor invent flows between others, which would feed
+`bulkhead suggest`. Counts are bounded: at most MAX_COUNT per flow, and per agent a token
+bucket that refills COUNT_BUDGET_PER_S (100,000 connections or denied packets a second,
+more than one host's conntrack and NFLOG events are read at) up to COUNT_BUDGET_MAX (an
+hour of that, 360,000,000); a report whose counts add up to more than what is left is
+refused. Refused reports are counted per agent and reason (metrics).
 """
 
 from __future__ import annotations
@@ -28,7 +37,14 @@ log = logging.getLogger(__name__)
 
 MAX_FLOWS_PER_REPORT = 1000
 MAX_REPORT_NUMBER = 2**63 - 1  # epoch and sequence are stored as SQLite integers
-MAX_COUNT = 2**40  # one report's count for one flow; more is garbage, not traffic
+COUNT_BUDGET_PER_S = 100_000
+COUNT_BUDGET_MAX = COUNT_BUDGET_PER_S * 3600
+MAX_COUNT = COUNT_BUDGET_MAX  # one report's count for one flow; more is garbage, not traffic
+FOREIGN_NAMED_MAX = 5  # flows named in the error of a report with foreign addresses
+# Why reports were refused, as counted per agent (metrics label `reason`).
+REFUSED_INVALID = "invalid"
+REFUSED_FOREIGN = "foreign_address"
+REFUSED_BUDGET = "count_budget"
 PROTOCOLS = ("tcp", "udp", "icmp")
 PROCESS_NAME_MAX = 256
 DEFAULT_LIST_LIMIT = 1000
@@ -63,14 +79,20 @@ class Observations:
         flows: FlowStore,
         workloads: Callable[[], Workloads],
         *,
+        addresses_of: Callable[[str], Iterable[str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._flows = flows
         self._workloads = workloads
+        # An agent's accepted addresses read now, for those the workloads view (cached
+        # for up to a second) lacks: a freshly accepted address must not cost a batch.
+        self._addresses_of = addresses_of
         self._clock = clock
         self._last_prune = 0.0
         self._pending: dict[str, tuple[str, asyncio.Future[agent_pb2.ConnectionTable]]] = {}
+        self._budgets: dict[str, tuple[float, float]] = {}  # agent -> (counts left, at)
         self.dropped_by_agent: dict[str, int] = {}
+        self.refused_by_agent: Counter[tuple[str, str]] = Counter()  # (agent, reason)
         self.flows_received = 0
 
     # -- reports from agents -------------------------------------------------------
@@ -83,15 +105,23 @@ class Observations:
         since observations must not cost the agent its policy channel); one sent again is
         acknowledged without being counted twice. A best-effort report (epoch and
         sequence 0) is refused with InvalidArgument."""
-        problems = _report_problems(report)
+        now = self._clock()
+        owners = self._workloads().owners
+        total = sum(flow.count for flow in report.flows)
+        reason, problems = REFUSED_INVALID, _report_problems(report)
+        if not problems:
+            reason, problems = REFUSED_FOREIGN, self._foreign(agent_id, report, owners)
+        if not problems and total > (left := self._budget_left(agent_id, now)):
+            reason, problems = REFUSED_BUDGET, [_over_budget(total, left)]
         acknowledged = bool(report.epoch or report.sequence)
+        if problems:
+            self.refused_by_agent[(agent_id, reason)] += 1
         if problems and not acknowledged:
             raise InvalidArgument(problems)
         if problems:
             error = "; ".join(problems)
             log.warning("agent %s: flow report %d refused: %s", agent_id, report.sequence, error)
             return _stored(report, error)
-        owners = self._workloads().owners
         stored = [
             StoredFlow(
                 reporter=agent_id,
@@ -114,11 +144,45 @@ class Observations:
         if self._flows.record(stored, identity):
             self.flows_received += len(stored)
             self.dropped_by_agent[agent_id] = report.dropped
-        now = self._clock()
+            self._budgets[agent_id] = (self._budget_left(agent_id, now) - total, now)
         if now - self._last_prune >= PRUNE_INTERVAL_S:
             self._last_prune = now
             self._flows.prune(int(now * 1000))
         return _stored(report, "") if acknowledged else None
+
+    def _foreign(
+        self, agent_id: str, report: agent_pb2.FlowReport, owners: Mapping[str, str]
+    ) -> list[str]:
+        """A problem per flow (the first few named) whose local address the agent does
+        not hold: another agent's, refused to it, or no one's."""
+        # A report holds few distinct local addresses: each is parsed once.
+        canonical = {text: _canonical(text) for text in {f.local_address for f in report.flows}}
+        not_held = {text for text, address in canonical.items() if owners.get(address) != agent_id}
+        if not_held and self._addresses_of is not None:
+            held = {_canonical(address) for address in self._addresses_of(agent_id)}
+            not_held = {text for text in not_held if canonical[text] not in held}
+        if not not_held:
+            return []
+        foreign = [
+            (index, canonical[flow.local_address])
+            for index, flow in enumerate(report.flows)
+            if flow.local_address in not_held
+        ]
+        problems = [
+            f"flows[{index}].local_address: {address} is not one of this agent's accepted "
+            "addresses (a report may only hold flows of the reporter's own addresses)"
+            for index, address in foreign[:FOREIGN_NAMED_MAX]
+        ]
+        if len(foreign) > FOREIGN_NAMED_MAX:
+            problems.append(
+                f"flows: {len(foreign) - FOREIGN_NAMED_MAX} more with addresses it does not hold"
+            )
+        return problems
+
+    def _budget_left(self, agent_id: str, now: float) -> float:
+        """The counts the agent may still report now (its bucket starts full)."""
+        left, at = self._budgets.get(agent_id, (COUNT_BUDGET_MAX, now))
+        return min(COUNT_BUDGET_MAX, left + max(0.0, now - at) * COUNT_BUDGET_PER_S)
 
     def stored(self) -> int:
         """Flow rows kept now."""
@@ -262,6 +326,13 @@ def _touches(entry: admin_pb2.FlowEntry, workload: str, labels: dict[str, str]) 
 
 def _canonical(address: str) -> str:
     return str(ipaddress.ip_address(address))
+
+
+def _over_budget(total: int, left: float) -> str:
+    return (
+        f"flows: the counts add up to {total}, more than the {int(left)} this agent may "
+        f"report now (at most {COUNT_BUDGET_PER_S:,} a second, {COUNT_BUDGET_MAX:,} at once)"
+    )
 
 
 def _stored(report: agent_pb2.FlowReport, error: str) -> agent_pb2.FlowsStored:

@@ -15,7 +15,7 @@ from agent.identity import AgentCredentials, Validity
 from agent.keytool import generate_key, key_pem, make_csr
 from bulkhead.v1 import agent_pb2_grpc
 from controller.core import Controller
-from controller.enrollment import Enrollment
+from controller.enrollment import DEFAULT_AGENT_CERT_TTL, Enrollment
 from controller.pki import (
     CONTROLLER_NAME,
     CertificateAuthority,
@@ -33,11 +33,13 @@ CRASHED_WRITE = "0123456789abcdef"
 CHANNEL_OPTIONS = [("grpc.ssl_target_name_override", CONTROLLER_NAME)]
 
 
-def make_controller(directory: Path, **options: Any) -> Controller:
+def make_controller(
+    directory: Path, *, agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL, **options: Any
+) -> Controller:
     directory.mkdir(parents=True, exist_ok=True)
     store = SqliteStore(directory / "c.db")
     ca = CertificateAuthority.load_or_create(directory / "pki")
-    return Controller(store, Enrollment(store, ca), **options)
+    return Controller(store, Enrollment(store, ca, agent_cert_ttl=agent_cert_ttl), **options)
 
 
 # Label keys that the compile and push tests let hosts report themselves (the controller
@@ -69,11 +71,17 @@ def server_credentials(
 
 
 def agent_credentials(
-    ca: CertificateAuthority, agent_id: str, core: Controller | None = None
+    ca: CertificateAuthority,
+    agent_id: str,
+    core: Controller | None = None,
+    *,
+    ttl: timedelta = timedelta(hours=1),
 ) -> grpc.ChannelCredentials:
-    """An agent certificate; put on CORE's record (as enrollment does) when given."""
+    """An agent certificate; put on CORE's record (as enrollment does) when given. Its life
+    is TTL plus the CA's 5 min backdating: with a TTL under 2.5 min, it is in its last
+    third (renewable) at once."""
     key = generate_key()
-    certificate = ca.issue_agent(make_csr(key, agent_id), agent_id, timedelta(hours=1))
+    certificate = ca.issue_agent(make_csr(key, agent_id), agent_id, ttl)
     if core is not None:
         core.enrollment.record_certificate(certificate, identity_from_certificate(certificate).uri)
     return grpc.ssl_channel_credentials(ca.certificate_pem, key_pem(key), cert_pem(certificate))

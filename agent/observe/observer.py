@@ -89,6 +89,11 @@ class Observer:
         self._listeners: list[EventSource] = []
         self.connections_seen = 0
         self.denied_packets = 0
+        # Local addresses the controller refuses (another agent holds them, outside this
+        # agent's allowed ranges, ...): their flows are not reported, since the controller
+        # refuses a whole report holding a flow on an address the agent does not hold.
+        self._refused_local: frozenset[str] = frozenset()
+        self.flows_on_refused = 0  # flows left out for that (figures, tests)
 
     # -- sources ------------------------------------------------------------------
 
@@ -274,6 +279,21 @@ class Observer:
         """The live socket-to-process table of this host."""
         return self._snapshotter.snapshot()
 
+    def refuse_local(self, addresses: Iterable[str]) -> int:
+        """Leave flows on ADDRESSES (local addresses the controller refuses) out from now
+        on, instead of those refused before; returns how many pending flows were dropped."""
+        self._refused_local = frozenset(str(ipaddress.ip_address(a)) for a in addresses)
+        if not self._refused_local:
+            return 0
+        # The table offers no removal by key: take everything and put back, in its order,
+        # what stays (never more than it held, so nothing is counted as dropped for room).
+        pending = self.table.take(len(self.table))
+        kept = [record for record in pending if record.local_ip not in self._refused_local]
+        for record in kept:
+            self.table.add(record)
+        self.flows_on_refused += len(pending) - len(kept)
+        return len(pending) - len(kept)
+
     # -- internals ----------------------------------------------------------------
 
     def _count_connection(
@@ -304,6 +324,9 @@ class Observer:
     def _add(self, observed: Observed, verdict: Verdict, process: ProcessInfo | None) -> None:
         protocol, local_ip, local_port, peer_ip, peer_port = observed.key
         if (peer_ip, peer_port) in self._ignore:
+            return
+        if local_ip in self._refused_local:
+            self.flows_on_refused += 1
             return
         inbound = observed.direction is Direction.INBOUND
         self.table.add(

@@ -182,16 +182,24 @@ def parse_cidr_list(text: str | None, option: str) -> list[str]:
     type=click.IntRange(1, _MAX_AUDIT_LIMIT),
     help="At most this many entries (default: the controller's limit).",
 )
+@click.option(
+    "--agents",
+    is_flag=True,
+    help="Add the events agents caused (tamper reports, renewals, address changes), "
+    "kept apart from operator actions; repeats are merged into one entry (xN).",
+)
 @output_option
 @click.pass_obj
-def audit(settings: Settings, since: str | None, limit: int | None, fmt: OutputFormat) -> None:
+def audit(
+    settings: Settings, since: str | None, limit: int | None, agents: bool, fmt: OutputFormat
+) -> None:
     """Show the audit log: who changed what, and when."""
     since_unix_ms = 0
     if since is not None:
         seconds = parse_duration(since, "--since")
         since_unix_ms = max(0, now_unix_ms() - seconds * 1000)
     with settings.client() as client:
-        response = client.list_audit(since_unix_ms, limit or 0)
+        response = client.list_audit(since_unix_ms, limit or 0, include_agents=agents)
     if fmt != "table":
         echo_message(response, fmt)
     elif not response.entries:

@@ -137,8 +137,12 @@ class AdminClient:
         request = admin_pb2.RevokeAgentRequest(agent_id=agent_id)
         return self._call("RevokeAgent", request, admin_pb2.RevokeAgentResponse)
 
-    def list_audit(self, since_unix_ms: int, limit: int) -> admin_pb2.ListAuditResponse:
-        request = admin_pb2.ListAuditRequest(since_unix_ms=since_unix_ms, limit=limit)
+    def list_audit(
+        self, since_unix_ms: int, limit: int, *, include_agents: bool = False
+    ) -> admin_pb2.ListAuditResponse:
+        request = admin_pb2.ListAuditRequest(
+            since_unix_ms=since_unix_ms, limit=limit, include_agents=include_agents
+        )
         return self._call("ListAudit", request, admin_pb2.ListAuditResponse)
 
     def list_flows(self, request: admin_pb2.ListFlowsRequest) -> admin_pb2.ListFlowsResponse:

@@ -158,7 +158,7 @@ def audit_table(entries: Sequence[admin_pb2.AuditEntry]) -> Table:
         table.add_row(
             cell(unix_ms_text(entry.at_unix_ms).removesuffix(" UTC")),
             cell(entry.actor or "-"),
-            cell(entry.action or "-"),
+            cell((entry.action or "-") + (f" (x{n})" if (n := entry.repeated_count) > 1 else "")),
             cell(entry.target or "-"),
             cell(_cut(compact_json(entry.detail), AUDIT_DETAIL_LIMIT)),
         )

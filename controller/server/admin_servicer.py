@@ -12,6 +12,7 @@ from controller.core import Controller
 from controller.errors import ControllerError
 from controller.server.auth import operator_caller
 from controller.server.errors import status_for
+from controller.store.agent_event_store import AgentEventRecord
 from controller.store.sqlite_store import AgentRecord, AuditRecord, TokenRecord
 
 # Requests and responses vary per method; the context is only used to abort.
@@ -157,7 +158,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def ListAudit(self, request: admin_pb2.ListAuditRequest, context: Context) -> Any:
         entries = await self._run(
             context,
-            lambda _: self._core.audit(request.since_unix_ms, request.limit or 1000),
+            lambda _: self._core.audit(
+                request.since_unix_ms, request.limit or 1000, include_agents=request.include_agents
+            ),
             write=False,
         )
         return admin_pb2.ListAuditResponse(entries=[_audit_entry(e) for e in entries])
@@ -227,11 +230,12 @@ def _token_info(token: TokenRecord) -> admin_pb2.TokenInfo:
     )
 
 
-def _audit_entry(entry: AuditRecord) -> admin_pb2.AuditEntry:
+def _audit_entry(entry: AuditRecord | AgentEventRecord) -> admin_pb2.AuditEntry:
     return admin_pb2.AuditEntry(
         at_unix_ms=entry.at_ms,
         actor=entry.actor,
         action=entry.action,
         target=entry.target,
         detail=entry.detail,
+        repeated_count=entry.repeated_count if isinstance(entry, AgentEventRecord) else 0,
     )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 from controller.core import Controller
-from controller.enrollment import Presented
+from controller.enrollment import Presented, RenewalRefused
 from controller.errors import ControllerError, InvalidArgument
 from controller.server.auth import agent_caller
 from controller.server.errors import status_for
@@ -22,6 +23,14 @@ log = logging.getLogger(__name__)
 # An agent that opens a stream must say hello promptly; a silent peer is dropped.
 HELLO_TIMEOUT_S = 10.0
 NOT_AN_AGENT_MESSAGE = "message: not a valid bulkhead.v1.AgentMessage (corrupt or foreign bytes)"
+
+
+@dataclass
+class _Renewals:
+    """One stream's renewals: a certificate is issued at most once per stream."""
+
+    issued: bool = False
+    refused: int = 0
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -71,6 +80,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         requests: AsyncIterator[agent_pb2.AgentMessage],
     ) -> None:
         """Dispatch what the agent sends until its side of the stream ends."""
+        renewals = _Renewals()
         try:
             async for message in requests:
                 kind = message.WhichOneof("body")
@@ -85,7 +95,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "config":
                     self._core.config_changed(session.agent_id, message.config)
                 elif kind == "tamper":
-                    self._core.tampered(session.agent_id, message.tamper)
+                    self._core.agent_events.tampered(session.agent_id, message.tamper)
                 elif kind == "flows":
                     stored = self._core.observations.record(session.agent_id, message.flows)
                     if stored is not None:
@@ -93,11 +103,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
                 elif kind == "connections":
                     self._core.observations.answered(session.agent_id, message.connections)
                 elif kind == "renew":
-                    pem = self._core.enrollment.renew(
-                        session.agent_id, message.renew.csr_pem.encode(), presented
-                    )
-                    issued = agent_pb2.CertificateIssued(certificate_pem=pem.decode())
-                    session.send(agent_pb2.ControllerMessage(certificate=issued))
+                    self._renew(session, presented, message.renew, renewals)
                 else:
                     log.warning("agent %s sent unexpected %s; ignored", session.agent_id, kind)
         except ControllerError as exc:
@@ -113,3 +119,36 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             session.failure = ControllerError("internal error in the controller; see its log")
         finally:
             session.close()
+
+    def _renew(
+        self,
+        session: AgentSession,
+        presented: Presented,
+        request: agent_pb2.RenewCertificate,
+        renewals: _Renewals,
+    ) -> None:
+        """Answer a renewal with a certificate, recorded as an agent event. One refused as
+        too early or as a second on this stream gets no answer and the stream stays up (a
+        legitimate agent asks once, in the last third, and asks again later if no answer
+        came); it is recorded as an agent event too (merged: a flood makes one row) and
+        logged once per stream. Revoked or expired certificates end the stream."""
+        agent_id = session.agent_id
+        events = self._core.agent_events
+        try:
+            pem, issued = self._core.enrollment.renew(
+                agent_id, request.csr_pem.encode(), presented, renewed_on_stream=renewals.issued
+            )
+        except RenewalRefused as exc:
+            renewals.refused += 1
+            if renewals.refused == 1:
+                log.warning("%s; not answered", exc)
+            events.record(agent_id, "agent.renewal_refused", {"reason": str(exc)})
+            return
+        renewals.issued = True
+        events.record(
+            agent_id, "agent.renewed",
+            {"serial": issued.serial, "not_after_unix_ms": issued.not_after_ms,
+             "previous_serial": presented.serial},
+        )  # fmt: skip
+        certificate = agent_pb2.CertificateIssued(certificate_pem=pem.decode())
+        session.send(agent_pb2.ControllerMessage(certificate=certificate))

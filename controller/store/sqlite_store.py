@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from controller.store.agent_event_store import AgentEventStore
 from controller.store.flow_store import FlowStore
 
 SCHEMA_VERSION = 4
@@ -253,6 +254,10 @@ class SqliteStore:
     def flow_store(self, **limits: int) -> FlowStore:
         """The flows table, on this store's connection (see flow_store.py)."""
         return FlowStore(self._db, **limits)
+
+    def agent_event_store(self) -> AgentEventStore:
+        """The agent events table, on this store's connection (see agent_event_store.py)."""
+        return AgentEventStore(self._db)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:

@@ -264,3 +264,17 @@ def test_audit_bad_since_is_refused_without_a_call(admin: FakeAdmin) -> None:
         "or a number of seconds"
     ]
     assert admin.requests == []
+
+
+def test_audit_agents_asks_for_agent_events_and_shows_repeats(admin: FakeAdmin) -> None:
+    merged = admin_pb2.AuditEntry(
+        at_unix_ms=PAST_MS, actor="agent:web", action="agent.tamper", target="agent/web",
+        detail="{}", repeated_count=3000,
+    )  # fmt: skip
+    admin.responses["ListAudit"] = admin_pb2.ListAuditResponse(entries=[merged])
+
+    result = run(admin.target, "audit", "--agents")
+
+    assert result.exit_code == 0, result.stderr
+    assert admin.only_request("ListAudit").include_agents
+    assert "agent:web agent.tamper (x3000) agent/web" in " ".join(result.stdout.split())

@@ -11,6 +11,7 @@ import ipaddress
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ def hello(agent_id: str, *addresses: str, **labels: str) -> agent_pb2.Hello:
     )
 
 
-def estate(tmp_path: Path, **options: object) -> Controller:
+def estate(tmp_path: Path, **options: Any) -> Controller:
     """web, db and other, enrolled with their labels and the lab's range, connected, with
     web -> db applied."""
     core = make_controller(tmp_path, **options)

@@ -449,8 +449,8 @@ def test_the_controller_audits_tamper_reports(tmp_path: Path) -> None:
     event = agent_pb2.TamperEvent(
         detected_unix_ms=5, description="set web_v4 changed", repaired=True, repair_seconds=0.25
     )
-    core.tampered("web", event)
-    (record,) = core.tamper_events("web")
+    core.agent_events.tampered("web", event)
+    (record,) = core.agent_events.tamper_events("web")
     assert (record.actor, record.action, record.target) == (
         "agent:web",
         "agent.tamper",
@@ -462,4 +462,4 @@ def test_the_controller_audits_tamper_reports(tmp_path: Path) -> None:
         "repair_seconds": 0.25,
         "detected_unix_ms": 5,
     }
-    assert core.tamper_events("db") == []
+    assert core.agent_events.tamper_events("db") == []
