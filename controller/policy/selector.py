@@ -355,4 +355,13 @@ def parse_selector(text: str) -> Selector:
         raise SelectorTooComplex(
             f"{len(text)} characters; a selector may have at most {MAX_SELECTOR_LENGTH}"
         )
-    return _Parser(text).parse()
+    selector = _Parser(text).parse()
+    # Documents are stored with the canonical form, which must parse again when the
+    # controller starts. It can be longer (`k` reads `has(k)`), never deeper.
+    stored = len(selector.canonical())
+    if stored > MAX_SELECTOR_LENGTH:
+        raise SelectorTooComplex(
+            f"{stored} characters in canonical form (as stored); "
+            f"a selector may have at most {MAX_SELECTOR_LENGTH}"
+        )
+    return selector

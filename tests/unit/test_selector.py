@@ -172,3 +172,19 @@ def test_a_selector_longer_than_the_limit_is_refused_before_parsing() -> None:
         f"{len(text)} characters; a selector may have at most {MAX_SELECTOR_LENGTH}"
     )
     assert isinstance(caught.value, SelectorError)  # callers handle both alike
+
+
+def test_a_selector_whose_canonical_form_is_too_long_is_refused() -> None:
+    # Stored documents hold the canonical form, and the controller parses them again when
+    # it starts: a selector that fits only as written would keep it from starting.
+    keys = [f"k{number:04}" for number in range(MAX_SELECTOR_LENGTH // 8)]
+    text = "||".join(keys)  # canonical: "has(k0000) || has(k0001) || ..."
+    assert len(text) <= MAX_SELECTOR_LENGTH
+    with pytest.raises(SelectorTooComplex) as caught:
+        parse_selector(text)
+    assert str(caught.value).endswith(
+        f"characters in canonical form (as stored); a selector may have at most "
+        f"{MAX_SELECTOR_LENGTH}"
+    )
+    shorter = "||".join(keys[: len(keys) // 3])
+    assert parse_selector(parse_selector(shorter).canonical()) == parse_selector(shorter)
