@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from bulkhead.channel import CLIENT_MESSAGE_OPTIONS
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 from controller.cli.credentials import load_credentials
 from controller.cli.errors import ControllerError
@@ -19,8 +20,6 @@ from controller.pki import CONTROLLER_NAME
 DEFAULT_CONTROLLER = "127.0.0.1:50151"
 DEFAULT_TIMEOUT_SECONDS = 10.0
 CONTROLLER_ENV = "BULKHEAD_CONTROLLER"
-# A described agent carries every peer address; gRPC's 4 MiB default is too small at scale.
-_MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 _Response = TypeVar("_Response", bound=Message)
 # The generated stub module is untyped; naming its class through a typed alias keeps the
@@ -41,7 +40,8 @@ def create_channel(address: str, credentials_dir: Path) -> grpc.Channel:
         credentials.channel_credentials(),
         options=[
             ("grpc.ssl_target_name_override", CONTROLLER_NAME),
-            ("grpc.max_receive_message_length", _MAX_RECEIVE_BYTES),
+            # A described agent carries its whole ruleset: accept what the controller sends.
+            *CLIENT_MESSAGE_OPTIONS,
         ],
     )
 

@@ -2,6 +2,7 @@
 
 PolicyError
 ├── SelectorError      a selector expression does not parse (says what and at which column)
+│   └── SelectorTooComplex   longer, or nested deeper, than a selector may be
 ├── ValidationFailed   one or more documents of a batch are invalid (.errors lists them all)
 └── FieldProblem       one field value is invalid (raised inside validation, also a ValueError)
 """
@@ -24,6 +25,20 @@ class SelectorError(PolicyError, ValueError):
         self.column = column  # 1-based
         self.found = found
         super().__init__(f"expected {expected} at column {column}, found {found}")
+
+
+class SelectorTooComplex(SelectorError):
+    """A selector is longer, or nests '(' and '!' deeper, than the parser allows.
+
+    The limits keep parsing, matching and the canonical form bounded in time, memory and
+    stack depth whatever an operator (or a stolen operator credential) sends.
+    """
+
+    def __init__(self, problem: str, column: int | None = None) -> None:
+        PolicyError.__init__(self, problem if column is None else f"{problem} at column {column}")
+        self.expected = "a smaller selector"
+        self.column = column or 1
+        self.found = problem
 
 
 class FieldProblem(PolicyError, ValueError):

@@ -107,4 +107,5 @@ def _parse_reserved(key: str, value: object) -> Peer:
     try:
         return SelectorPeer(parse_selector(value))
     except SelectorError as error:
-        raise FieldProblem(f"{value!r}: {error}") from None
+        # Shortened: a selector refused for its size would otherwise be echoed whole.
+        raise FieldProblem(f"{describe_value(value)}: {error}") from None

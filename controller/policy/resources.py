@@ -54,6 +54,9 @@ __all__ = [
 ]
 
 API_VERSION = "bulkhead/v1"
+# Mappings and lists inside one another. A resource needs six (spec.rules[].from[].app);
+# Python's json and pydantic recurse per level, so a deeper document is refused unread.
+MAX_DOCUMENT_DEPTH = 32
 
 _T = TypeVar("_T")
 
@@ -168,6 +171,13 @@ def parse_documents(documents: Sequence[str]) -> list[Resource]:
 
 
 def _parse_document(number: int, text: str) -> Resource | list[FieldError]:
+    offset = _too_deep_at(text)
+    if offset is not None:
+        line = text.count("\n", 0, offset) + 1
+        column = offset - text.rfind("\n", 0, offset)
+        where = f"line {line} column {column}"
+        message = f"nested deeper than {MAX_DOCUMENT_DEPTH} levels of mappings and lists at {where}"
+        return [FieldError(number, "", "", "", message)]
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as error:
@@ -195,6 +205,28 @@ def _parse_document(number: int, text: str) -> Resource | list[FieldError]:
             FieldError(number, model.__name__, name, *_describe(raw, error))
             for error in failure.errors(include_url=False)
         ]
+
+
+# A JSON string (escapes included), or one bracket that opens or closes a level.
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _too_deep_at(text: str) -> int | None:
+    """The offset where `text` opens a level past MAX_DOCUMENT_DEPTH, or None.
+
+    Counts brackets outside strings without parsing, so the check costs no recursion.
+    Malformed JSON is left to the parser to describe.
+    """
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        bracket = match.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_DOCUMENT_DEPTH:
+                return match.start()
+        elif bracket in "]}":
+            depth -= 1
+    return None
 
 
 def _describe(raw: object, error: ErrorDetails) -> tuple[str, str]:

@@ -13,6 +13,9 @@ Grammar (lowest precedence first; `!` applies to one primary):
 
 A bare KEY (like has(KEY)) means "the label is present". `!=` and `not in` also match
 workloads without the label, which makes `!(k in S)` the same as `k not in S`.
+
+A selector is at most MAX_SELECTOR_LENGTH characters and nests '(' and '!' at most
+MAX_SELECTOR_DEPTH deep: the parser, matching and the canonical form all recurse.
 """
 
 from __future__ import annotations
@@ -24,8 +27,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from bulkhead.v1.contract import LABEL_KEY_PATTERN, MAX_LABEL_KEY_LENGTH
-from controller.policy.errors import SelectorError
+from controller.policy.errors import SelectorError, SelectorTooComplex
 from controller.policy.names import label_value_problem
+
+# Far above what people write (a few levels), far below Python's recursion limit: each
+# level costs the parser four frames, and matching and canonical() one or two.
+MAX_SELECTOR_DEPTH = 32
+# Bounds the tokens one selector costs (some 200 bytes each) before anything is parsed.
+MAX_SELECTOR_LENGTH = 16 * 1024
 
 
 class Selector(ABC):
@@ -205,6 +214,7 @@ class _Parser:
     def __init__(self, text: str) -> None:
         self._tokens = _tokenize(text)
         self._index = 0
+        self._depth = 0  # '(' and '!' open around the current token
 
     def parse(self) -> Selector:
         result = self._expression()
@@ -243,18 +253,29 @@ class _Parser:
             operands.append(self._unary())
         return all_of(operands)
 
+    def _nest(self) -> None:
+        """Consume a '(' or '!' one level deeper, refusing a level past the limit."""
+        token = self._next()
+        self._depth += 1
+        if self._depth > MAX_SELECTOR_DEPTH:
+            problem = f"nested deeper than {MAX_SELECTOR_DEPTH} levels of '(' and '!'"
+            raise SelectorTooComplex(problem, token.column)
+
     def _unary(self) -> Selector:
         if self._at("op", "!"):
-            self._next()
-            return negate(self._unary())
+            self._nest()
+            operand = self._unary()
+            self._depth -= 1
+            return negate(operand)
         return self._primary()
 
     def _primary(self) -> Selector:
         token = self._peek()
         if self._at("op", "("):
-            self._next()
+            self._nest()
             inner = self._expression()
             self._expect("op", ")", "'&&', '||' or ')'")
+            self._depth -= 1
             return inner
         if token.kind != "word":
             raise SelectorError(
@@ -330,4 +351,17 @@ class _Parser:
 
 def parse_selector(text: str) -> Selector:
     """Parse a selector expression; raises SelectorError naming what was expected where."""
-    return _Parser(text).parse()
+    if len(text) > MAX_SELECTOR_LENGTH:
+        raise SelectorTooComplex(
+            f"{len(text)} characters; a selector may have at most {MAX_SELECTOR_LENGTH}"
+        )
+    selector = _Parser(text).parse()
+    # Documents are stored with the canonical form, which must parse again when the
+    # controller starts. It can be longer (`k` reads `has(k)`), never deeper.
+    stored = len(selector.canonical())
+    if stored > MAX_SELECTOR_LENGTH:
+        raise SelectorTooComplex(
+            f"{stored} characters in canonical form (as stored); "
+            f"a selector may have at most {MAX_SELECTOR_LENGTH}"
+        )
+    return selector

@@ -12,7 +12,13 @@ import pytest
 from controller.policy.errors import FieldError, ValidationFailed
 from controller.policy.peers import CidrPeer, IPListPeer, LabelsPeer, SelectorPeer
 from controller.policy.ports import PortProtocol, PortSpec
-from controller.policy.resources import IPList, Policy, parse_documents, resource_to_json
+from controller.policy.resources import (
+    MAX_DOCUMENT_DEPTH,
+    IPList,
+    Policy,
+    parse_documents,
+    resource_to_json,
+)
 
 
 def policy(name: str = "web-db", /, **rule: Any) -> dict[str, Any]:
@@ -297,3 +303,37 @@ def test_failure_text_is_one_line_per_error() -> None:
         parse_documents([json.dumps(policy(ports=["tcp/0", "udp/0"]))])
     assert str(caught.value).splitlines() == [str(e) for e in caught.value.errors]
     assert len(caught.value.errors) == 2
+
+
+def test_a_document_nested_past_the_limit_is_refused_where_it_gets_too_deep() -> None:
+    # Without the limit: RecursionError from the json module (about 1,000 levels).
+    deep = "[" * 100_000 + "]" * 100_000
+    (error,) = errors_of(policy(), deep)
+    assert str(error) == (
+        f"document 2: nested deeper than {MAX_DOCUMENT_DEPTH} levels of mappings and lists "
+        f"at line 1 column {MAX_DOCUMENT_DEPTH + 1}"
+    )
+
+
+def test_depth_counts_lists_and_mappings_on_any_line() -> None:
+    text = '{\n  "spec":' + '{"a": [' * 20 + "]}" * 20 + "}"
+    (error,) = errors_of(text)
+    # Level 1 opens line 1; level 33 is the '[' of the 16th '{"a": [' on line 2.
+    assert str(error).endswith("levels of mappings and lists at line 2 column 121")
+
+
+def test_brackets_inside_strings_do_not_count_towards_depth() -> None:
+    document = policy()
+    document["metadata"]["name"] = '[[{{"\\' * 40  # brackets, quotes, backslashes
+    (error,) = errors_of(document)
+    assert error.path == "metadata.name"  # validated as a name, not refused for depth
+
+
+def test_a_document_at_the_depth_limit_is_parsed_and_validated() -> None:
+    document = policy()
+    value: object = "x"
+    for _ in range(MAX_DOCUMENT_DEPTH - 3):  # the policy and its labels mapping hold it
+        value = [value]
+    document["metadata"]["labels"] = {"deep": value}
+    (error,) = errors_of(document)
+    assert error.path == "metadata.labels.deep"

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from controller.policy.errors import SelectorError
-from controller.policy.selector import MatchAll, parse_selector, selector_from_labels
+from controller.policy.errors import SelectorError, SelectorTooComplex
+from controller.policy.selector import (
+    MAX_SELECTOR_DEPTH,
+    MAX_SELECTOR_LENGTH,
+    MatchAll,
+    parse_selector,
+    selector_from_labels,
+)
 
 API_PROD = {"app": "api", "env": "prod"}
 API_QUARANTINED = {"app": "api", "env": "staging", "quarantine": "yes"}
@@ -122,3 +128,63 @@ def test_error_carries_the_column() -> None:
         parse_selector("app == 'api' && env in {prod}")
     assert caught.value.column == 25
     assert caught.value.found == "'prod'"
+
+
+def nested(levels: int, opening: str) -> str:
+    """`a`, inside LEVELS of '(' or '!(' (each '!(' counts two levels)."""
+    closing = ")" * (levels // len(opening)) if "(" in opening else ""
+    return opening * (levels // len(opening)) + "a" + closing
+
+
+@pytest.mark.parametrize("opening", ["(", "!", "!("])
+def test_nesting_up_to_the_limit_parses(opening: str) -> None:
+    selector = parse_selector(nested(MAX_SELECTOR_DEPTH, opening))
+    assert selector.matches({"a": "x"})  # an even number of negations
+    assert parse_selector(selector.canonical()) == selector
+
+
+@pytest.mark.parametrize("opening", ["(", "!", "!("])
+@pytest.mark.parametrize("levels", [MAX_SELECTOR_DEPTH + 2, 300, 5_000])
+def test_nesting_past_the_limit_is_refused_at_the_first_level_too_many(
+    opening: str, levels: int
+) -> None:
+    # Without the limit: RecursionError from the parser (300 levels of '(' were enough).
+    with pytest.raises(SelectorTooComplex) as caught:
+        parse_selector(nested(levels, opening))
+    assert str(caught.value) == (
+        f"nested deeper than {MAX_SELECTOR_DEPTH} levels of '(' and '!' "
+        f"at column {MAX_SELECTOR_DEPTH + 1}"
+    )
+    assert caught.value.column == MAX_SELECTOR_DEPTH + 1
+
+
+def test_long_flat_selectors_are_not_limited_by_depth() -> None:
+    keys = [f"k{number}" for number in range(1000)]
+    assert parse_selector(" && ".join(keys)).matches(dict.fromkeys(keys, "x"))
+
+
+def test_a_selector_longer_than_the_limit_is_refused_before_parsing() -> None:
+    text = "a || " * (MAX_SELECTOR_LENGTH // 5 + 1) + "b"
+    assert len(text) > MAX_SELECTOR_LENGTH
+    with pytest.raises(SelectorTooComplex) as caught:
+        parse_selector(text)
+    assert str(caught.value) == (
+        f"{len(text)} characters; a selector may have at most {MAX_SELECTOR_LENGTH}"
+    )
+    assert isinstance(caught.value, SelectorError)  # callers handle both alike
+
+
+def test_a_selector_whose_canonical_form_is_too_long_is_refused() -> None:
+    # Stored documents hold the canonical form, and the controller parses them again when
+    # it starts: a selector that fits only as written would keep it from starting.
+    keys = [f"k{number:04}" for number in range(MAX_SELECTOR_LENGTH // 8)]
+    text = "||".join(keys)  # canonical: "has(k0000) || has(k0001) || ..."
+    assert len(text) <= MAX_SELECTOR_LENGTH
+    with pytest.raises(SelectorTooComplex) as caught:
+        parse_selector(text)
+    assert str(caught.value).endswith(
+        f"characters in canonical form (as stored); a selector may have at most "
+        f"{MAX_SELECTOR_LENGTH}"
+    )
+    shorter = "||".join(keys[: len(keys) // 3])
+    assert parse_selector(parse_selector(shorter).canonical()) == parse_selector(shorter)
