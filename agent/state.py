@@ -1,4 +1,5 @@
-"""The last applied snapshot, persisted atomically and checked on load.
+"""The last applied snapshot, persisted atomically and checked on load; and the writer
+of the agent's state files.
 
 At start the agent re-applies it before talking to the controller, so a
 restarted agent enforces what it enforced before, with no open moment.
@@ -33,7 +34,6 @@ class AppliedSnapshot:
 
 def save_snapshot(state_dir: Path, snapshot: AppliedSnapshot) -> None:
     """Write, fsync and rename, so a crash leaves the old file or the new one."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     payload = {
         "revision": snapshot.revision,
         "hash": snapshot.hash,
@@ -41,10 +41,17 @@ def save_snapshot(state_dir: Path, snapshot: AppliedSnapshot) -> None:
             snapshot.ruleset.SerializeToString(deterministic=True)
         ).decode(),
     }
-    target = state_dir / SNAPSHOT_FILE
+    write_state_file(state_dir, SNAPSHOT_FILE, json.dumps(payload).encode())
+
+
+def write_state_file(state_dir: Path, name: str, data: bytes) -> None:
+    """Put DATA in STATE_DIR/NAME (mode 0600): written to a temporary, fsynced and renamed,
+    so a crash leaves the old file or the new one."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = state_dir / name
     tmp = target.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.chmod(tmp, 0o600)
