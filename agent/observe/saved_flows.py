@@ -181,6 +181,13 @@ def flow_record(flow: agent_pb2.Flow) -> FlowRecord:
     )
 
 
+@dataclass(frozen=True)
+class _Taken:
+    number: int
+    reports: tuple[agent_pb2.FlowReport, ...]
+    queued: list[FlowRecord]
+
+
 class FlowKeeper:
     """The flows file of one agent: loaded once at start, saved when something changed."""
 
@@ -190,8 +197,8 @@ class FlowKeeper:
         self._table = table
         self.reports = FlowReports(table, restored=self._load())
         self._saved_at: tuple[int, int] | None = None  # the changes the file reflects
-        self._written = 0  # the newest encoding written, so an older one never replaces it
-        self._encoded = 0
+        self._written = 0  # the newest content written, so an older one never replaces it
+        self._taken = 0
         self._lock = threading.Lock()
 
     def _load(self) -> tuple[agent_pb2.FlowReport, ...]:
@@ -219,46 +226,48 @@ class FlowKeeper:
     def _changes(self) -> tuple[int, int]:
         return (self.reports.changes, self._table.changes)
 
-    def _encode(self) -> tuple[int, bytes] | None:
-        """The file's new content, numbered; None if nothing changed since the last save."""
+    def _take(self) -> _Taken | None:
+        """What to save, numbered, taken on the event loop's thread (cheap: references);
+        None if nothing changed since the last save."""
         changes = self._changes()
         if changes == self._saved_at:
             return None
-        saved = SavedFlows(
-            tuple(self.reports.unacknowledged()),
-            tuple(flow_message(record) for record in self._table.waiting()),
-        )
+        self._saved_at = changes
+        self._taken += 1
+        return _Taken(self._taken, tuple(self.reports.unacknowledged()), self._table.waiting())
+
+    def _write(self, taken: _Taken) -> None:
+        """Encode and write TAKEN, unless a newer one is on disk already. Encoding may run in
+        another thread: reports do not change once built, and a queued flow's count read a
+        little later than taken is still a count not sent anywhere (a flow taken into a
+        report leaves the table and changes no more)."""
+        saved = SavedFlows(taken.reports, tuple(flow_message(record) for record in taken.queued))
         data, left_out = encode(self._agent_id, saved, max_flows=self._table.capacity)
         if left_out:
             log.warning("%d pending flows do not fit in %s and are not saved", left_out, self._path)
-        self._saved_at = changes
-        self._encoded += 1
-        return self._encoded, data
-
-    def _write(self, number: int, data: bytes) -> None:
         with self._lock:
-            if number < self._written:
-                return  # a newer content is on disk already
+            if taken.number < self._written:
+                return
             try:
                 write_state_file(self._path.parent, self._path.name, data)
             except OSError as exc:
                 log.warning("cannot save pending flows to %s: %s", self._path, exc)
                 self._saved_at = None  # try again at the next chance
                 return
-            self._written = number
+            self._written = taken.number
 
     def save(self) -> None:
         """Write the file now if anything changed (on the event loop's thread: it blocks)."""
-        encoded = self._encode()
-        if encoded is not None:
-            self._write(*encoded)
+        taken = self._take()
+        if taken is not None:
+            self._write(taken)
 
     async def save_soon(self) -> None:
-        """Write the file if anything changed: the content is taken now, written off the
-        event loop."""
-        encoded = self._encode()
-        if encoded is not None:
-            await asyncio.to_thread(self._write, *encoded)
+        """Write the file if anything changed: the content is taken now, encoded and
+        written off the event loop."""
+        taken = self._take()
+        if taken is not None:
+            await asyncio.to_thread(self._write, taken)
 
     async def keep(self, interval: float = SAVE_INTERVAL_S) -> None:
         """Save every INTERVAL seconds while anything changed, until cancelled."""
