@@ -33,6 +33,7 @@ from agent.identity import (
 )
 from agent.observe.observer import Observer
 from agent.observe.reports import FlowReports
+from agent.observe.saved_flows import FlowKeeper
 from agent.observe.wire import connection_message
 from bulkhead.channel import AGENT_STREAM_OPTIONS
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
@@ -113,7 +114,13 @@ class ControllerLink:
         self._renewed: AgentCredentials | None = None
         self._tamper_backlog: deque[agent_pb2.TamperEvent] = deque(maxlen=TAMPER_BACKLOG_MAX)
         self._observer = observer
-        self._flow_reports = FlowReports(observer.table) if observer is not None else None
+        # Flows an earlier run left unstored come back from the state dir (saved_flows.py).
+        self._flow_keeper = (
+            FlowKeeper(state_dir, agent_id, observer.table) if observer is not None else None
+        )
+        self._flow_reports: FlowReports | None = (
+            self._flow_keeper.reports if self._flow_keeper is not None else None
+        )
         self._flow_report_interval = flow_report_interval
         # This host's addresses the controller refuses, with its reasons (AddressesRefused):
         # kept across streams until the controller says otherwise.
@@ -124,7 +131,22 @@ class ControllerLink:
         """Flows the controller has acknowledged storing."""
         return 0 if self._flow_reports is None else self._flow_reports.acknowledged
 
+    def save_flows(self) -> None:
+        """Save the flows not stored yet to the state dir now (when the agent stops)."""
+        if self._flow_keeper is not None:
+            self._flow_keeper.save()
+
     async def run_forever(self) -> None:
+        keeping = (
+            None if self._flow_keeper is None else asyncio.create_task(self._flow_keeper.keep())
+        )
+        try:
+            await self._reconnect_forever()
+        finally:
+            if keeping is not None:
+                keeping.cancel()
+
+    async def _reconnect_forever(self) -> None:
         backoff = Backoff()
         while True:
             self._stream_up_at = None
@@ -342,7 +364,11 @@ class ControllerLink:
             await asyncio.sleep(self._flow_report_interval)
             if self._stream_up_at is None or outbox.qsize() > 0:
                 continue  # not up yet, or the controller is not keeping up
-            for report in reports.to_send():
+            built = reports.changes
+            batch = reports.to_send()
+            if self._flow_keeper is not None and reports.changes != built:
+                await self._flow_keeper.save_soon()  # a new report is on disk before the wire
+            for report in batch:
                 await outbox.put(agent_pb2.AgentMessage(flows=report))
 
     async def _connection_table(

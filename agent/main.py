@@ -256,6 +256,7 @@ async def run_agent(config: AgentConfig, config_path: Path) -> None:
         loop.add_signal_handler(sig, stop.set)
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    link.save_flows()  # the flows not stored yet go after the restart
     # Rules stay in the kernel: stopping the agent must never open the host.
     if task.done():
         raise AgentStartError(f"the controller link stopped: {task.exception()!r}")

@@ -94,7 +94,8 @@ MEASURES = (
     "changed",
     "changed_proc",
 )
-TARGETS = {"cold": 2.0, "quiet": 5.0, "moving": 5.0, "changed": 5.0}
+# Cold: 1.7x accepted in issue 17 (the kernel's fd walk under one GIL; docs/benchmarks.md).
+TARGETS = {"cold": 1.7, "quiet": 5.0, "moving": 5.0, "changed": 5.0}
 DONE_SIZE = NLMSG_HEADER.size + 4  # NLMSG_DONE: the header and an int
 
 
@@ -491,7 +492,7 @@ def print_results(result: dict[str, Any], markdown: bool) -> None:
             f"{median * 1e3:,.1f}",
             f"{min(seconds) * 1e3:,.1f}",
             f"{reference / median:.1f}x",
-            f">= {target:.0f}x" if target else "",
+            f">= {target:g}x" if target else "",
         )
     console.print(table)
     cpu = result["cpu"]

@@ -58,6 +58,9 @@ class FlowTable:
         # Flows taken and sent, not yet acknowledged (agent/observe/reports.py): they count
         # against the capacity until the controller has stored them.
         self.held = 0
+        # Grows with every add and take: whoever saves the table (saved_flows.py) can tell
+        # whether anything changed since, without comparing flows.
+        self.changes = 0
         self._flows: OrderedDict[FlowKey, FlowRecord] = OrderedDict()
 
     def __len__(self) -> int:
@@ -66,6 +69,7 @@ class FlowTable:
     def add(self, record: FlowRecord) -> None:
         """Count RECORD in: merged into the flow with the same key, or a new flow."""
         key = record.key
+        self.changes += 1
         existing = self._flows.get(key)
         if existing is not None:
             existing.count += record.count
@@ -97,4 +101,9 @@ class FlowTable:
         taken: list[FlowRecord] = []
         while self._flows and len(taken) < limit:
             taken.append(self._flows.popitem(last=False)[1])
+        self.changes += 1
         return taken
+
+    def waiting(self) -> list[FlowRecord]:
+        """The flows not taken yet, the longest-waiting first; the table keeps them."""
+        return list(self._flows.values())

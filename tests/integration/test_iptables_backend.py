@@ -13,6 +13,7 @@ import ipaddress
 import itertools
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -303,15 +304,95 @@ def test_address_change_changes_set_members_not_rules(single: Namespace) -> None
     assert members == planned_members(plan_for(request))
 
 
-def test_a_failing_set_swap_reports_ipset_and_keeps_the_rules(single: Namespace) -> None:
+def test_a_failing_set_swap_reports_ipset_and_keeps_the_rules_and_sets(single: Namespace) -> None:
     assert dataplane(single, case_request("empty_enforce")) == {"ok": True}
     before = saved_tables(single)
     single.run(["ipset", "create", "bh4-web", "hash:ip"])  # not a hash:net: cannot be swapped
+    sets_before = single.run(["ipset", "list"]).stdout
     reply = dataplane(single, case_request("web_db"), ok=False)
     assert reply["error"].startswith("DataplaneError: ipset: ")
     assert "cannot be swapped" in reply["error"]
     assert "(in `swap bh4-web-new bh4-web`)" in reply["error"]
     assert saved_tables(single) == before
+    # bh4-db and bh6-db were swapped before it: swapped back, and what the apply made is gone.
+    assert single.run(["ipset", "list"]).stdout == sets_before
+
+
+# Applies a request read from stdin with the real tools, adding one rule (argv[1]) to the
+# IPv6 apply's script, both to its --test and to its commit, and to nothing after them.
+INJECTING_APPLY = r"""
+import json, sys
+from google.protobuf import json_format
+from agent.dataplane.baseline import baseline_from_json
+from agent.dataplane.iptables import IptablesBackend, SubprocessRunner
+from bulkhead.v1 import ruleset_pb2
+
+class InjectingRunner(SubprocessRunner):
+    def __init__(self, rule):
+        super().__init__()
+        self.rule, self.left = rule, 2
+
+    def run(self, argv, stdin=None):
+        if argv[0] == "ip6tables-legacy-restore" and self.left and stdin:
+            self.left -= 1
+            head, _, tail = stdin.rpartition("COMMIT\n")  # the security section's
+            stdin = head + self.rule + "\nCOMMIT\n" + tail
+        return super().run(argv, stdin)
+
+request = json.load(sys.stdin)
+ruleset = json_format.ParseDict(request["ruleset"], ruleset_pb2.Ruleset())
+baseline = baseline_from_json(json.dumps(request["baseline"]))
+try:
+    IptablesBackend(InjectingRunner(sys.argv[1])).apply(ruleset, baseline)
+except Exception as exc:
+    print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+else:
+    print(json.dumps({"ok": True}))
+"""
+
+
+def kernel_state(ns: Namespace) -> str:
+    """Every table of both families and `ipset list` (set objects, their random initval
+    and references included), less iptables-save's timestamped comments."""
+    text = "".join(ns.run([SAVE[family]]).stdout for family in (4, 6))
+    text += ns.run(["ipset", "list"]).stdout
+    return "".join(line + "\n" for line in text.splitlines() if not line.startswith("#"))
+
+
+@pytest.mark.parametrize(
+    ("rule", "refusal"),
+    [
+        # iptables-restore --test accepts it; the kernel's REJECT check refuses it at commit,
+        # after IPv4 and IPv6's filter table are committed and the sets swapped.
+        (
+            "-A BULKHEAD-INPUT -p udp -j REJECT --reject-with tcp-reset",
+            r"ip6tables-restore: line \d+ failed; the previous rules and sets are back$",
+        ),
+        # --test itself refuses it: nothing is swapped or committed at all.
+        (
+            "-A BULKHEAD-INPUT -m set --match-set bh6-missing src -j RETURN",
+            r"ip6tables-restore v1\.8\.\d+ \(legacy\): Set bh6-missing doesn't exist",
+        ),
+    ],
+)
+def test_a_refused_ipv6_script_leaves_both_families_and_the_sets_as_they_were(
+    single: Namespace, rule: str, refusal: str
+) -> None:
+    assert dataplane(single, case_request("web_db")) == {"ok": True}
+    before = kernel_state(single)
+    request = case_request("web_db")
+    # web moves (a swap to undo), api comes (sets to destroy again) with a rule of its own.
+    request["ruleset"]["sets"][1]["hosts"] = ["198.18.0.3", "2001:db8::3"]
+    request["ruleset"]["sets"].append({"name": "api", "hosts": ["198.18.0.9", "2001:db8::9"]})
+    request["ruleset"]["rules"].append(
+        {**request["ruleset"]["rules"][0], "peerSet": "api", "id": "r-a1b2c3"}
+    )
+    result = single.run([PYTHON, "-c", INJECTING_APPLY, rule], stdin=json.dumps(request))
+    reply = json.loads(result.stdout)
+    assert re.search(refusal, reply["error"]), reply
+    assert kernel_state(single) == before
+    assert dataplane(single, request) == {"ok": True}, "and the same apply passes untouched"
+    assert ipset_members(single) == planned_members(plan_for(request))
 
 
 def test_ten_thousand_peers_of_each_family_fill_one_set_each(single: Namespace) -> None:

@@ -13,7 +13,7 @@ from agent.dataplane.baseline import Baseline, Mode, parse_port_spec
 from agent.dataplane.fingerprint import differences
 from agent.dataplane.iptables import IptablesBackend, SubprocessRunner, render_iptables
 from agent.dataplane.iptables.backend import table_components
-from agent.dataplane.iptables.ipsets import swap_script
+from agent.dataplane.iptables.ipsets import fill_script, swap_script
 from agent.dataplane.iptables.plan import Family, IpSet, Table
 from agent.dataplane.iptables.tables import TableState, apply_script, parse_table, removal_script
 from bulkhead.v1 import ruleset_pb2 as pb
@@ -74,6 +74,10 @@ COMMIT
 # What iptables-legacy-save prints without -t: every loaded table, filter first.
 EMPTY = EMPTY_FILTER + EMPTY_SECURITY
 HOOKED = HOOKED_FILTER + HOOKED_SECURITY
+V4_COMMIT = "iptables-legacy-restore -w 10 --noflush"
+V6_COMMIT = "ip6tables-legacy-restore -w 10 --noflush"
+V4_TEST = V4_COMMIT + " --test"
+V6_TEST = V6_COMMIT + " --test"
 
 
 def table_section(saved: str, table: str) -> str:
@@ -116,11 +120,13 @@ class FakeRunner:
     def commands(self) -> list[str]:
         return [" ".join(argv) for argv, _ in self.calls]
 
+    def scripts(self, command: str) -> list[str]:
+        """The scripts given to COMMAND (the whole command line), in order."""
+        return [stdin or "" for argv, stdin in self.calls if " ".join(argv) == command]
+
     def script(self, command: str) -> str:
-        """The one script given to COMMAND (its first words)."""
-        words = command.split()
-        (stdin,) = [stdin for argv, stdin in self.calls if argv[: len(words)] == words]
-        assert stdin is not None
+        """The one script given to COMMAND (the whole command line)."""
+        (stdin,) = self.scripts(command)
         return stdin
 
 
@@ -145,7 +151,7 @@ def test_a_host_without_ipv6_gets_ipv4_rules_only(names_files: dict[Family, Path
     ipv4_only.state_fingerprint()
     ipv4_only.remove()
     assert not [c for c in runner.commands() if c.startswith("ip6tables")]
-    assert "iptables-legacy-restore -w 10 --noflush" in runner.commands()
+    assert V4_COMMIT in runner.commands()
     first_restore = next(
         stdin for argv, stdin in runner.calls if list(argv) == ["ipset", "restore"]
     )
@@ -169,24 +175,35 @@ def test_ipv6_is_detected_from_the_socket_family(monkeypatch: pytest.MonkeyPatch
     assert not ipv6_available()
 
 
-def test_apply_fills_sets_then_commits_each_family_then_cleans_up(
+def test_apply_fills_sets_tests_both_families_then_swaps_and_commits_each(
     names_files: dict[Family, Path],
 ) -> None:
     runner = FakeRunner({4: EMPTY, 6: EMPTY})
     backend(runner, names_files).apply(RULESET, BASELINE)
     assert runner.commands() == [
         "ipset list -n",
-        "ipset restore",
+        "ipset restore",  # fill the temporaries, create the missing sets: nothing live changes
         "iptables-legacy-save -t filter",
         "iptables-legacy-save -t security",
-        "iptables-legacy-restore -w 10 --noflush",
         "ip6tables-legacy-save -t filter",
         "ip6tables-legacy-save -t security",
-        "ip6tables-legacy-restore -w 10 --noflush",
-        "ipset list -n",  # nothing stale: no destroy script
+        V4_TEST,
+        V6_TEST,  # both families pass before any set is swapped
+        "ipset restore",  # the swaps
+        V4_COMMIT,
+        V6_COMMIT,
+        "ipset list -n",
+        "ipset restore",  # the temporaries, holding the old members now
     ]
+    fill, swap, destroy = runner.scripts("ipset restore")
+    assert "swap" not in fill
+    assert "flush" not in fill
+    assert swap == "swap bh4-web-new bh4-web\nswap bh6-web-new bh6-web\n"
+    assert destroy == "destroy bh4-web-new\ndestroy bh6-web-new\n"
+    assert runner.script(V4_TEST) == runner.script(V4_COMMIT)
+    assert runner.script(V6_TEST) == runner.script(V6_COMMIT)
     plan = render_iptables(RULESET, BASELINE)
-    v4 = runner.script("iptables-legacy-restore").splitlines()
+    v4 = runner.script(V4_COMMIT).splitlines()
     hooks = ["-I INPUT 1 -j BULKHEAD-INPUT", "-I OUTPUT 1 -j BULKHEAD-OUTPUT", "COMMIT"]
     chains = [":BULKHEAD-INPUT - [0:0]", ":BULKHEAD-OUTPUT - [0:0]"]
     # One input, two sections: filter, which sees packets first, is committed first.
@@ -194,8 +211,7 @@ def test_apply_fills_sets_then_commits_each_family_then_cleans_up(
         "*filter", *chains, *plan.v4.filter, *hooks,
         "*security", *chains, *plan.v4.security, *hooks,
     ]  # fmt: skip
-    assert "--match-set bh6-web src" in runner.script("ip6tables-legacy-restore")
-    assert "flush" not in runner.script("ipset restore")
+    assert "--match-set bh6-web src" in runner.script(V6_COMMIT)
 
 
 def test_a_table_not_loaded_yet_is_not_read_but_created_by_the_restore(
@@ -206,37 +222,35 @@ def test_a_table_not_loaded_yet_is_not_read_but_created_by_the_restore(
     backend(runner, names_files).apply(RULESET, BASELINE)
     assert "iptables-legacy-save -t security" not in runner.commands()
     assert "iptables-legacy-save -t filter" in runner.commands()
-    script = runner.script("iptables-legacy-restore").splitlines()
+    script = runner.script(V4_COMMIT).splitlines()
     assert "*security" in script
     assert script.count("-I INPUT 1 -j BULKHEAD-INPUT") == 2
 
 
-def test_swap_script_fills_every_set_before_the_first_swap() -> None:
+def test_fill_script_fills_every_temporary_then_creates_missing_sets_and_swaps_nothing() -> None:
     sets = [IpSet("bh4-a", 4, ("198.18.0.1/32",)), IpSet("bh6-a", 6, ())]
-    script = swap_script(sets, existing={"bh4-a", "bh6-a-new", "other"}).splitlines()
+    script = fill_script(sets, existing={"bh4-a", "bh6-a-new", "other"}).splitlines()
     assert script == [
         "create bh4-a-new hash:net family inet hashsize 1024 maxelem 65536",
         "add bh4-a-new 198.18.0.1/32",
         "destroy bh6-a-new",  # left over by an interrupted apply
         "create bh6-a-new hash:net family inet6 hashsize 1024 maxelem 65536",
-        "swap bh4-a-new bh4-a",
+        # Created empty, so that --test finds every set the rules name; no rule uses it yet.
         "create bh6-a hash:net family inet6 hashsize 1024 maxelem 65536",
-        "swap bh6-a-new bh6-a",
-        "destroy bh4-a-new",
-        "destroy bh6-a-new",
     ]
+    assert swap_script(sets).splitlines() == ["swap bh4-a-new bh4-a", "swap bh6-a-new bh6-a"]
 
 
 def test_big_sets_get_room_for_all_members() -> None:
     members = tuple(f"198.18.{i // 256}.{i % 256}/32" for i in range(70_000))
-    first = swap_script([IpSet("bh4-big", 4, members)], existing=set()).splitlines()[0]
+    first = fill_script([IpSet("bh4-big", 4, members)], existing=set()).splitlines()[0]
     assert first == "create bh4-big-new hash:net family inet hashsize 131072 maxelem 70000"
 
 
 def test_jump_already_first_is_kept_with_its_counters(names_files: dict[Family, Path]) -> None:
     runner = FakeRunner({4: HOOKED, 6: HOOKED})
     backend(runner, names_files).apply(RULESET, BASELINE)
-    script = runner.script("iptables-legacy-restore")
+    script = runner.script(V4_COMMIT)
     assert "-I INPUT" not in script
     assert "-D " not in script
     assert "DOCKER" not in script
@@ -303,7 +317,9 @@ def test_apply_destroys_only_our_sets_that_are_no_longer_used(
     )
     backend(runner, names_files).apply(RULESET, BASELINE)
     destroy = runner.calls[-1][1]
-    assert destroy == "destroy bh4-gone\ndestroy bh6-gone\n"
+    assert destroy == (
+        "destroy bh4-gone\ndestroy bh6-gone\ndestroy bh4-web-new\ndestroy bh6-web-new\n"
+    )
 
 
 def test_an_invalid_ruleset_runs_no_command(names_files: dict[Family, Path]) -> None:
@@ -315,21 +331,23 @@ def test_an_invalid_ruleset_runs_no_command(names_files: dict[Family, Path]) -> 
 
 
 @pytest.mark.parametrize(
-    ("tool", "last_command"),
+    ("tool", "failed"),
     [
         ("ipset", "ipset list -n"),
-        ("iptables-legacy-restore", "iptables-legacy-restore -w 10 --noflush"),
-        ("ip6tables-legacy-restore", "ip6tables-legacy-restore -w 10 --noflush"),
+        ("iptables-legacy-restore", V4_TEST),
+        ("ip6tables-legacy-restore", V6_TEST),
     ],
 )
-def test_a_failing_tool_stops_the_apply_with_its_message(
-    names_files: dict[Family, Path], tool: str, last_command: str
+def test_a_failing_tool_stops_the_apply_with_its_message_before_any_swap(
+    names_files: dict[Family, Path], tool: str, failed: str
 ) -> None:
     runner = FakeRunner({4: EMPTY, 6: EMPTY})
     runner.fail_on = tool
     with pytest.raises(DataplaneError, match=f"{tool}: line 3 failed"):
         backend(runner, names_files).apply(RULESET, BASELINE)
-    assert runner.commands()[-1] == last_command
+    assert failed in runner.commands()
+    assert V4_COMMIT not in runner.commands()
+    assert not [script for script in runner.scripts("ipset restore") if "swap" in script]
 
 
 def test_remove_deletes_every_jump_into_our_chains_then_the_chains_and_our_sets(
@@ -343,7 +361,7 @@ def test_remove_deletes_every_jump_into_our_chains_then_the_chains_and_our_sets(
     )
     runner = FakeRunner({4: saved, 6: EMPTY}, ipsets=["bh4-web", "bh6-web", "mine"])
     backend(runner, names_files).remove()
-    assert runner.script("iptables-legacy-restore").splitlines() == [
+    assert runner.script(V4_COMMIT).splitlines() == [
         "*filter",
         "-D INPUT -j BULKHEAD-INPUT",
         "-D OUTPUT -j BULKHEAD-OUTPUT",
@@ -362,7 +380,7 @@ def test_remove_deletes_every_jump_into_our_chains_then_the_chains_and_our_sets(
         "-X BULKHEAD-OUTPUT",
         "COMMIT",
     ]
-    assert "ip6tables-legacy-restore -w 10 --noflush" not in runner.commands()  # nothing ours
+    assert V6_COMMIT not in runner.commands()  # nothing ours
     assert runner.calls[-1][1] == "destroy bh4-web\ndestroy bh6-web\n"
 
 

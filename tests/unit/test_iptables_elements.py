@@ -305,7 +305,7 @@ def test_a_failing_update_applies_the_result_whole(
     assert commands[0] == "ipset restore"  # the element update, failed half-way
     assert commands[1:3] == ["ipset list -n", "ipset restore"]  # every set refilled
     assert "iptables-legacy-restore -w 10 --noflush" in commands
-    refill = runner.calls[2][1] or ""
+    refill = runner.calls[2][1] or ""  # the temporaries, filled before any swap
     assert "add bh4-web-new 198.18.0.5/32" in refill
     assert "198.18.0.1/32" not in refill
     # What the full apply loaded is what the next delta builds on.

@@ -4,7 +4,8 @@ tables, peers in ipsets.
 Modules: ``plan`` (what gets loaded: rule lines per family and table, ipsets, names),
 ``render`` (ruleset -> plan, pure), ``commands`` (running the tools), ``ipsets`` (set
 swaps), ``elements`` (a policy delta's member updates, pure), ``tables`` (one family's
-filter and security tables), ``backend`` (IptablesBackend).
+filter and security tables), ``transaction`` (one apply across sets and families, rolled
+back if it fails), ``backend`` (IptablesBackend).
 """
 
 from agent.dataplane.iptables.backend import IptablesBackend

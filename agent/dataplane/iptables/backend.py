@@ -12,14 +12,15 @@ first, logs (NFLOG); the security copy is the same rules without the log. (Not m
 it runs before nat's OUTPUT, so it would judge a locally DNATed packet by the address it
 is redirected from, unlike filter and our nftables table.)
 
-An apply runs in three steps: (1) one `ipset restore` fills every set under a temporary
-name and swaps it in; (2) per family, one `iptables-legacy-restore --noflush` input
-replaces our chains' rules in filter, then in security, and puts the jumps into them first
-in INPUT and OUTPUT; (3) sets no rule uses any more are destroyed. Nothing that is not ours
-is flushed or rewritten. Each table of each family commits atomically on its own; between
-two commits a packet meets the old rules in one table and the new in the other, so it
-passes only if both policies allow it. If a commit fails, the apply fails and the next one
-repairs it.
+An apply (transaction.py) fills every set under a temporary name, tests both families'
+`iptables-legacy-restore --noflush` inputs with `--test`, swaps the sets in, then commits
+per family one input that replaces our chains' rules in filter, then in security, and puts
+the jumps into them first in INPUT and OUTPUT; last, the temporaries and the sets no rule
+uses any more are destroyed. Nothing that is not ours is flushed or rewritten. Each table
+of each family commits atomically on its own; between two commits a packet meets the old
+rules in one table and the new in the other, so it passes only if both policies allow it.
+If a swap or a commit fails, the tables already written are put back as they were and the
+sets swapped back, so a failed apply leaves the previous policy, not a mix.
 
 A policy delta that changes set elements only goes into the ipsets with one `ipset
 restore` of `add`/`del` lines, rules untouched (elements.py); the backend remembers what
@@ -43,15 +44,11 @@ from agent.dataplane.baseline import Baseline
 from agent.dataplane.fingerprint import compose
 from agent.dataplane.iptables.commands import CommandRunner, SubprocessRunner
 from agent.dataplane.iptables.elements import LoadedSets
-from agent.dataplane.iptables.ipsets import IPSET, Ipsets, destroy_script, swap_script
+from agent.dataplane.iptables.ipsets import IPSET, Ipsets, destroy_script
 from agent.dataplane.iptables.plan import CHAIN_PREFIX, FAMILIES, TABLES, Family, Table, is_our_set
 from agent.dataplane.iptables.render import render_compiled
-from agent.dataplane.iptables.tables import (
-    LegacyTables,
-    TableState,
-    apply_script,
-    removal_script,
-)
+from agent.dataplane.iptables.tables import LegacyTables, TableState, removal_script
+from agent.dataplane.iptables.transaction import apply_plan
 from agent.dataplane.model import load_ruleset
 from bulkhead.v1 import agent_pb2, ruleset_pb2
 
@@ -99,9 +96,8 @@ class IptablesBackend:
         compiled = load_ruleset(ruleset)  # RulesetError before anything changes
         plan = render_compiled(compiled, baseline)
         self._loaded = None
-        self._ipsets.restore(swap_script(plan.ipsets, set(self._ipsets.names())))
-        for tables in self._tables:
-            tables.restore(apply_script(plan.family(tables.family), tables.states()))
+        apply_plan(plan, self._ipsets, self._tables)
+        # The temporaries (holding the old members now) go with the sets no longer used.
         wanted = {ipset.name for ipset in plan.ipsets}
         self._ipsets.restore(
             destroy_script(name for name in self._ipsets.our_names() if name not in wanted)

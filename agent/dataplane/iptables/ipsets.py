@@ -2,7 +2,9 @@
 
 Each set is filled under a temporary name and swapped in: a rule that matches the set
 sees the old members until the swap and all the new ones after it. All sets are filled
-before the first swap, so a bad member or a full set fails before any live set changed.
+(and missing ones created empty) by one script before any swap, so a bad member or a full
+set fails before any live set changed, and the rules can be tested against sets that
+exist. After the swap, the temporary holds the old members: swapping again puts them back.
 """
 
 from __future__ import annotations
@@ -36,24 +38,36 @@ def _create(name: str, ipset: IpSet) -> str:
     )
 
 
-def swap_script(ipsets: Sequence[IpSet], existing: Collection[str]) -> str:
-    """The restore script that replaces every set's members (creating missing sets)."""
+def fill_script(ipsets: Sequence[IpSet], existing: Collection[str]) -> str:
+    """The restore script that fills every set's temporary with its new members, then
+    creates (empty) the sets that do not exist yet; no live set changes."""
     lines: list[str] = []
     for ipset in ipsets:
         if ipset.temporary_name in existing:  # left over by an interrupted apply
             lines.append(f"destroy {ipset.temporary_name}")
         lines.append(_create(ipset.temporary_name, ipset))
         lines.extend(f"add {ipset.temporary_name} {member}" for member in ipset.members)
-    for ipset in ipsets:
-        if ipset.name not in existing:
-            lines.append(_create(ipset.name, ipset))
-        lines.append(f"swap {ipset.temporary_name} {ipset.name}")
-    lines.extend(f"destroy {ipset.temporary_name}" for ipset in ipsets)
+    lines.extend(_create(ipset.name, ipset) for ipset in ipsets if ipset.name not in existing)
     return "".join(line + "\n" for line in lines)
+
+
+def swap_script(ipsets: Sequence[IpSet]) -> str:
+    """The restore script that swaps every filled temporary with its live set; run again,
+    it swaps the old members back."""
+    return "".join(f"swap {ipset.temporary_name} {ipset.name}\n" for ipset in ipsets)
 
 
 def destroy_script(names: Iterable[str]) -> str:
     return "".join(f"destroy {name}\n" for name in names)
+
+
+class IpsetScriptError(DataplaneError):
+    """`ipset restore` failed at LINE (1-based; None if it did not say): the lines before
+    it were carried out, the rest not."""
+
+    def __init__(self, message: str, line: int | None) -> None:
+        super().__init__(message)
+        self.line = line
 
 
 class Ipsets:
@@ -78,5 +92,6 @@ class Ipsets:
             found = _ERROR_LINE.search(str(exc))
             lines = script.splitlines()
             if found is None or not 0 < int(found.group(1)) <= len(lines):
-                raise
-            raise DataplaneError(f"{exc} (in `{lines[int(found.group(1)) - 1]}`)") from exc
+                raise IpsetScriptError(str(exc), None) from exc
+            line = int(found.group(1))
+            raise IpsetScriptError(f"{exc} (in `{lines[line - 1]}`)", line) from exc

@@ -5,6 +5,11 @@ Every write is one `iptables-legacy-restore --noflush` script holding one sectio
 table, each ending in its own COMMIT: libiptc swaps each table whole, in one go, with every
 chain and rule that is not ours carried over unchanged (counters too). Our scripts name
 only our chains, the jumps into them, and rules elsewhere that jump into them.
+
+`--test` runs a script through the same parser and libiptc without committing: it catches
+a bad rule, a set that does not exist or has the wrong family, and a rule to delete that is
+not there; it cannot catch what the kernel refuses only at commit (an extension's own
+check, such as REJECT's tcp-reset on a rule not limited to TCP).
 """
 
 from __future__ import annotations
@@ -129,6 +134,44 @@ def apply_script(rules: FamilyRules, states: Mapping[Table, TableState]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def _insert(line: str, position: int) -> str:
+    """The `-I` line that puts saved rule LINE back at POSITION (1-based) of its chain."""
+    chain, _, spec = line.removeprefix("-A ").partition(" ")
+    return f"-I {chain} {position} {spec}"
+
+
+def _revert_lines(previous: TableState, current: TableState) -> list[str]:
+    lines = [_delete(line) for line in current.jumps_into(set(current.our_chains()))]
+    was_ours = previous.our_chains()
+    lines += [f":{chain} - [0:0]" for chain in was_ours]  # created, or flushed
+    new = [chain for chain in current.our_chains() if chain not in was_ours]
+    lines += [f"-F {chain}" for chain in new] + [f"-X {chain}" for chain in new]
+    lines += [line for owner, line in previous.rules if owner in was_ours]
+    # The jumps went first, so the other rules of their chains are as they were before
+    # the apply: inserting the old jumps in ascending order puts each at its old place.
+    for owner in dict.fromkeys(owner for owner, _ in previous.rules):
+        if owner in was_ours:
+            continue
+        for index, line in enumerate(previous.chain_rules(owner)):
+            if _jump_target(line) in was_ours:
+                lines.append(_insert(line, index + 1))
+    return lines
+
+
+def revert_script(
+    previous: Mapping[Table, TableState], current: Mapping[Table, TableState]
+) -> str | None:
+    """Put our chains, their rules and the jumps into them back as PREVIOUS held them, in
+    every table whose CURRENT state differs; None if none does. Rules not ours are left
+    as they are now (a table loaded by the apply stays loaded, with nothing of ours)."""
+    lines: list[str] = []
+    for table in TABLES:
+        before, now = previous.get(table, TableState()), current.get(table, TableState())
+        if before != now:
+            lines += _section(table, _revert_lines(before, now))
+    return "".join(line + "\n" for line in lines) or None
+
+
 def removal_script(states: Mapping[Table, TableState]) -> str | None:
     """Delete our chains and every jump into them, in every table of STATES that holds
     some; None if none does."""
@@ -165,5 +208,12 @@ class LegacyTables:
         return parse_table(self._runner.run([SAVE[self.family], "-t", table]))
 
     def restore(self, script: str) -> None:
-        argv = [RESTORE[self.family], "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
-        self._runner.run(argv, stdin=script)
+        self._runner.run(self._restore_argv(), stdin=script)
+
+    def test(self, script: str) -> None:
+        """Run SCRIPT through iptables-legacy-restore --test: parsed, checked against the
+        tables and sets as they are now, and not committed."""
+        self._runner.run([*self._restore_argv(), "--test"], stdin=script)
+
+    def _restore_argv(self) -> list[str]:
+        return [RESTORE[self.family], "-w", str(LOCK_WAIT_SECONDS), "--noflush"]
