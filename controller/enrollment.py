@@ -64,6 +64,12 @@ class Presented:
         return self.not_before_ms + int(life * RENEW_FROM_FRACTION) - early
 
 
+# Renewals of one certificate, across streams. More than one, so that an agent whose answer
+# was lost (a stream broken after issuing) can ask again; bounded, so that reconnecting with
+# an old certificate does not mint one certificate per stream.
+MAX_RENEWALS_PER_CERTIFICATE = 3
+
+
 class RenewalRefused(Conflict):
     """A renewal asked for before the last third of the certificate's life, or a second
     one on one stream. The stream stays up: a legitimate agent does neither (see
@@ -203,6 +209,16 @@ class Enrollment:
             raise RenewalRefused(
                 f"agent '{agent_id}': a certificate was issued on this stream already; one "
                 "renewal per stream (the new one is used from the next connection)"
+            )
+        newer = [
+            serial
+            for serial, not_after in self._store.live_certificates(agent_identity(agent_id), now)
+            if not_after > presented.not_after_ms
+        ]
+        if len(newer) >= MAX_RENEWALS_PER_CERTIFICATE:
+            raise RenewalRefused(
+                f"agent '{agent_id}': this certificate was renewed {len(newer)} times already; "
+                "connect with the newest one"
             )
         opens = presented.renewal_opens_ms()
         if now < opens:

@@ -17,7 +17,7 @@ from cryptography import x509
 
 from agent.keytool import generate_key, make_csr
 from bulkhead.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
-from controller.enrollment import Presented
+from controller.enrollment import MAX_RENEWALS_PER_CERTIFICATE, Presented
 from controller.metrics import ControllerCollector
 from controller.pki import CertificateAuthority, certificate_from_pem, identity_from_certificate
 from tests.pki_support import agent_credentials, issued_credentials
@@ -285,3 +285,23 @@ def test_an_agent_asking_at_two_thirds_with_its_clock_a_little_ahead_is_renewed(
     assert presented.renewal_opens_ms() <= controller_ms
     halfway_ms = int((credentials.not_before + life / 2).timestamp() * 1000)
     assert presented.renewal_opens_ms() > halfway_ms
+
+
+@scenario
+async def test_reconnecting_with_one_old_certificate_mints_at_most_three(r: Running) -> None:
+    # Each stream may renew once; an attacker keeping the old certificate and opening a
+    # new stream each time is held to MAX_RENEWALS_PER_CERTIFICATE across streams.
+    credentials = agent_credentials(r.ca, "web", r.core, ttl=timedelta(minutes=1))
+    csr = make_csr(generate_key(), "web").decode()
+    renew = agent_pb2.AgentMessage(renew=agent_pb2.RenewCertificate(csr_pem=csr))
+    issued: list[str] = []
+    for _ in range(10):
+        async with r.channel(credentials) as channel:
+            web = await Stream.open(channel, "web", WEB)
+            await web.send(renew)
+            await web.report(flow(WEB, DB, OUT))
+            issued += web.certificates
+            web.call.cancel()
+    assert len(issued) == MAX_RENEWALS_PER_CERTIFICATE
+    refused = [e for e in r.core.agent_events.list(0, 20) if e.action == "agent.renewal_refused"]
+    assert "renewed 3 times already" in json.loads(refused[-1].detail)["reason"]
