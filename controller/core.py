@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from bulkhead.channel import MAX_RULESET_BYTES
 from bulkhead.v1 import agent_pb2, ruleset_pb2
-from controller.address_book import AddressBook, ClaimResult
 from controller.address_claims import canonical_ranges, parse_ranges
 from controller.agent_events import AgentEvents
 from controller.applied import AppliedRulesets
 from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
 from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from controller.fleet_claims import FleetClaims, refusal_notice
 from controller.host_reports import (
     DEFAULT_HOST_LIMITS,
     MAX_REVISION,
@@ -126,12 +126,14 @@ class Controller:
         self._policies: dict[str, Policy] = {}
         self._iplists: dict[str, IPList] = {}
         self._load_resources()
-        self._book = AddressBook(store.list_agents())
         self._applied = AppliedRulesets(store)
         self.observations = Observations(
             store.flow_store(), self.workloads, addresses_of=self._accepted_addresses
         )
         self.agent_events = AgentEvents(store.agent_event_store())
+        self._claims = FleetClaims(
+            store, self.agent_events, is_live=self._is_live, session=self._sessions.get
+        )
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
 
@@ -286,15 +288,23 @@ class Controller:
             )
         if problems:
             raise InvalidArgument(problems)
+        previous = dict(agent.label_overrides)
         agent.label_overrides = overrides
         with self._store.transaction():
             self._store.put_agent(agent)
+        try:
+            self._recompile([agent_id], refuse_oversize=True)
+        except InvalidArgument:
+            agent.label_overrides = previous  # the estate was left as it was
+            with self._store.transaction():
+                self._store.put_agent(agent)
+            raise
+        with self._store.transaction():
             self._store.add_audit(
                 actor, "agent.labelled", f"agent/{agent_id}",
                 {"set": dict(set_labels), "removed": list(remove), "before": before,
                  "after": agent.labels, "accepted_reported": accept_reported},
             )  # fmt: skip
-        self._recompile([agent_id])
         return self.compiled_labels(agent)
 
     def set_allowed_ranges(
@@ -308,11 +318,12 @@ class Controller:
             raise InvalidArgument(problems)
         before = list(agent.allowed_ranges)
         agent.allowed_ranges = canonical_ranges(networks)
-        self._store_claims(
+        moved = self._claims.store(
             agent,
             audit=(actor, "agent.addresses.allowed",
                    {"before": before, "after": agent.allowed_ranges}),
         )  # fmt: skip
+        self._recompile(moved)
         return self._require_agent(agent_id)
 
     def audit(
@@ -413,10 +424,10 @@ class Controller:
         agent.applied_revision = hello.applied_revision
         agent.applied_hash = hello.applied_hash
         agent.last_seen_ms = now_ms()
-        claims = self._book.claim(agent, self._is_live)
+        claims = self._claims.decide(agent)
         if claims.accepted_changed or claims.newly_refused or claims.taken_over:
-            # Claims are the controller's decisions: written now, with their audit.
-            self._write_claims(agent, claims)
+            # Claims are the controller's decisions: written now, with their events.
+            self._claims.write(agent, claims)
         else:
             # Written with the next batch: all of it is the agent's own report, which it
             # sends again on its next connect (a reconnect storm is 10,000 of these).
@@ -433,13 +444,13 @@ class Controller:
         )
         self._sessions[agent.agent_id] = session
         if agent.refused_addresses:
-            session.send(_refusal_notice(agent))
+            session.send(refusal_notice(agent))
         if agent.applied_hash == self.desired(agent_id).hash:
             self._stuck.discard(agent.agent_id)
         log.info("agent %s connected (applied revision %d)", agent.agent_id, hello.applied_revision)
         # Only labels and addresses (and, with isolation, being offline) feed the compiler;
         # an unchanged agent costs no recompile.
-        others = self._released_and_taken(agent.agent_id, claims)
+        others = self._claims.moved_by(agent.agent_id, claims)
         changed = (
             known is None
             or self._estate is None
@@ -488,7 +499,7 @@ class Controller:
             session.close()
         log.warning("agent %s revoked by %s (%d certificate(s))", agent_id, actor, count)
         # Its addresses leave every peer's sets, and agents waiting for one may have it.
-        self._recompile([agent_id, *self._reclaim(self._book.waiting_on([agent_id]))])
+        self._recompile([agent_id, *self._claims.reclaim_from([agent_id])])
         return count
 
     def heartbeat(self, agent_id: str) -> None:
@@ -519,9 +530,11 @@ class Controller:
         if problems:
             raise InvalidArgument(problems)
         agent = self._require_agent(agent_id)
+        before = agent.addresses
         agent.reported_addresses = list(addresses)
-        claims = self._store_claims(agent)
-        if claims.accepted_changed:
+        for changed in self._claims.store(agent):
+            self._agent_changed(changed)
+        if agent.addresses != before:
             log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
 
     def config_changed(self, agent_id: str, change: agent_pb2.ConfigChange) -> None:
@@ -541,7 +554,7 @@ class Controller:
         if self.compiled_labels(agent) != before:
             self._agent_changed(agent_id)
 
-    # -- address claims (controller/address_book.py) ---------------------------------------
+    # -- address claims (controller/fleet_claims.py) ---------------------------------------
 
     def compiled_labels(self, agent: AgentRecord) -> dict[str, str]:
         """The labels the compiler sees for AGENT: the operator's, and reported ones of
@@ -555,88 +568,6 @@ class Controller:
         if record is None or self.enrollment.is_agent_revoked(agent_id):
             return False
         return not self.is_offline(record)
-
-    def _store_claims(
-        self, agent: AgentRecord, *, audit: tuple[str, str, dict[str, object]] | None = None
-    ) -> ClaimResult:
-        """Decide AGENT's reported addresses, store the outcome (with AUDIT, an operator
-        action), tell the agent what was refused, and recompile whoever changed."""
-        claims = self._book.claim(agent, self._is_live)
-        self._write_claims(agent, claims, audit=audit)
-        session = self._sessions.get(agent.agent_id)
-        if session is not None and (claims.newly_refused or claims.accepted_changed):
-            session.send(_refusal_notice(agent))
-        others = self._released_and_taken(agent.agent_id, claims)
-        for agent_id in (agent.agent_id, *others):
-            self._agent_changed(agent_id)
-        return claims
-
-    def _write_claims(
-        self,
-        agent: AgentRecord,
-        claims: ClaimResult,
-        *,
-        audit: tuple[str, str, dict[str, object]] | None = None,
-    ) -> None:
-        with self._store.transaction():
-            self._store.put_agent(agent)
-            target = f"agent/{agent.agent_id}"
-            if audit is not None:
-                actor, action, detail = audit
-                self._store.add_audit(actor, action, target, {**detail, **_claims_detail(agent)})
-            # What the host's report changed is an agent event, kept apart from operator
-            # actions and merged while it repeats (controller/agent_events.py).
-            if claims.accepted_changed:
-                self.agent_events.record(
-                    agent.agent_id, "agent.addresses",
-                    {"added": claims.added, "removed": claims.removed,
-                     "addresses": agent.addresses},
-                )  # fmt: skip
-            if claims.newly_refused:
-                log.warning(
-                    "agent %s: addresses refused: %s", agent.agent_id,
-                    "; ".join(f"{a} {r}" for a, r in sorted(claims.newly_refused.items())),
-                )  # fmt: skip
-                self.agent_events.record(
-                    agent.agent_id, "agent.addresses.refused", {"refused": claims.newly_refused}
-                )
-            for address, previous in sorted(claims.taken_over.items()):
-                record = self._store.get_agent(previous)
-                if record is None:
-                    continue
-                self._book.give_up(
-                    record, address, f"taken over by agent {agent.agent_id} while this agent "
-                    "was offline or revoked",
-                )  # fmt: skip
-                self._store.put_agent(record)
-                self.agent_events.record(
-                    agent.agent_id, "agent.address.taken_over",
-                    {"address": address, "from": previous},
-                )  # fmt: skip
-
-    def _released_and_taken(self, agent_id: str, claims: ClaimResult) -> list[str]:
-        """Other agents whose accepted addresses change with AGENT_ID's claims: the ones
-        an address was taken from, and the ones that were waiting for a released one."""
-        others = set(claims.taken_over.values())
-        others |= self._reclaim(self._book.waiting_for(claims.removed) - {agent_id})
-        return sorted(others - {agent_id})
-
-    def _reclaim(self, agent_ids: Iterable[str]) -> set[str]:
-        """Decide the claims of AGENT_IDS again (a holder let go); returns the agents whose
-        accepted addresses changed."""
-        changed: set[str] = set()
-        for agent_id in sorted(agent_ids):
-            record = self._store.get_agent(agent_id)
-            if record is None:
-                continue
-            claims = self._book.claim(record, self._is_live)
-            if claims.accepted_changed or claims.newly_refused:
-                self._write_claims(record, claims)
-                session = self._sessions.get(agent_id)
-                if session is not None:
-                    session.send(_refusal_notice(record))
-                changed.add(agent_id)
-        return changed
 
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
         if ack.revision > MAX_REVISION:
@@ -732,7 +663,7 @@ class Controller:
         newly_offline = offline - self._offline_seen
         self._offline_seen = frozenset(offline)
         if newly_offline:  # agents waiting for their addresses may have them now
-            reclaimed = self._reclaim(self._book.waiting_on(newly_offline))
+            reclaimed = self._claims.reclaim_from(newly_offline)
             if reclaimed:
                 self._recompile(reclaimed)
         if self._offline_isolation and frozenset(offline) != self._isolated:
@@ -920,18 +851,3 @@ def _check_sizes(documents: Sequence[str]) -> None:
     ]
     if problems:
         raise InvalidArgument(problems)
-
-
-def _refusal_notice(agent: AgentRecord) -> agent_pb2.ControllerMessage:
-    """Tell the agent which of its addresses are not compiled, and why (empty: none)."""
-    refused = [
-        agent_pb2.RefusedAddress(address=address, reason=reason)
-        for address, reason in sorted(agent.refused_addresses.items())
-    ]
-    return agent_pb2.ControllerMessage(
-        addresses_refused=agent_pb2.AddressesRefused(refused=refused)
-    )
-
-
-def _claims_detail(agent: AgentRecord) -> dict[str, object]:
-    return {"addresses": agent.addresses, "refused": agent.refused_addresses}

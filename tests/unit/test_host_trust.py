@@ -265,3 +265,14 @@ def test_hostnames_that_are_not_hostnames_are_refused(tmp_path: Path, hostname: 
     # Only the token's creation was written; no agent, certificate or use of the token.
     assert "new" not in [a.agent_id for a in core.agents()]
     assert core.enrollment.tokens()[-1].used == 0
+
+
+def test_a_label_that_would_oversize_a_peers_ruleset_is_refused_and_undone(
+    tmp_path: Path,
+) -> None:
+    core = estate(tmp_path, max_ruleset_bytes=180)
+    core.addresses_changed("other", [f"198.18.0.{i}" for i in range(12, 60)])
+    before = state(core, tmp_path)
+    with pytest.raises(InvalidArgument, match=r"a ruleset above the 180 bytes .*: db \("):
+        core.label("other", {"app": "web"}, [], actor=OPERATOR)
+    assert state(core, tmp_path) == before
