@@ -10,6 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controller.core import Controller
+from controller.server.enrollment_front import FrontStats
+from controller.server.enrollment_throttle import FailureStats
 
 
 class ControllerCollector(Collector):
@@ -78,9 +80,56 @@ class ControllerCollector(Collector):
         )
 
 
-def serve_metrics(core: Controller, host: str, port: int) -> CollectorRegistry:
+class EnrollmentCollector(Collector):
+    """The enrollment port's connections and failed enrollments (enrollment_front.py,
+    enrollment_throttle.py)."""
+
+    def __init__(self, front: FrontStats, failures: FailureStats) -> None:
+        self._front = front
+        self._failures = failures
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "bulkhead_controller_enrollment_connections",
+            "Open connections to the enrollment port.",
+            self._front.open,
+        )
+        refused = CounterMetricFamily(
+            "bulkhead_controller_enrollment_connections_refused",
+            "Enrollment connections closed unrelayed: over the per-source or total cap, "
+            "silent past the handshake timeout, or the enrollment server unreachable.",
+            labels=["reason"],
+        )
+        for reason in ("per_source", "total", "silent", "backend"):
+            refused.add_metric([reason], self._front.refused[reason])
+        yield refused
+        failures = CounterMetricFamily(
+            "bulkhead_controller_enrollment_failures",
+            "Enroll calls that failed, by gRPC status.",
+            labels=["code"],
+        )
+        for code, count in sorted(self._failures.failures.items()):
+            failures.add_metric([code], count)
+        yield failures
+        yield CounterMetricFamily(
+            "bulkhead_controller_enrollment_throttled",
+            "Enroll calls refused (RESOURCE_EXHAUSTED) because their source failed too often.",
+            self._failures.throttled,
+        )
+
+
+def serve_metrics(
+    core: Controller,
+    host: str,
+    port: int,
+    *,
+    front: FrontStats | None = None,
+    failures: FailureStats | None = None,
+) -> CollectorRegistry:
     """Answer scrapes on HOST:PORT from a background thread."""
     registry = CollectorRegistry()
     registry.register(ControllerCollector(core))
+    if front is not None and failures is not None:
+        registry.register(EnrollmentCollector(front, failures))
     start_http_server(port, addr=host, registry=registry)
     return registry

@@ -36,7 +36,20 @@ from controller.pki import (
 from controller.policy.names import label_key_problem
 from controller.server.admin_servicer import AdminServicer
 from controller.server.agent_servicer import AgentServicer
-from controller.server.enrollment_servicer import EnrollmentServicer
+from controller.server.connection_limits import (
+    DEFAULT_HANDSHAKE_TIMEOUT_S,
+    DEFAULT_IDLE_TIMEOUT_S,
+    ConnectionLimits,
+    main_port_options,
+)
+from controller.server.enrollment_front import DEFAULT_PER_SOURCE, DEFAULT_TOTAL
+from controller.server.enrollment_port import (
+    EnrollmentPort,
+    EnrollmentPortError,
+    audit_throttled_to,
+    start_enrollment_port,
+)
+from controller.server.enrollment_throttle import DEFAULT_FAILURES_PER_MINUTE
 from controller.store.sqlite_store import SqliteStore, StoreCorrupt
 
 log = logging.getLogger("bulkhead.controller")
@@ -66,9 +79,6 @@ SERVER_OPTIONS = [
 # The generated registration functions are untyped; these aliases give them types.
 _add_agent_service: Callable[[AgentServicer, grpc.aio.Server], None] = (
     agent_pb2_grpc.add_AgentServiceServicer_to_server
-)
-_add_enrollment_service: Callable[[EnrollmentServicer, grpc.aio.Server], None] = (
-    agent_pb2_grpc.add_EnrollmentServiceServicer_to_server
 )
 _add_admin_service: Callable[[AdminServicer, grpc.aio.Server], None] = (
     admin_pb2_grpc.add_AdminServiceServicer_to_server
@@ -155,6 +165,23 @@ def open_state(
     return store, ca
 
 
+async def _start_enrollment(
+    address: str,
+    enrollment: Enrollment,
+    credentials: grpc.ServerCredentials,
+    limits: ConnectionLimits,
+    store: SqliteStore,
+) -> EnrollmentPort:
+    host, _, port = address.rpartition(":")
+    try:
+        return await start_enrollment_port(
+            host.strip("[]"), int(port), enrollment, credentials, limits,
+            audit=audit_throttled_to(store),
+        )  # fmt: skip
+    except EnrollmentPortError as exc:
+        raise StartupError(str(exc)) from exc
+
+
 async def serve(
     listen: str,
     enroll_listen: str,
@@ -169,6 +196,7 @@ async def serve(
     limits: HostLimits = DEFAULT_HOST_LIMITS,
     trusted_label_keys: frozenset[str] = frozenset(),
     metrics_listen: tuple[str, int] | None = None,
+    limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008 - frozen, shared safely
 ) -> None:
     _lock_state_dir(state_dir)
     store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
@@ -192,30 +220,34 @@ async def serve(
         raise StartupError(f"--san: {exc}") from exc
     # State loaded and compiled: from here on the heap grows with streams, not with start-up.
     tune_for_many_streams()
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *main_port_options(limits)])
     _add_agent_service(AgentServicer(core), server)
-    _add_enrollment_service(EnrollmentServicer(enrollment), server)
     _add_admin_service(AdminServicer(core), server)
     # The main port requires a client certificate from our CA (another CA's fails the
     # handshake). Hosts without one can only enroll, on a second port with server-only
-    # TLS: grpcio cannot ask for an optional client certificate, so callers there are
-    # always anonymous and every method but GetCA/Enroll refuses them.
-    for address, require_client_cert in ((listen, True), (enroll_listen, False)):
-        credentials = grpc.ssl_server_credentials(
+    # TLS and a server of its own (enrollment_port.py): grpcio cannot ask for an optional
+    # client certificate, so callers there are always anonymous.
+    credentials = {
+        require_client_cert: grpc.ssl_server_credentials(
             [(server_key, server_cert)],
             root_certificates=ca.certificate_pem,
             require_client_auth=require_client_cert,
         )
-        try:
-            server.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            raise StartupError(
-                f"cannot listen on {address}: address in use or not local ({exc})"
-            ) from exc
+        for require_client_cert in (True, False)
+    }
+    try:
+        server.add_secure_port(listen, credentials[True])
+    except RuntimeError as exc:
+        raise StartupError(
+            f"cannot listen on {listen}: address in use or not local ({exc})"
+        ) from exc
     await server.start()
+    enroll = await _start_enrollment(enroll_listen, enrollment, credentials[False], limits, store)
     if metrics_listen is not None:
         try:
-            serve_metrics(core, *metrics_listen)
+            serve_metrics(
+                core, *metrics_listen, front=enroll.front.stats, failures=enroll.throttle.stats
+            )
         except OSError as exc:
             raise StartupError(f"--metrics-listen: cannot listen ({exc})") from exc
         log.info("metrics on http://%s:%d/metrics", *metrics_listen)
@@ -241,7 +273,7 @@ async def serve(
     # the server one by one after the grace period (seconds with thousands of agents).
     started = time.monotonic()
     core.close_all()
-    await server.stop(grace=2)
+    await asyncio.gather(server.stop(grace=2), enroll.stop(grace=2))
     stopped = time.monotonic()
     core.flush_last_seen()
     store.close()
@@ -335,6 +367,43 @@ def _setup_logging(level: str) -> None:
     help="Serve Prometheus metrics over HTTP there (e.g. 127.0.0.1:9470); off by default.",
 )
 @click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(0.5, 120),
+    default=DEFAULT_HANDSHAKE_TIMEOUT_S,
+    show_default=True,
+    help="Seconds a new connection (either port) has to complete TLS before it is closed.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(1, 7 * 24 * 3600),
+    default=DEFAULT_IDLE_TIMEOUT_S,
+    show_default=True,
+    help="Seconds a main-port connection with no call open is kept (streams are calls).",
+)
+@click.option(
+    "--enroll-connections-per-source",
+    type=click.IntRange(1, 10_000),
+    default=DEFAULT_PER_SOURCE,
+    show_default=True,
+    help="Open connections to the enrollment port per source (an IPv4 address or IPv6 "
+    "/64); more are closed at once.",
+)
+@click.option(
+    "--enroll-connections",
+    type=click.IntRange(1, 100_000),
+    default=DEFAULT_TOTAL,
+    show_default=True,
+    help="Open connections to the enrollment port in total.",
+)
+@click.option(
+    "--enroll-failures-per-minute",
+    type=click.IntRange(1, 100_000),
+    default=DEFAULT_FAILURES_PER_MINUTE,
+    show_default=True,
+    help="Failed enrollments a source may make per minute; beyond that its attempts get "
+    "RESOURCE_EXHAUSTED until it slows down.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
     default="info",
@@ -356,6 +425,11 @@ def main(  # noqa: PLR0917 - click passes options positionally
     max_agent_labels: int,
     trust_host_label_keys: str,
     metrics_listen: str | None,
+    handshake_timeout: float,
+    idle_timeout: float,
+    enroll_connections_per_source: int,
+    enroll_connections: int,
+    enroll_failures_per_minute: int,
     log_level: str,
 ) -> None:
     """Run the Bulkhead controller (or one of the commands below)."""
@@ -380,6 +454,13 @@ def main(  # noqa: PLR0917 - click passes options positionally
                 limits=HostLimits(max_agent_addresses, max_agent_labels),
                 trusted_label_keys=_label_keys(trust_host_label_keys),
                 metrics_listen=_split(_host_port(metrics_listen, "--metrics-listen")),
+                limits=ConnectionLimits(
+                    handshake_timeout_s=handshake_timeout,
+                    idle_timeout_s=idle_timeout,
+                    enroll_per_source=enroll_connections_per_source,
+                    enroll_total=enroll_connections,
+                    enroll_failures_per_minute=enroll_failures_per_minute,
+                ),
             )
         )  # fmt: skip
     except StartupError as exc:

@@ -138,6 +138,12 @@ def test_both_units_notify_feed_a_watchdog_and_restart_on_failure() -> None:
         assert found["ProtectSystem"] == ["strict"]
 
 
+def test_both_units_raise_the_descriptor_limit() -> None:
+    # Issue 17: at the default 1,024, 1,100 idle connections locked every caller out.
+    for unit in (AGENT, CONTROLLER):
+        assert settings(unit)["LimitNOFILE"] == ["65536"]
+
+
 def test_agent_runs_from_the_venv_with_only_network_capabilities() -> None:
     found = settings(AGENT)
     assert found["ExecStart"] == [
