@@ -193,7 +193,7 @@ async def serve(
     agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
     offline_after_s: float = DEFAULT_OFFLINE_AFTER_S,
     offline_isolation: bool = False,
-    limits: HostLimits = DEFAULT_HOST_LIMITS,
+    host_limits: HostLimits = DEFAULT_HOST_LIMITS,
     trusted_label_keys: frozenset[str] = frozenset(),
     metrics_listen: tuple[str, int] | None = None,
     limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008 - frozen, shared safely
@@ -208,7 +208,7 @@ async def serve(
             offline_after_s=offline_after_s,
             offline_isolation=offline_isolation,
             coalesce_s=COALESCE_S,
-            limits=limits,
+            limits=host_limits,
             trusted_label_keys=trusted_label_keys,
         )
     except RuntimeError as exc:  # stored resources that no longer validate
@@ -451,7 +451,7 @@ def main(  # noqa: PLR0917 - click passes options positionally
                 agent_cert_ttl=timedelta(seconds=agent_cert_ttl),
                 offline_after_s=offline_after,
                 offline_isolation=offline_isolation,
-                limits=HostLimits(max_agent_addresses, max_agent_labels),
+                host_limits=HostLimits(max_agent_addresses, max_agent_labels),
                 trusted_label_keys=_label_keys(trust_host_label_keys),
                 metrics_listen=_split(_host_port(metrics_listen, "--metrics-listen")),
                 limits=ConnectionLimits(
