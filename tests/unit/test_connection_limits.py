@@ -28,7 +28,8 @@ from controller.server.admin_servicer import AdminServicer
 from controller.server.agent_servicer import AgentServicer
 from controller.server.connection_limits import ConnectionLimits, main_port_options
 from controller.server.enrollment_port import EnrollmentPort, start_enrollment_port
-from controller.server.main import SERVER_OPTIONS, main
+from controller.server.main import main
+from controller.server.serve import SERVER_OPTIONS
 from tests.controller_process import forwarded_from
 from tests.pki_support import (
     CHANNEL_OPTIONS,

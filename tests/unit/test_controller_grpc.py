@@ -23,7 +23,7 @@ from controller.pki import CertificateAuthority
 from controller.server.admin_servicer import AdminServicer
 from controller.server.agent_servicer import AgentServicer
 from controller.server.enrollment_servicer import EnrollmentServicer
-from controller.server.main import SERVER_OPTIONS
+from controller.server.serve import SERVER_OPTIONS
 from tests.pki_support import (
     CHANNEL_OPTIONS,
     agent_credentials,

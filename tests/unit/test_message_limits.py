@@ -22,7 +22,7 @@ from bulkhead.v1 import admin_pb2, agent_pb2, ruleset_pb2
 from controller.cli.client import AdminClient
 from controller.cli.credentials import load_credentials
 from controller.pki import CONTROLLER_NAME
-from controller.server.main import SERVER_OPTIONS
+from controller.server.serve import SERVER_OPTIONS
 from tests.unit.cli_support import serving_fake_admin
 
 Options = Sequence[tuple[str, str | int]]

@@ -20,7 +20,7 @@ ECHO_CODE = """
 import asyncio, sys
 import grpc
 from agent.link import CHANNEL_OPTIONS
-from controller.server.main import SERVER_OPTIONS
+from controller.server.serve import SERVER_OPTIONS
 
 defaults = sys.argv[1] == "defaults"
 client_options = [] if defaults else [o for o in CHANNEL_OPTIONS if "ssl" not in o[0]]
