@@ -57,6 +57,15 @@ class EnrollmentError(Exception):
         self.retryable = retryable
 
 
+# Worth trying again with the backoff: the controller could not be reached, or it throttled
+# this source address for failed attempts (perhaps another host's behind the same address).
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+
+
 async def enroll(
     address: str, token_text: str, agent_id: str, hostname: str, state_dir: Path
 ) -> tuple[AgentCredentials, dict[str, str]]:
@@ -119,7 +128,7 @@ async def enroll(
         verb = "could not be reached" if unreachable else "refused"
         raise EnrollmentError(
             f"the controller at {address} {verb}: {exc.details() or exc.code().name}",
-            retryable=unreachable,
+            retryable=exc.code() in _RETRYABLE,
         ) from exc
     issued_names = Names("the new key", f"the certificate issued by {address}", "the token")
     try:

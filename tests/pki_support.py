@@ -24,6 +24,7 @@ from controller.pki import (
     identity_from_certificate,
 )
 from controller.server.enrollment_servicer import EnrollmentServicer
+from controller.server.enrollment_throttle import EnrollmentThrottle
 from controller.store.sqlite_store import SqliteStore
 
 # The token of a group write (bulkhead.privatefile) that a crash interrupted, in tests that
@@ -103,7 +104,11 @@ def anonymous_credentials(ca: CertificateAuthority) -> grpc.ChannelCredentials:
 
 
 def with_enrollment_server(
-    tmp_path: Path, body: Callable[[Controller, str], Awaitable[None]], *, ca_dir: str = "pki"
+    tmp_path: Path,
+    body: Callable[[Controller, str], Awaitable[None]],
+    *,
+    ca_dir: str = "pki",
+    throttle: EnrollmentThrottle | None = None,
 ) -> None:
     """Run BODY(core, address) with an enrollment port whose certificate is from CA_DIR."""
 
@@ -112,7 +117,7 @@ def with_enrollment_server(
         presented_by = CertificateAuthority.load_or_create(tmp_path / ca_dir)
         server = grpc.aio.server()
         agent_pb2_grpc.add_EnrollmentServiceServicer_to_server(
-            EnrollmentServicer(core.enrollment), server
+            EnrollmentServicer(core.enrollment, throttle), server
         )
         port = server.add_secure_port(
             "127.0.0.1:0", server_credentials(presented_by, require_client=False)

@@ -16,6 +16,7 @@ from agent.link import ControllerLink
 from bulkhead.v1 import agent_pb2
 from controller.core import Controller
 from controller.pki import CertificateAuthority, cert_pem
+from controller.server.enrollment_throttle import EnrollmentThrottle
 from tests.pki_support import with_enrollment_server
 
 
@@ -62,6 +63,23 @@ def test_unreachable_controller_is_retryable_and_bad_token_is_not(tmp_path: Path
         assert not bad.value.retryable
 
     asyncio.run(body())
+
+
+def test_a_throttled_enrollment_is_retried_later(tmp_path: Path) -> None:
+    # Another host behind the same address failed too often: this one is not at fault,
+    # so the agent keeps trying with its backoff instead of giving up.
+    async def body(core: Controller, address: str) -> None:
+        token, _ = core.enrollment.create_token({}, 600, 1, actor="operator:t")
+        token_id, secret, fingerprint = token.split(".")
+        guess = ".".join((token_id, "A" * len(secret), fingerprint))
+        with pytest.raises(EnrollmentError, match="not issued by this controller") as wrong:
+            await enroll(address, guess, "web", "web", tmp_path / "guess")
+        assert not wrong.value.retryable
+        with pytest.raises(EnrollmentError, match="too many failed attempts") as throttled:
+            await enroll(address, token, "web", "web", tmp_path / "agent")
+        assert throttled.value.retryable
+
+    with_enrollment_server(tmp_path, body, throttle=EnrollmentThrottle(failures_per_minute=1))
 
 
 def test_renewed_certificate_replaces_the_old_only_when_it_matches(tmp_path: Path) -> None:
