@@ -7,12 +7,10 @@ can be driven directly by tests and offline tools.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 from bulkhead.channel import MAX_RULESET_BYTES
 from bulkhead.v1 import agent_pb2, ruleset_pb2
@@ -21,7 +19,7 @@ from controller.agent_events import AgentEvents
 from controller.applied import AppliedRulesets
 from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
-from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
+from controller.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
 from controller.fleet_claims import FleetClaims, refusal_notice
 from controller.host_reports import (
     DEFAULT_HOST_LIMITS,
@@ -34,38 +32,21 @@ from controller.host_reports import (
 from controller.observations import Observations, Workloads
 from controller.policy import (
     Estate,
-    IPList,
-    Policy,
-    Resource,
-    ValidationFailed,
     Workload,
-    parse_documents,
-    referenced_iplists,
-    resource_to_json,
 )
 from controller.policy.estate import SetVersion
 from controller.policy.names import label_key_problem
+from controller.resource_catalog import ResourceCatalog, ResourceChange
 from controller.sessions import AgentSession, PushCounts
 from controller.store.agent_event_store import AgentEventRecord
 from controller.store.sqlite_store import AgentRecord, AuditRecord, SqliteStore, now_ms
 
 log = logging.getLogger(__name__)
 
-KINDS = ("Policy", "IPList")
 DEFAULT_OFFLINE_AFTER_S = 3600.0
 # A connected agent that has not answered a ruleset (or not taken it off the stream) for
 # this long is stuck: its stream is cut so it reconnects and resyncs.
 DEFAULT_STUCK_AFTER_S = 30.0
-# Bounds on one apply, so a runaway file gets a clear error instead of a slow store.
-MAX_DOCUMENTS = 1000
-MAX_DOCUMENT_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ResourceChange:
-    kind: str
-    name: str
-    action: str  # created | configured | unchanged | deleted
 
 
 class Controller:
@@ -123,9 +104,7 @@ class Controller:
         self.pushes = PushCounts()  # for metrics
         self._seen_ms: dict[str, int] = {}  # last heard from, not yet written
         self._workloads_view: tuple[float, Workloads] | None = None
-        self._policies: dict[str, Policy] = {}
-        self._iplists: dict[str, IPList] = {}
-        self._load_resources()
+        self._resources = ResourceCatalog(store)
         self._applied = AppliedRulesets(store)
         self.observations = Observations(
             store.flow_store(), self.workloads, addresses_of=self._accepted_addresses
@@ -137,126 +116,34 @@ class Controller:
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
 
-    def _load_resources(self) -> None:
-        stored = self._store.list_resources()
-        try:
-            parsed = parse_documents([r.document for r in stored])
-        except ValidationFailed as exc:
-            raise RuntimeError(f"stored resources no longer validate: {exc}") from exc
-        for resource in parsed:
-            self._cache(resource)
-
-    def _cache(self, resource: Resource) -> None:
-        if isinstance(resource, Policy):
-            self._policies[resource.metadata.name] = resource
-        else:
-            self._iplists[resource.metadata.name] = resource
-
     # -- operator API -------------------------------------------------------------
 
     def apply(
         self, documents: Sequence[str], *, actor: str, dry_run: bool = False
     ) -> tuple[list[ResourceChange], int]:
-        """Validate and store every document or none; recompile affected agents."""
-        _check_sizes(documents)
-        try:
-            resources = parse_documents(documents)
-        except ValidationFailed as exc:
-            raise InvalidArgument(str(exc).splitlines()) from exc
-        self._check_references(resources)
-        changes: list[ResourceChange] = []
-        pending: list[tuple[Resource, str, str]] = []
-        for resource in resources:
-            text = resource_to_json(resource)
-            existing = self._store.get_resource(resource.kind, resource.metadata.name)
-            if existing is None:
-                action = "created"
-            elif existing.document == text:
-                action = "unchanged"
-            else:
-                action = "configured"
-            changes.append(ResourceChange(resource.kind, resource.metadata.name, action))
-            if action != "unchanged":
-                pending.append((resource, text, action))
-        if not pending:
-            return changes, self._store.current_revision()
-        candidate = self._candidate_estate([resource for resource, _, _ in pending])
+        """Validate and store every document or none; recompile affected agents. Nothing
+        is stored that would compile a ruleset above the size cap (DRY_RUN says so too)."""
+        plan = self._resources.plan(documents)
+        if not plan.pending:
+            return plan.changes, self._store.current_revision()
+        workloads = self._estate.workloads() if self._estate is not None else []
+        candidate = Estate(workloads, *self._resources.with_plan(plan))
         oversized = self._oversized(candidate, candidate.agent_ids)
         if oversized:
             self._refuse_oversize(oversized, [], raise_it=True)
         if dry_run:
-            return changes, self._store.current_revision()
-        with self._store.transaction():
-            revision = self._store.next_revision()
-            for resource, text, action in pending:
-                self._store.put_resource(resource.kind, resource.metadata.name, text, revision)
-                self._store.record_revision(
-                    revision, resource.kind, resource.metadata.name, action, text
-                )
-                self._store.add_audit(
-                    actor, f"{resource.kind.lower()}.{action}",
-                    f"{resource.kind.lower()}/{resource.metadata.name}",
-                    {"revision": revision, "document": json.loads(text)},
-                )  # fmt: skip
-        for resource, _, _ in pending:
-            self._cache(resource)
-        log.info("applied %d resource(s) at revision %d", len(pending), revision)
+            return plan.changes, self._store.current_revision()
+        revision = self._resources.commit(plan, actor=actor)
         self._recompile(built=candidate)
-        return changes, revision
-
-    def _candidate_estate(self, resources: Sequence[Resource]) -> Estate:
-        """The estate compiled with RESOURCES stored (nothing is changed)."""
-        policies, iplists = dict(self._policies), dict(self._iplists)
-        for resource in resources:
-            if isinstance(resource, Policy):
-                policies[resource.metadata.name] = resource
-            else:
-                iplists[resource.metadata.name] = resource
-        workloads = self._estate.workloads() if self._estate is not None else []
-        return Estate(workloads, iplists.values(), policies.values())
-
-    def _check_references(self, resources: Sequence[Resource]) -> None:
-        known = set(self._iplists) | {r.metadata.name for r in resources if isinstance(r, IPList)}
-        problems = []
-        for index, resource in enumerate(resources, start=1):
-            if isinstance(resource, Policy):
-                for missing in sorted(referenced_iplists(resource) - known):
-                    problems.append(
-                        f"document {index} (Policy {resource.metadata.name}): "
-                        f"iplist '{missing}' does not exist; apply it first or in the same file"
-                    )
-        if problems:
-            raise InvalidArgument(problems)
+        return plan.changes, revision
 
     def delete(self, kind: str, name: str, *, actor: str) -> int:
-        if kind not in KINDS:
-            raise InvalidArgument([f"kind: '{kind}' is not one of {', '.join(KINDS)}"])
-        if self._store.get_resource(kind, name) is None:
-            raise NotFound(f"{kind.lower()} '{name}' does not exist")
-        if kind == "IPList":
-            users = sorted(
-                p for p, pol in self._policies.items() if name in referenced_iplists(pol)
-            )
-            if users:
-                raise Conflict(
-                    f"iplist '{name}' is used by policy {', '.join(users)}; "
-                    "change or delete those first"
-                )
-        with self._store.transaction():
-            revision = self._store.next_revision()
-            self._store.delete_resource(kind, name)
-            self._store.record_revision(revision, kind, name, "deleted", None)
-            self._store.add_audit(
-                actor, f"{kind.lower()}.deleted", f"{kind.lower()}/{name}", {"revision": revision}
-            )
-        (self._policies if kind == "Policy" else self._iplists).pop(name, None)
+        revision = self._resources.delete(kind, name, actor=actor)
         self._recompile()
         return revision
 
     def list_resources(self, kind: str) -> list[tuple[str, str, int]]:
-        if kind not in KINDS:
-            raise InvalidArgument([f"kind: '{kind}' is not one of {', '.join(KINDS)}"])
-        return [(r.name, r.document, r.revision) for r in self._store.list_resources(kind)]
+        return self._resources.listed(kind)
 
     def label(
         self,
@@ -369,7 +256,7 @@ class Controller:
             owners={address: a.agent_id for a in agents for address in a.addresses},
             iplists=[
                 (network, iplist.metadata.labels)
-                for iplist in self._iplists.values()
+                for iplist in self._resources.iplists.values()
                 for network in iplist.spec.cidrs
             ],
         )
@@ -705,7 +592,7 @@ class Controller:
                 isolated = set(self._isolated)
             before = {i: self.desired(i).hash for i in previous.agent_ids} if previous else {}
             self._estate = estate = built or Estate(
-                workloads, self._iplists.values(), self._policies.values()
+                workloads, self._resources.iplists.values(), self._resources.policies.values()
             )
             self._desired.clear()
             targets = {i for i in estate.agent_ids if before.get(i) != estate.hash(i)}
@@ -835,19 +722,3 @@ class Controller:
             return
         # The session sends it as a delta against what the agent holds, or a snapshot.
         session.offer_desired()
-
-
-def _check_sizes(documents: Sequence[str]) -> None:
-    """Refuse oversized input before parsing it."""
-    if len(documents) > MAX_DOCUMENTS:
-        raise InvalidArgument(
-            [f"documents: {len(documents)} in one apply; at most {MAX_DOCUMENTS}, split the file"]
-        )
-    problems = [
-        f"document {index}: {len(text.encode()) / 1024:.0f} KiB; a resource may be at most "
-        f"{MAX_DOCUMENT_BYTES // 1024} KiB"
-        for index, text in enumerate(documents, start=1)
-        if len(text.encode()) > MAX_DOCUMENT_BYTES
-    ]
-    if problems:
-        raise InvalidArgument(problems)

@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bulkhead.v1 import agent_pb2, agent_pb2_grpc
-from controller.core import MAX_DOCUMENT_BYTES, Controller
+from controller.core import Controller
 from controller.errors import InvalidArgument
+from controller.resource_catalog import MAX_DOCUMENT_BYTES
 from controller.server.agent_servicer import AgentServicer
 from tests.pki_support import (
     CHANNEL_OPTIONS,
