@@ -88,12 +88,14 @@ def test_an_agent_reporting_other_agents_addresses_gains_nothing(tmp_path: Path)
     core = estate(tmp_path)
     assert db_sources(core) == ["198.18.0.10"]
     _, others_before = state(core, tmp_path, except_agent="web")
+    records_before = [core.agent("db"), core.agent("other")]
     session = core.connect(
         "web",
         hello("web", "198.18.0.10", "198.18.0.11", "198.18.0.12", "203.0.113.9"),
     )
     _, others_after = state(core, tmp_path, except_agent="web")
     assert others_after == others_before, "db's and other's rulesets must not change"
+    assert [core.agent("db"), core.agent("other")] == records_before, "nor what they hold"
     assert db_sources(core) == ["198.18.0.10"]
     web = core.agent("web")
     assert web.addresses == ["198.18.0.10"]
