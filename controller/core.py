@@ -637,9 +637,24 @@ class Controller:
         return targets
 
     def _oversized(self, estate: Estate, agent_ids: Iterable[str]) -> dict[str, int]:
-        """The agents among AGENT_IDS whose ruleset would exceed the size cap, and sizes."""
-        sizes = {i: estate.size(i) for i in agent_ids if i in estate}
-        return {i: size for i, size in sorted(sizes.items()) if size > self._max_ruleset_bytes}
+        """The agents among AGENT_IDS whose ruleset would exceed the size cap, and sizes.
+        Agents with the same rules share their sets, so each skeleton is measured once,
+        and exactly only when its quick upper bound is over the cap."""
+        by_skeleton: dict[bytes, int] = {}
+        oversized: dict[str, int] = {}
+        for agent_id in sorted(agent_ids):
+            if agent_id not in estate:
+                continue
+            digest = estate.skeleton(agent_id).digest
+            size = by_skeleton.get(digest)
+            if size is None:
+                size = estate.size_bound(agent_id)
+                if size > self._max_ruleset_bytes:
+                    size = estate.size(agent_id)
+                by_skeleton[digest] = size
+            if size > self._max_ruleset_bytes:
+                oversized[agent_id] = size
+        return oversized
 
     def _refuse_oversize(
         self, oversized: Mapping[str, int], cause: Sequence[str], *, raise_it: bool

@@ -9,14 +9,13 @@ with 150,000 labels made `get agents` 600 times slower).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bulkhead.v1 import agent_pb2
 from bulkhead.v1.contract import AGENT_ID_RULE, is_valid_agent_id
-from controller.address_claims import DEFAULT_MAX_AGENT_ADDRESSES
+from controller.address_claims import DEFAULT_MAX_AGENT_ADDRESSES, classify
 from controller.policy.names import label_key_problem, label_value_problem
 
 DEFAULT_MAX_AGENT_LABELS = 64
@@ -54,7 +53,7 @@ def address_problems(addresses: Sequence[str], field: str, limits: HostLimits) -
     problems = []
     for index, text in enumerate(addresses):
         try:
-            ipaddress.ip_address(text)
+            classify(text)
         except ValueError:
             problems.append(f"{field}[{index}]: {_shown(text)} is not an IP address")
     return problems

@@ -76,6 +76,12 @@ class Skeleton:
 EMPTY_SKELETON = Skeleton.of((), ())
 
 
+# The longest element of an address set as serialised: a tag, a length and the text
+# ("ffff:...:ffff" is 39 characters; a network adds "/128").
+_HOST_BYTES_MAX = 2 + 39
+_NET_BYTES_MAX = 2 + 43
+
+
 class _PeerList:
     """One distinct peer list: the clauses on its members and, if a clause reaches it, its
     address set."""
@@ -99,6 +105,14 @@ class _PeerList:
                     self.hosts[network.network_address] += 1
                 else:
                     self.networks.add(network)
+
+    def size_bound(self) -> int:
+        """At least the length of the set serialised: exact once built, else from the
+        longest element text (an IPv6 host, a network), without building it."""
+        if self.version is not None:
+            return len(self.version.serialized)
+        name = len(self.set_name or "")
+        return name + 3 + len(self.hosts) * _HOST_BYTES_MAX + len(self.networks) * _NET_BYTES_MAX
 
     def build_version(self) -> SetVersion:
         if self.version is None:
@@ -214,6 +228,14 @@ class Estate:
         """About the length of the agent's ruleset serialised (a snapshot's payload)."""
         versions = self.versions(agent_id)
         return len(self.skeleton(agent_id).serialized) + sum(len(v.serialized) for v in versions)
+
+    def size_bound(self, agent_id: str) -> int:
+        """At least size(AGENT_ID), without building the sets that changed: a check of
+        every agent a change reaches costs the number of their sets, not their elements."""
+        skeleton = self.skeleton(agent_id)
+        return len(skeleton.serialized) + sum(
+            self._by_set[name].size_bound() for name in skeleton.set_names
+        )
 
     def set_version(self, name: str) -> SetVersion:
         return self._by_set[name].build_version()
