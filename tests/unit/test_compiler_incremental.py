@@ -100,7 +100,12 @@ def test_an_updated_estate_equals_a_fresh_one_and_reports_exactly_who_changed(
     # versions are kept per skeleton) may outlive the change.
     assert {a: estate.ruleset(a) for a in estate.agent_ids} == full_before
     reported = estate.update(changes)
+    # The size cap's quick bound, taken before the changed sets are built, is never below
+    # the size, and is the size once they are (controller/core.py _oversized).
+    bounds = {a: estate.size_bound(a) for a in estate.agent_ids}
     assert {a: estate.ruleset(a) for a in estate.agent_ids} == full_after
+    assert all(bounds[a] >= estate.size(a) == estate.size_bound(a) for a in estate.agent_ids)
+    assert all(estate.size(a) >= len(full_after[a].SerializeToString()) for a in full_after)
     fresh = Estate(after.values(), [], policies)
     assert all(estate.hash(a) == fresh.hash(a) for a in full_after)
     empty = ruleset_pb2.Ruleset()  # what an agent the estate does not hold gets
