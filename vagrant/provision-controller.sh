@@ -9,6 +9,9 @@
 # Settings (environment), besides ROOT, SYSTEMCTL, VENV, REPO and BULKHEAD_SKIP_INSTALL
 # described in common.sh:
 #   WORKLOADS   "NAME:LABELS ..." one token per entry, e.g. "web:app=web db:app=db,env=x"
+#   ALLOWED_RANGES  "CIDR,..." the workloads' addresses must fall in (e.g. the private
+#               network's /24): others they report, such as Vagrant's NAT address that every
+#               VM shares, are refused (default: none, any workload address)
 #   TOKEN_DIR   where NAME.token files go, below ROOT (default: /var/lib/bulkhead/enrollment)
 #   TOKEN_TTL   how long a token is valid (default: 1h)
 #   POLICY      applied last (default: REPO/examples/web-db.yaml)
@@ -19,6 +22,7 @@ set -euo pipefail
 source "${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}/vagrant/common.sh"
 
 WORKLOADS=${WORKLOADS:-}
+ALLOWED_RANGES=${ALLOWED_RANGES:-}
 TOKEN_DIR=${TOKEN_DIR:-/var/lib/bulkhead/enrollment}
 TOKEN_TTL=${TOKEN_TTL:-1h}
 POLICY=${POLICY:-$REPO/examples/web-db.yaml}
@@ -74,7 +78,9 @@ for entry in $WORKLOADS; do
   name=${entry%%:*}
   labels=${entry#*:}
   say "enrollment token for $name ($labels), valid $TOKEN_TTL, one use"
-  token=$(bulkhead token create --labels "$labels" --ttl "$TOKEN_TTL" --uses 1)
+  ranges=()
+  [ -z "$ALLOWED_RANGES" ] || ranges=(--addresses "$ALLOWED_RANGES")
+  token=$(bulkhead token create --labels "$labels" --ttl "$TOKEN_TTL" --uses 1 "${ranges[@]}")
   (umask 077 && printf '%s\n' "$token" >"$ROOT$TOKEN_DIR/$name.token")
 done
 

@@ -287,7 +287,8 @@ def provision_controller(controller: Machine, daemons: Daemons) -> None:
         for name, (_, labels) in WORKLOADS.items()
     )
     output = provision(controller, "provision-controller.sh",
-                       {"WORKLOADS": workloads, "READY_WAIT": "30"})  # fmt: skip
+                       {"WORKLOADS": workloads, "READY_WAIT": "30",
+                        "ALLOWED_RANGES": f"{SUBNET}.0/24"})  # fmt: skip
     assert "systemctl enable --now bulkhead-controller.service" in output.splitlines()
     placed = controller.path("/etc/systemd/system/bulkhead-controller.service")
     assert placed.read_text() == unit.read_text()
@@ -334,9 +335,12 @@ def test_provisioned_vms_enroll_sync_and_enforce_the_example_policy(
 
     agents = wait_in_sync(controller, daemons)
 
-    for name, (_, labels) in WORKLOADS.items():
+    for name, (address, labels) in WORKLOADS.items():
         assert agents[name]["labels"] == labels  # from the token, not from the host
         assert agents[name]["mode"] == "MODE_ENFORCE"
+        # The token pinned the range: the agent holds its own address, inside it.
+        assert agents[name]["allowed_ranges"] == [f"{SUBNET}.0/24"]
+        assert address in agents[name]["addresses"]
     web, db = machines["web"], machines["db"]
     listeners = [
         in_netns(machine.netns, partial(_listen, machine.address, port))
