@@ -37,14 +37,16 @@ class AddressBook:
     def __init__(self, agents: Iterable[AgentRecord]) -> None:
         self._holder: dict[str, str] = {}
         self._waiting: dict[str, set[str]] = {}  # address -> agents refused for it
+        # Stores from before claims existed may hold an address twice: the agent seen
+        # first keeps it, the others' claims are to be decided again (duplicated).
+        self.duplicated: set[str] = set()
         for agent in sorted(agents, key=lambda a: (a.first_seen_ms, a.agent_id)):
             self._index(agent)
 
     def _index(self, agent: AgentRecord) -> None:
         for address in agent.addresses:
-            # Stores from before claims existed may hold an address twice: the agent seen
-            # first keeps it in the index (the other's claim is decided on its next report).
-            self._holder.setdefault(address, agent.agent_id)
+            if self._holder.setdefault(address, agent.agent_id) != agent.agent_id:
+                self.duplicated.add(agent.agent_id)
         for address, reason in agent.refused_addresses.items():
             if reason.startswith(HELD_BY):
                 self._waiting.setdefault(address, set()).add(agent.agent_id)

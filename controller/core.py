@@ -30,10 +30,7 @@ from controller.host_reports import (
     label_problems,
 )
 from controller.observations import Observations, Workloads
-from controller.policy import (
-    Estate,
-    Workload,
-)
+from controller.policy import Estate, Workload
 from controller.policy.estate import SetVersion
 from controller.policy.names import label_key_problem
 from controller.resource_catalog import ResourceCatalog, ResourceChange
@@ -113,6 +110,7 @@ class Controller:
         self._claims = FleetClaims(
             store, self.agent_events, is_live=self._is_live, session=self._sessions.get
         )
+        self._claims.settle()
         # Addresses or labels may have changed while we were down; bring desired state current.
         self._recompile()
 

@@ -39,6 +39,12 @@ class FleetClaims:
         self._session = session
         self._book = AddressBook(store.list_agents())
 
+    def settle(self) -> set[str]:
+        """At start: decide again the claims of agents whose accepted addresses another
+        agent holds (a store from before claims); returns those that changed."""
+        duplicated, self._book.duplicated = self._book.duplicated, set()
+        return self.reclaim(duplicated)
+
     def decide(self, agent: AgentRecord) -> ClaimResult:
         """Decide AGENT's reported addresses (its record is changed, not yet stored)."""
         return self._book.claim(agent, self._is_live)

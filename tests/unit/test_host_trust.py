@@ -278,3 +278,24 @@ def test_a_label_that_would_oversize_a_peers_ruleset_is_refused_and_undone(
     with pytest.raises(InvalidArgument, match=r"a ruleset above the 180 bytes .*: db \("):
         core.label("other", {"app": "web"}, [], actor=OPERATOR)
     assert state(core, tmp_path) == before
+
+
+def test_a_store_from_before_claims_with_one_address_twice_is_settled_at_start(
+    tmp_path: Path,
+) -> None:
+    core = estate(tmp_path)
+    core.flush_last_seen()
+    # Version 3 stored what hosts reported: other had claimed web's address as well.
+    connection = sqlite3.connect(tmp_path / "c.db")
+    connection.execute(
+        "UPDATE agents SET addresses=?, reported_addresses=?, first_seen_ms="
+        "(SELECT first_seen_ms + 1000 FROM agents WHERE agent_id='web') WHERE agent_id='other'",
+        ('["198.18.0.10", "198.18.0.12"]', '["198.18.0.10", "198.18.0.12"]'),
+    )
+    connection.commit()
+    connection.close()
+    restarted = make_controller(tmp_path)
+    assert restarted.agent("web").addresses == ["198.18.0.10"]
+    assert restarted.agent("other").addresses == ["198.18.0.12"]
+    assert restarted.agent("other").refused_addresses == {"198.18.0.10": "held by agent web"}
+    assert db_sources(restarted) == ["198.18.0.10"]
