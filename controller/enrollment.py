@@ -83,10 +83,12 @@ class Enrollment:
         ca: CertificateAuthority,
         *,
         agent_cert_ttl: timedelta = DEFAULT_AGENT_CERT_TTL,
+        max_labels: int = DEFAULT_MAX_AGENT_LABELS,
     ) -> None:
         self._store = store
         self._ca = ca
         self._agent_cert_ttl = agent_cert_ttl
+        self._max_labels = max_labels  # a token gives no more labels than an agent may have
 
     @property
     def ca_pem(self) -> bytes:
@@ -110,7 +112,7 @@ class Enrollment:
             problems.append(f"ttl: {ttl_seconds} s must be above 0 and at most 30 days")
         if not 0 < uses <= MAX_TOKEN_USES:
             problems.append(f"uses: {uses} must be between 1 and {MAX_TOKEN_USES}")
-        problems += label_problems(labels, "labels", DEFAULT_MAX_AGENT_LABELS)
+        problems += label_problems(labels, "labels", self._max_labels)
         ranges, range_problems = parse_ranges(addresses, "addresses")
         problems += range_problems
         if problems:

@@ -152,7 +152,9 @@ async def serve(
 ) -> None:
     _lock_state_dir(state_dir)
     store, ca = open_state(state_dir, ca_cert=ca_cert, ca_key=ca_key)
-    enrollment = Enrollment(store, ca, agent_cert_ttl=agent_cert_ttl)
+    enrollment = Enrollment(
+        store, ca, agent_cert_ttl=agent_cert_ttl, max_labels=host_limits.max_labels
+    )
     try:
         core = Controller(
             store,

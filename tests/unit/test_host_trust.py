@@ -299,3 +299,16 @@ def test_a_store_from_before_claims_with_one_address_twice_is_settled_at_start(
     assert restarted.agent("other").addresses == ["198.18.0.12"]
     assert restarted.agent("other").refused_addresses == {"198.18.0.10": "held by agent web"}
     assert db_sources(restarted) == ["198.18.0.10"]
+
+
+def test_a_token_gives_no_more_labels_or_ranges_than_an_agent_may_have(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    before = core.enrollment.tokens()
+    labels = {f"k{i}": "v" for i in range(65)}
+    with pytest.raises(InvalidArgument, match=r"labels: 65 labels; at most 64"):
+        core.enrollment.create_token(labels, 600, 1, actor=OPERATOR)
+    with pytest.raises(InvalidArgument, match=r"addresses\[1\]: '198.18.0.1/24' is not a CIDR"):
+        core.enrollment.create_token(
+            {}, 600, 1, actor=OPERATOR, addresses=("198.18.0.0/24", "198.18.0.1/24")
+        )
+    assert core.enrollment.tokens() == before
