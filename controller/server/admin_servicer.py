@@ -185,6 +185,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         except ControllerError as exc:
             await context.abort(status_for(exc), str(exc))
             raise  # unreachable: abort raises
+        except Exception as exc:  # a bug: mapped and logged once, as in _run
+            await context.abort(*unexpected_status(exc, "an operator request"))
+            raise  # unreachable: abort raises
 
     def _summary(
         self, agent: AgentRecord, revoked: bool, expiries: Mapping[str, int]

@@ -14,7 +14,7 @@ from bulkhead.v1 import agent_pb2, agent_pb2_grpc
 from controller.enrollment import Enrollment
 from controller.errors import ControllerError
 from controller.server.enrollment_throttle import EnrollmentThrottle
-from controller.server.errors import status_for
+from controller.server.errors import status_for, unexpected_status
 from controller.server.sources import peer_source
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -46,6 +46,12 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServiceServicer):
             code = status_for(exc)
             self._throttle.failed(source, code.name, str(exc))
             await context.abort(code, str(exc))
+            raise  # unreachable: abort raises
+        except Exception as exc:  # a bug, or some parser's limit: counted like a failure,
+            # so a stranger repeating it is throttled before it floods the log
+            code, message = unexpected_status(exc, f"an enrollment from {source}")
+            self._throttle.failed(source, code.name, message)
+            await context.abort(code, message)
             raise  # unreachable: abort raises
         return agent_pb2.EnrollResponse(
             certificate_pem=certificate.decode(),

@@ -111,3 +111,23 @@ def test_renewed_certificate_replaces_the_old_only_when_it_matches(tmp_path: Pat
         assert renewed.cert_pem == cert_pem(issued)
 
     with_enrollment_server(tmp_path, body)
+
+
+def test_an_unexpected_error_answers_internal_and_counts_as_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bug reached by a stranger's request: one clean INTERNAL and one logged traceback,
+    # and, counted as a failed attempt, a stranger repeating it is throttled.
+    async def body(core: Controller, address: str) -> None:
+        def broken(*_: object) -> None:
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(core.enrollment, "enroll", broken)
+        token, _ = core.enrollment.create_token({}, 600, 2, actor="operator:t")
+        with pytest.raises(EnrollmentError, match=r"internal error \(KeyError\)"):
+            await enroll(address, token, "web", "web", tmp_path / "a")
+        with pytest.raises(EnrollmentError, match="too many failed attempts"):
+            await enroll(address, token, "web", "web", tmp_path / "b")
+
+    with_enrollment_server(tmp_path, body, throttle=EnrollmentThrottle(failures_per_minute=1))
+    assert [r.levelname for r in caplog.records if r.exc_info] == ["ERROR"]
