@@ -130,14 +130,6 @@ class FakeRunner:
         return stdin
 
 
-@pytest.fixture
-def names_files(tmp_path: Path) -> dict[Family, Path]:
-    files: dict[Family, Path] = {4: tmp_path / "ip_tables_names", 6: tmp_path / "ip6_tables_names"}
-    for path in files.values():
-        path.write_text("filter\nsecurity\n")
-    return files
-
-
 def backend(runner: FakeRunner, names_files: dict[Family, Path]) -> IptablesBackend:
     return IptablesBackend(runner, table_names=names_files, ipv6=True)
 

@@ -234,14 +234,6 @@ class FailingElements(FakeRunner):
 
 
 @pytest.fixture
-def names_files(tmp_path: Path) -> dict[Family, Path]:
-    files: dict[Family, Path] = {4: tmp_path / "ip_tables_names", 6: tmp_path / "ip6_tables_names"}
-    for path in files.values():
-        path.write_text("filter\nsecurity\n")
-    return files
-
-
-@pytest.fixture
 def runner() -> FailingElements:
     return FailingElements()
 
