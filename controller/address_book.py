@@ -9,11 +9,12 @@ so a hello costs a dictionary look-up per address, not a scan of the fleet.
 
 from __future__ import annotations
 
-import ipaddress
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from controller.address_claims import parse_ranges, resolve
+from controller.policy.addresses import Network
 from controller.store.sqlite_store import AgentRecord
 
 HELD_BY = "held by agent "
@@ -36,32 +37,21 @@ class ClaimResult:
 class AddressBook:
     def __init__(self, agents: Iterable[AgentRecord]) -> None:
         self._holder: dict[str, str] = {}
-        self._waiting: dict[str, set[str]] = {}  # address -> agents refused for it
+        # Both ways, so deciding one agent's claims never walks the fleet's waiters.
+        self._waiters: dict[str, set[str]] = {}  # address -> agents refused for it
+        self._waiting: dict[str, set[str]] = {}  # agent -> addresses it was refused
         # Stores from before claims existed may hold an address twice: the agent seen
         # first keeps it, the others' claims are to be decided again (duplicated).
         self.duplicated: set[str] = set()
         for agent in sorted(agents, key=lambda a: (a.first_seen_ms, a.agent_id)):
-            self._index(agent)
-
-    def _index(self, agent: AgentRecord) -> None:
-        for address in agent.addresses:
-            if self._holder.setdefault(address, agent.agent_id) != agent.agent_id:
-                self.duplicated.add(agent.agent_id)
-        for address, reason in agent.refused_addresses.items():
-            if reason.startswith(HELD_BY):
-                self._waiting.setdefault(address, set()).add(agent.agent_id)
-
-    def holder(self, address: str) -> str | None:
-        return self._holder.get(address)
-
-    def held_by(self) -> dict[str, str]:
-        """address -> holder, a copy (for tests and invariants)."""
-        return dict(self._holder)
+            for address in agent.addresses:
+                if self._holder.setdefault(address, agent.agent_id) != agent.agent_id:
+                    self.duplicated.add(agent.agent_id)
+            self._wait(agent.agent_id, agent.refused_addresses)
 
     def claim(self, agent: AgentRecord, is_live: Callable[[str], bool]) -> ClaimResult:
         """Decide AGENT's reported addresses and set its accepted and refused addresses
         (in place). IS_LIVE(agent_id) says whether another holder still counts."""
-        allowed, _ = parse_ranges(agent.allowed_ranges, "allowed_ranges")
 
         def holder(address: str) -> tuple[str, bool] | None:
             found = self._holder.get(address)
@@ -69,7 +59,9 @@ class AddressBook:
                 return None
             return found, is_live(found)
 
-        claim = resolve(agent.agent_id, agent.reported_addresses, allowed, holder)
+        claim = resolve(
+            agent.agent_id, agent.reported_addresses, _ranges(tuple(agent.allowed_ranges)), holder
+        )
         before = set(agent.addresses)
         result = ClaimResult(
             added=sorted(set(claim.accepted) - before),
@@ -84,11 +76,7 @@ class AddressBook:
                 del self._holder[address]
         for address in claim.accepted:
             self._holder[address] = agent.agent_id
-        for waiters in self._waiting.values():
-            waiters.discard(agent.agent_id)
-        for address, reason in claim.refused.items():
-            if reason.startswith(HELD_BY):
-                self._waiting.setdefault(address, set()).add(agent.agent_id)
+        self._wait(agent.agent_id, claim.refused)
         agent.addresses = list(claim.accepted)
         agent.refused_addresses = dict(claim.refused)
         return result
@@ -98,27 +86,37 @@ class AddressBook:
         agent.addresses = [a for a in agent.addresses if a != address]
         agent.refused_addresses = {**agent.refused_addresses, address: reason}
 
-    def forget(self, agent_id: str) -> None:
-        """The agent is gone from the store."""
-        for address in [a for a, h in self._holder.items() if h == agent_id]:
-            del self._holder[address]
-        for waiters in self._waiting.values():
-            waiters.discard(agent_id)
-
     def waiting_for(self, addresses: Iterable[str]) -> set[str]:
         """Agents refused one of ADDRESSES because another agent held it."""
         found: set[str] = set()
         for address in addresses:
-            found |= self._waiting.get(address, set())
+            found |= self._waiters.get(address, set())
         return found
 
     def waiting_on(self, holders: Iterable[str]) -> set[str]:
-        """Agents refused an address that one of HOLDERS holds."""
+        """Agents refused an address that one of HOLDERS holds (called when agents go
+        offline or are revoked: rare, so a walk over the waited-for addresses is fine)."""
         wanted = set(holders)
-        return self.waiting_for(a for a, h in self._holder.items() if h in wanted)
+        return self.waiting_for(a for a in self._waiters if self._holder.get(a) in wanted)
 
-    def addresses_of(self, agent_id: str) -> list[str]:
-        return sorted(
-            (a for a, h in self._holder.items() if h == agent_id),
-            key=lambda a: (ipaddress.ip_address(a).version, int(ipaddress.ip_address(a))),
-        )
+    def _wait(self, agent_id: str, refused: dict[str, str]) -> None:
+        """Record which addresses AGENT_ID now waits for (refused as held by another)."""
+        for address in self._waiting.pop(agent_id, set()):
+            waiters = self._waiters.get(address)
+            if waiters is not None:
+                waiters.discard(agent_id)
+                if not waiters:
+                    del self._waiters[address]
+        waited = {a for a, reason in refused.items() if reason.startswith(HELD_BY)}
+        if waited:
+            self._waiting[agent_id] = waited
+            for address in waited:
+                self._waiters.setdefault(address, set()).add(agent_id)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ranges(texts: tuple[str, ...]) -> list[Network]:
+    """Allowed ranges as networks (stored ranges are valid; a bad one is left out).
+    Cached: most agents share their token's few ranges, and every hello asks."""
+    networks, _ = parse_ranges(texts, "allowed_ranges")
+    return networks

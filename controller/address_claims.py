@@ -112,8 +112,12 @@ def resolve(
     accepted: list[tuple[Address, str]] = []
     refused: dict[str, str] = {}
     taken: dict[str, str] = {}
-    for text in dict.fromkeys(reported):
+    seen: set[str] = set()
+    for text in reported:
         address, canonical, problem = classify(text)
+        if canonical in seen:  # "2001:DB8::1" and "2001:db8::1" are one address
+            continue
+        seen.add(canonical)
         if problem is None and not in_ranges(address, allowed):
             shown = ", ".join(str(n) for n in allowed)
             problem = f"outside the agent's allowed ranges ({shown})"

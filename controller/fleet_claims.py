@@ -125,6 +125,8 @@ class FleetClaims:
                 self.write(record, claims)
                 self._notify(record)
                 changed.add(agent_id)
+                # An agent it took an address from (offline or revoked) loses it too.
+                changed |= set(claims.taken_over.values())
         return changed
 
     def _notify(self, agent: AgentRecord) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +313,27 @@ def test_a_token_gives_no_more_labels_or_ranges_than_an_agent_may_have(tmp_path:
             {}, 600, 1, actor=OPERATOR, addresses=("198.18.0.0/24", "198.18.0.1/24")
         )
     assert core.enrollment.tokens() == before
+
+
+def test_an_address_taken_from_an_offline_holder_leaves_the_holders_peers(
+    tmp_path: Path,
+) -> None:
+    core = estate(tmp_path, offline_after_s=0.1)
+    core.connect("other", hello("other", "198.18.0.12", "198.18.0.10"))
+    assert core.agent("other").refused_addresses == {"198.18.0.10": "held by agent web"}
+    web = core.session("web")
+    assert web is not None
+    core.disconnect(web)
+    time.sleep(0.3)
+    assert "web" in core.check_offline()
+    # other holds web's old address now; web's peers must not admit it as web any more.
+    assert core.agent("other").addresses == ["198.18.0.10", "198.18.0.12"]
+    assert core.agent("web").addresses == []
+    assert db_sources(core) == [], "db still admits web's old address, now other's"
+
+
+def test_one_address_written_three_ways_is_one_address(tmp_path: Path) -> None:
+    core = make_controller(tmp_path)
+    enroll(core, "web", {"app": "web"})
+    core.connect("web", hello("web", "2001:db8::1", "2001:DB8::1", "2001:db8:0::1"))
+    assert core.agent("web").addresses == ["2001:db8::1"]
