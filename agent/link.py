@@ -196,6 +196,10 @@ class ControllerLink:
     async def _run_once(self) -> None:
         outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue()
         self._outbox = outbox
+        # What the controller refused is what it says on this stream: it sends the list
+        # first thing when there is one, and a refusal lifted while we were away (the
+        # holder went offline) must not keep this host's flows out.
+        self._forget_refused()
         self.addresses = await asyncio.to_thread(self._discover)
         hello = self._make_hello()
         hello.addresses[:] = self.addresses
@@ -278,6 +282,12 @@ class ControllerLink:
             log.info("in sync with controller at revision %d", message.in_sync.revision)
         else:
             log.warning("ignoring unknown controller message %s", kind)
+
+    def _forget_refused(self) -> None:
+        if self.refused_addresses:
+            self.refused_addresses = {}
+            if self._observer is not None:
+                self._observer.refuse_local({})
 
     def _addresses_refused(self, notice: agent_pb2.AddressesRefused) -> None:
         """The controller compiles none of these addresses into anyone's peer sets (held

@@ -77,6 +77,19 @@ def test_flows_on_a_refused_address_are_left_out_and_the_refusal_logged_once(
         assert "accepts all of this host's addresses again" in caplog.records[-1].getMessage()
 
 
+def test_a_new_stream_starts_with_nothing_refused(tmp_path: Path) -> None:
+    # The refusal was lifted while the agent was away (the holder went offline): the
+    # controller sends a list only when there is one, so the old list must not outlive
+    # the stream it came on.
+    observer = Observer(lambda: [HERE, TAKEN])
+    the_link = link(tmp_path, observer)
+    asyncio.run(the_link._handle(refused((TAKEN, "held by agent db")), asyncio.Queue()))
+    the_link._forget_refused()  # what each new stream begins with (_run_once)
+    assert the_link.refused_addresses == {}
+    connect(observer, TAKEN, 40005)
+    assert [f.local_ip for f in observer.table.take(10)] == [TAKEN]
+
+
 def test_refusing_keeps_the_other_pending_flows_in_their_order() -> None:
     observer = Observer(lambda: [HERE, TAKEN])
     for port, local in enumerate([HERE, TAKEN, HERE, TAKEN, HERE], start=1):
