@@ -82,9 +82,12 @@ class AddressBook:
         return result
 
     def give_up(self, agent: AgentRecord, address: str, reason: str) -> None:
-        """AGENT loses ADDRESS (taken over by another): it is refused with REASON."""
+        """AGENT loses ADDRESS (taken over by another, or not compiled): it is refused
+        with REASON, and no longer held by AGENT."""
         agent.addresses = [a for a in agent.addresses if a != address]
         agent.refused_addresses = {**agent.refused_addresses, address: reason}
+        if self._holder.get(address) == agent.agent_id:
+            del self._holder[address]
 
     def waiting_for(self, addresses: Iterable[str]) -> set[str]:
         """Agents refused one of ADDRESSES because another agent held it."""

@@ -128,7 +128,7 @@ class Controller:
         candidate = Estate(workloads, *self._resources.with_plan(plan))
         oversized = self._oversized(candidate, candidate.agent_ids)
         if oversized:
-            self._refuse_oversize(oversized, [], raise_it=True)
+            raise InvalidArgument([self._oversize_problem(oversized)])
         if dry_run:
             return plan.changes, self._store.current_revision()
         revision = self._resources.commit(plan, actor=actor)
@@ -601,24 +601,9 @@ class Controller:
                         self._revisions[known.agent_id] = known.applied_revision
                         targets.discard(known.agent_id)
         else:
-            changes: dict[str, Workload | None] = {}
-            isolated = set(self._isolated) - set(changed)
-            for agent_id in changed:
-                record = self._store.get_agent(agent_id)
-                if record is None:
-                    changes[agent_id] = None
-                    continue
-                changes[agent_id], cut_off = self._workload(record, revoked, at)
-                if cut_off:
-                    isolated.add(agent_id)
-            previous_workloads = {i: self._estate.workload(i) for i in changes}
-            targets = self._estate.update(changes)
-            oversized = self._oversized(self._estate, targets)
-            if oversized:
-                self._estate.update(previous_workloads)
-                self._refuse_oversize(oversized, sorted(changes), raise_it=refuse_oversize)
-                return set()
-            targets |= {i for i, w in changes.items() if w is not None and i not in self._revisions}
+            targets, isolated = self._update_estate(
+                self._estate, changed, revoked, at, refuse_oversize=refuse_oversize
+            )
         self._isolated = frozenset(isolated)
         targets = {i for i in targets if i in self._estate}  # not the ones that left
         if targets:
@@ -633,6 +618,40 @@ class Controller:
                     # Built when sent: a delta or snapshot against what it will hold.
                     session.offer_desired()
         return targets
+
+    def _update_estate(
+        self,
+        estate: Estate,
+        changed: Iterable[str],
+        revoked: set[str],
+        at: int,
+        *,
+        refuse_oversize: bool,
+    ) -> tuple[set[str], set[str]]:
+        """Update ESTATE for the agents in CHANGED; returns the agents whose ruleset
+        changed, and the agents cut off now (see _recompile for the size cap)."""
+        changes: dict[str, Workload | None] = {}
+        isolated = set(self._isolated) - set(changed)
+        for agent_id in changed:
+            record = self._store.get_agent(agent_id)
+            if record is None:
+                changes[agent_id] = None
+                continue
+            changes[agent_id], cut_off = self._workload(record, revoked, at)
+            if cut_off:
+                isolated.add(agent_id)
+        previous_workloads = {i: estate.workload(i) for i in changes}
+        targets = estate.update(changes)
+        oversized = self._oversized(estate, targets)
+        if oversized:
+            estate.update(previous_workloads)
+            if refuse_oversize:  # an operator's change: refused, nothing changed
+                raise InvalidArgument([self._oversize_problem(oversized)])
+            # Hosts' reports: compile them one by one, and refuse the addresses of a
+            # report that alone would give some agent a ruleset above the cap.
+            targets = self._compile_within_cap(estate, changes, previous_workloads)
+        targets |= {i for i, w in changes.items() if w is not None and i not in self._revisions}
+        return targets, isolated
 
     def _oversized(self, estate: Estate, agent_ids: Iterable[str]) -> dict[str, int]:
         """The agents among AGENT_IDS whose ruleset would exceed the size cap, and sizes.
@@ -654,22 +673,37 @@ class Controller:
                 oversized[agent_id] = size
         return oversized
 
-    def _refuse_oversize(
-        self, oversized: Mapping[str, int], cause: Sequence[str], *, raise_it: bool
-    ) -> None:
+    def _oversize_problem(self, oversized: Mapping[str, int]) -> str:
         shown = ", ".join(f"{i} ({size:,} bytes)" for i, size in list(oversized.items())[:5])
-        problem = (
+        return (
             f"the change would give {len(oversized)} agent(s) a ruleset above the "
             f"{self._max_ruleset_bytes:,} bytes an agent accepts: {shown}; narrow the "
             "policy's peers or split the workloads"
         )
-        if raise_it:
-            raise InvalidArgument([problem])
-        log.error("changes of agent(s) %s not compiled: %s", ", ".join(cause), problem)
-        with self._store.transaction():
-            self._store.add_audit(
-                "controller", "ruleset.too_large", ",".join(cause)[:200], {"problem": problem}
-            )
+
+    def _compile_within_cap(
+        self,
+        estate: Estate,
+        changes: Mapping[str, Workload | None],
+        previous: Mapping[str, Workload | None],
+    ) -> set[str]:
+        """Update the estate with each of CHANGES alone, keeping those within the size
+        cap; an agent whose change is not kept has its new addresses refused (stored, so
+        the store and the estate agree). Returns the agents whose ruleset changed."""
+        targets: set[str] = set()
+        for agent_id, workload in sorted(changes.items()):
+            reached = estate.update({agent_id: workload})
+            oversized = self._oversized(estate, reached)
+            if not oversized:
+                targets |= reached
+                continue
+            before = previous[agent_id]
+            estate.update({agent_id: before})
+            problem = self._oversize_problem(oversized)
+            log.error("agent %s: its report is not compiled: %s", agent_id, problem)
+            kept = before.addresses if before is not None else ()
+            self._claims.refuse_beyond(agent_id, kept, problem)
+        return targets
 
     def desired(self, agent_id: str) -> DesiredRuleset:
         """The ruleset the agent should hold (empty, at revision 0, if it is not known)."""

@@ -100,6 +100,23 @@ class FleetClaims:
         self._store.put_agent(record)
         self._events.record(by, "agent.address.taken_over", {"address": address, "from": previous})
 
+    def refuse_beyond(self, agent_id: str, kept: Iterable[str], reason: str) -> None:
+        """AGENT_ID's report was not compiled (REASON): refuse its accepted addresses but
+        KEPT, the ones it had compiled before, so that the store says what peers hold."""
+        record = self._store.get_agent(agent_id)
+        if record is None:
+            return
+        keep = set(kept)
+        dropped = [a for a in record.addresses if a not in keep]
+        for address in dropped:
+            self._book.give_up(record, address, reason)
+        with self._store.transaction():
+            self._store.put_agent(record)
+            self._events.record(
+                agent_id, "agent.addresses.refused", {"refused": dict.fromkeys(dropped, reason)}
+            )
+        self._notify(record)
+
     def moved_by(self, agent_id: str, claims: ClaimResult) -> list[str]:
         """Other agents whose accepted addresses change with AGENT_ID's CLAIMS: the ones
         an address was taken from, and the ones that were waiting for a released one."""

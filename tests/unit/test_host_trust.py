@@ -7,6 +7,7 @@ both the refusal and that the store and every other agent's ruleset are byte-ide
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import sqlite3
@@ -247,9 +248,42 @@ def test_a_policy_that_would_compile_an_oversized_ruleset_is_refused(tmp_path: P
 def test_a_host_whose_addresses_would_oversize_a_peer_is_not_compiled(tmp_path: Path) -> None:
     core = estate(tmp_path, max_ruleset_bytes=180)
     db_before = core.desired("db").ruleset().SerializeToString(deterministic=True)
+    operators_before = core.audit(0, 100)
     core.addresses_changed("web", [f"198.18.0.{i}" for i in range(10, 60)])
     assert core.desired("db").ruleset().SerializeToString(deterministic=True) == db_before
-    assert any(e.action == "ruleset.too_large" for e in core.audit(0, 100))
+    # The store says what peers hold: web keeps its compiled address, the rest refused.
+    web = core.agent("web")
+    assert web.addresses == ["198.18.0.10"]
+    assert len(web.refused_addresses) == 49  # .11 and .12 held by db and other; too many
+    assert "an agent accepts: db" in web.refused_addresses["198.18.0.13"]
+    assert core.audit(0, 100) == operators_before, "a host's refusal is no operator entry"
+    events = [e.action for e in core.audit(0, 100, include_agents=True)]
+    assert "agent.addresses.refused" in events
+    # Not held by web, so another agent may claim a refused address.
+    core.addresses_changed("other", ["198.18.0.12", "198.18.0.13"])
+    assert core.agent("other").addresses == ["198.18.0.12", "198.18.0.13"]
+    # After a restart nothing oversized comes back from the store.
+    core.flush_last_seen()
+    restarted = make_controller(tmp_path, max_ruleset_bytes=180)
+    assert restarted.desired("db").ruleset().SerializeToString(deterministic=True) == db_before
+
+
+def test_in_a_coalesced_batch_only_the_oversizing_report_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        core = estate(tmp_path, max_ruleset_bytes=180, coalesce_s=10.0)
+        core.flush_pending()  # the hellos, compiled
+        core.addresses_changed("web", [f"198.18.0.{i}" for i in range(10, 60)])
+        core.addresses_changed("db", ["198.18.0.11", "198.18.0.99"])
+        core.flush_pending()
+        assert core.agent("web").addresses == ["198.18.0.10"]
+        assert core.agent("db").addresses == ["198.18.0.11", "198.18.0.99"]
+        web_egress = core.desired("web").ruleset()
+        assert sorted(h for s in web_egress.sets for h in s.hosts) == [
+            "198.18.0.11",
+            "198.18.0.99",
+        ]
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("hostname", ["\x1b[2Jgotcha", "h" * 254, "a b", "n\u00e4me"])
