@@ -23,11 +23,13 @@ from controller.errors import InvalidArgument, NotFound, Unauthenticated, Unavai
 from controller.fleet_claims import FleetClaims, refusal_notice
 from controller.host_reports import (
     DEFAULT_HOST_LIMITS,
+    ERROR_TEXT_MAX,
     MAX_REVISION,
     HostLimits,
     address_problems,
     hello_problems,
     label_problems,
+    ruleset_hash_problems,
 )
 from controller.observations import Observations, Workloads
 from controller.policy import Estate, Workload
@@ -455,8 +457,12 @@ class Controller:
         return not self.is_offline(record)
 
     def acknowledged(self, agent_id: str, ack: agent_pb2.Ack) -> None:
+        problems = ruleset_hash_problems(ack.hash, "ack.hash")
         if ack.revision > MAX_REVISION:
-            raise InvalidArgument([f"ack.revision: {ack.revision} is beyond {MAX_REVISION}"])
+            problems.append(f"ack.revision: {ack.revision} is beyond {MAX_REVISION}")
+        if problems:
+            raise InvalidArgument(problems)
+        ack.error = ack.error[:ERROR_TEXT_MAX]  # kept, shown and logged: bounded
         agent = self._require_agent(agent_id)
         session = self._sessions.get(agent_id)
         answered = session.acknowledged() if session is not None else None

@@ -23,6 +23,13 @@ MAX_REVISION = 2**63 - 1  # revisions are SQLite integers
 HOSTNAME_MAX = 253  # a DNS name's limit
 HOSTNAME_RULE = f"at most {HOSTNAME_MAX} letters, digits, '.', '-' and '_'"
 _HOSTNAME = re.compile(r"[A-Za-z0-9._-]*")
+# A ruleset hash is sha256 in lowercase hex (contract.ruleset_hash); "" for none.
+_RULESET_HASH = re.compile(r"(?:[0-9a-f]{64})?")
+# The baseline a hello reports is shown to operators, never compiled: bounded all the same.
+BASELINE_PORTS_MAX = 64
+BASELINE_TEXT_MAX = 300
+AGENT_VERSION_MAX = 64
+ERROR_TEXT_MAX = 1000  # characters of an agent's apply error kept and logged
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,32 @@ def hello_problems(hello: agent_pb2.Hello, limits: HostLimits) -> list[str]:
         )
     if problem := hostname_problem(hello.hostname, "hello.hostname"):
         problems.append(problem)
+    problems += ruleset_hash_problems(hello.applied_hash, "hello.applied_hash")
+    problems += _baseline_problems(hello)
     return problems[:20]  # enough to act on; the rest would only flood the log
+
+
+def ruleset_hash_problems(text: str, field: str) -> list[str]:
+    if _RULESET_HASH.fullmatch(text):
+        return []
+    return [f"{field}: {_shown(text)} is not a ruleset hash (64 lowercase hex digits)"]
+
+
+def _baseline_problems(hello: agent_pb2.Hello) -> list[str]:
+    baseline, problems = hello.baseline, []
+    for name in ("failsafe_inbound", "failsafe_outbound"):
+        ports = getattr(baseline, name)
+        if len(ports) > BASELINE_PORTS_MAX or any(len(p) > BASELINE_TEXT_MAX for p in ports):
+            problems.append(
+                f"hello.baseline.{name}: at most {BASELINE_PORTS_MAX} entries of at most "
+                f"{BASELINE_TEXT_MAX} characters"
+            )
+    for name in ("controller", "dataplane"):
+        if len(getattr(baseline, name)) > BASELINE_TEXT_MAX:
+            problems.append(f"hello.baseline.{name}: longer than {BASELINE_TEXT_MAX} characters")
+    if len(hello.agent_version) > AGENT_VERSION_MAX:
+        problems.append(f"hello.agent_version: longer than {AGENT_VERSION_MAX} characters")
+    return problems
 
 
 def _shown(text: str) -> str:

@@ -371,3 +371,21 @@ def test_one_address_written_three_ways_is_one_address(tmp_path: Path) -> None:
     enroll(core, "web", {"app": "web"})
     core.connect("web", hello("web", "2001:db8::1", "2001:DB8::1", "2001:db8:0::1"))
     assert core.agent("web").addresses == ["2001:db8::1"]
+
+
+def test_every_text_a_hello_or_an_ack_carries_is_bounded(tmp_path: Path) -> None:
+    core = estate(tmp_path)
+    before = state(core, tmp_path)
+    huge_hash = hello("web", "198.18.0.10")
+    huge_hash.applied_hash = "a" * 3_000_000
+    huge_baseline = hello("web", "198.18.0.10")
+    huge_baseline.baseline.failsafe_inbound.extend(["tcp/22"] * 100_000)
+    huge_baseline.baseline.controller = "x" * 600_000
+    for message, field in ((huge_hash, "applied_hash"), (huge_baseline, "baseline")):
+        with pytest.raises(InvalidArgument, match=rf"hello\.{field}"):
+            core.connect("web", message)
+    with pytest.raises(InvalidArgument, match=r"ack\.hash"):
+        core.acknowledged("web", agent_pb2.Ack(revision=1, hash="b" * 3_000_000, ok=True))
+    assert state(core, tmp_path) == before
+    core.acknowledged("web", agent_pb2.Ack(revision=1, ok=False, error="e" * 3_000_000))
+    assert len(core.agent("web").last_error) == 1000
