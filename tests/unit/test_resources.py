@@ -337,3 +337,11 @@ def test_a_document_at_the_depth_limit_is_parsed_and_validated() -> None:
     document["metadata"]["labels"] = {"deep": value}
     (error,) = errors_of(document)
     assert error.path == "metadata.labels.deep"
+
+
+def test_an_unterminated_string_of_escapes_is_scanned_once() -> None:
+    # A backtracking scan of this 1 MiB document took minutes (80 kB: 17.8 s) and held
+    # the controller's event loop; any operator, even a viewer's dry run, could send it.
+    document = '"' + '\\"' * 500_000
+    with pytest.raises(ValidationFailed, match="document 1"):
+        parse_documents([document])
