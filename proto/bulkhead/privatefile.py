@@ -153,9 +153,20 @@ def _directory(directory: Path, target: Path) -> Iterator[int]:
         created = True
     except FileExistsError:
         pass
-    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if created:
+        # Not through a link: one put where the directory was made would redirect the
+        # chmod below and the write to wherever it points.
+        directory_fd = os.open(
+            directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        )
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafeLocation(
+            target, f"its directory {directory} is a symbolic link; give the real directory"
+        ) from exc
+    try:
+        if created and os.fstat(directory_fd).st_uid == os.geteuid():
             os.fchmod(directory_fd, PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
         _check_directory(directory_fd, directory, target)
         yield directory_fd

@@ -157,6 +157,24 @@ def test_a_target_that_is_a_link_is_refused_and_its_target_unchanged(
     assert [p.name for p in out.iterdir()] == ["operator.key"]
 
 
+def test_a_directory_that_is_a_link_is_neither_chmodded_nor_written_through(
+    tmp_path: Path,
+) -> None:
+    # Someone swaps the directory about to be written for a link to another place (an
+    # /etc of theirs): nothing may be changed or written there.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    elsewhere.chmod(0o755)
+    out = tmp_path / "out"
+    out.symlink_to(elsewhere)
+
+    with pytest.raises(UnsafeLocation, match=r"its directory .*out is a symbolic link"):
+        write_private_file(out / "operator.key", b"PRIVATE KEY")
+
+    assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o755
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_a_link_planted_at_the_old_temporary_name_is_never_followed(
     tmp_path: Path, loot: Path
 ) -> None:
