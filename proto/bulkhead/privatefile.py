@@ -160,7 +160,8 @@ def _directory(directory: Path, target: Path) -> Iterator[int]:
             directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         )
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
+        # Linux answers ENOTDIR for a link under O_DIRECTORY, ELOOP without it.
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not directory.is_symlink():
             raise
         raise UnsafeLocation(
             target, f"its directory {directory} is a symbolic link; give the real directory"
