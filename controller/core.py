@@ -31,6 +31,7 @@ from controller.host_reports import (
     label_problems,
     ruleset_hash_problems,
 )
+from controller.log_limit import LogLimit, left_out
 from controller.observations import Observations, Workloads
 from controller.policy import Estate, Workload
 from controller.policy.estate import SetVersion
@@ -103,6 +104,7 @@ class Controller:
         self.pushes = PushCounts()  # for metrics
         self._seen_ms: dict[str, int] = {}  # last heard from, not yet written
         self._workloads_view: tuple[float, Workloads] | None = None
+        self._log_limit = LogLimit()  # what one agent can make us log
         self._resources = ResourceCatalog(store)
         self._applied = AppliedRulesets(store)
         self.observations = Observations(
@@ -421,8 +423,13 @@ class Controller:
         agent.reported_addresses = list(addresses)
         for changed in self._claims.store(agent):
             self._agent_changed(changed)
-        if agent.addresses != before:
-            log.info("agent %s addresses now %s", agent_id, ", ".join(agent.addresses))
+        if agent.addresses != before and (
+            (skipped := self._log_limit.allow(agent_id, "addresses")) is not None
+        ):
+            log.info(
+                "agent %s addresses now %s%s",
+                agent_id, ", ".join(agent.addresses), left_out(skipped),
+            )  # fmt: skip
 
     def config_changed(self, agent_id: str, change: agent_pb2.ConfigChange) -> None:
         """The host's own labels or mode changed (its config or labels drop-ins). Its
@@ -437,7 +444,10 @@ class Controller:
         agent.mode = change.mode
         with self._store.transaction():
             self._store.put_agent(agent)
-        log.info("agent %s reports labels %s", agent_id, agent.reported_labels)
+        if (skipped := self._log_limit.allow(agent_id, "labels")) is not None:
+            log.info(
+                "agent %s reports labels %s%s", agent_id, agent.reported_labels, left_out(skipped)
+            )
         if self.compiled_labels(agent) != before:
             self._agent_changed(agent_id)
 
@@ -480,9 +490,11 @@ class Controller:
                 self._sync(session, agent)
         elif ack.need_snapshot:
             # It could not apply a delta (it holds something else): send the whole ruleset.
-            log.warning(
-                "agent %s needs a snapshot for revision %d: %s", agent_id, ack.revision, ack.error
-            )
+            if (skipped := self._log_limit.allow(agent_id, "ack")) is not None:
+                log.warning(
+                    "agent %s needs a snapshot for revision %d: %s%s",
+                    agent_id, ack.revision, ack.error, left_out(skipped),
+                )  # fmt: skip
             if session is not None:
                 session.forget_base()
                 self._sync(session, agent)
@@ -490,9 +502,11 @@ class Controller:
             agent.last_error = ack.error or "apply failed (no reason given)"
             if session is not None:
                 session.forget_base()  # it still holds its older ruleset: snapshots only
-            log.error(
-                "agent %s failed to apply revision %d: %s", agent_id, ack.revision, agent.last_error
-            )
+            if (skipped := self._log_limit.allow(agent_id, "ack")) is not None:
+                log.error(
+                    "agent %s failed to apply revision %d: %s%s",
+                    agent_id, ack.revision, agent.last_error, left_out(skipped),
+                )  # fmt: skip
         agent.last_seen_ms = now_ms()
         # Written with the next batch (flush_last_seen): one transaction per ack was most
         # of the controller's time when a change reached thousands of agents. A crash
@@ -706,7 +720,11 @@ class Controller:
             before = previous[agent_id]
             estate.update({agent_id: before})
             problem = self._oversize_problem(oversized)
-            log.error("agent %s: its report is not compiled: %s", agent_id, problem)
+            if (skipped := self._log_limit.allow(agent_id, "oversize")) is not None:
+                log.error(
+                    "agent %s: its report is not compiled: %s%s",
+                    agent_id, problem, left_out(skipped),
+                )  # fmt: skip
             kept = before.addresses if before is not None else ()
             self._claims.refuse_beyond(agent_id, kept, problem)
         return targets

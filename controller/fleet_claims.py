@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from bulkhead.v1 import agent_pb2
 from controller.address_book import AddressBook, ClaimResult
 from controller.agent_events import AgentEvents
+from controller.log_limit import LogLimit, left_out
 from controller.sessions import AgentSession
 from controller.store.sqlite_store import AgentRecord, SqliteStore
 
@@ -38,6 +39,7 @@ class FleetClaims:
         self._is_live = is_live  # another holder's hold still counts
         self._session = session
         self._book = AddressBook(store.list_agents())
+        self._log_limit = LogLimit()
 
     def settle(self) -> set[str]:
         """At start: decide again the claims of agents whose accepted addresses another
@@ -80,13 +82,15 @@ class FleetClaims:
                      "addresses": agent.addresses},
                 )  # fmt: skip
             if claims.newly_refused:
-                log.warning(
-                    "agent %s: addresses refused: %s", agent.agent_id,
-                    "; ".join(f"{a} {r}" for a, r in sorted(claims.newly_refused.items())),
-                )  # fmt: skip
                 self._events.record(
                     agent.agent_id, "agent.addresses.refused", {"refused": claims.newly_refused}
                 )
+                if (skipped := self._log_limit.allow(agent.agent_id, "refused")) is not None:
+                    log.warning(
+                        "agent %s: addresses refused: %s%s", agent.agent_id,
+                        "; ".join(f"{a} {r}" for a, r in sorted(claims.newly_refused.items())),
+                        left_out(skipped),
+                    )  # fmt: skip
             for address, previous in sorted(claims.taken_over.items()):
                 self._take_from(previous, address, agent.agent_id)
 

@@ -30,6 +30,7 @@ from typing import cast
 
 from bulkhead.v1 import admin_pb2, agent_pb2
 from controller.errors import InvalidArgument, Unavailable
+from controller.log_limit import LogLimit, left_out
 from controller.sessions import AgentSession
 from controller.store.flow_store import FlowStore, ReportId, StoredFlow
 
@@ -93,6 +94,7 @@ class Observations:
         self._budgets: dict[str, tuple[float, float]] = {}  # agent -> (counts left, at)
         self.dropped_by_agent: dict[str, int] = {}
         self.refused_by_agent: Counter[tuple[str, str]] = Counter()  # (agent, reason)
+        self._log_limit = LogLimit()
         self.flows_received = 0
 
     # -- reports from agents -------------------------------------------------------
@@ -120,7 +122,11 @@ class Observations:
             raise InvalidArgument(problems)
         if problems:
             error = "; ".join(problems)
-            log.warning("agent %s: flow report %d refused: %s", agent_id, report.sequence, error)
+            if (skipped := self._log_limit.allow(agent_id, reason)) is not None:
+                log.warning(
+                    "agent %s: flow report %d refused: %s%s",
+                    agent_id, report.sequence, error, left_out(skipped),
+                )  # fmt: skip
             return _stored(report, error)
         stored = [
             StoredFlow(
