@@ -19,7 +19,7 @@ from controller.agent_events import AgentEvents
 from controller.applied import AppliedRulesets
 from controller.desired import DesiredRuleset
 from controller.enrollment import Enrollment
-from controller.errors import InvalidArgument, NotFound, Unauthenticated, Unavailable
+from controller.errors import Conflict, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from controller.fleet_claims import FleetClaims, refusal_notice
 from controller.host_reports import (
     DEFAULT_HOST_LIMITS,
@@ -155,6 +155,7 @@ class Controller:
         *,
         actor: str,
         accept_reported: bool = False,
+        expected_reported: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
         """Set or remove the agent's operator labels (the ones compiled); with
         ACCEPT_REPORTED, the labels the host reports become operator labels first."""
@@ -165,6 +166,13 @@ class Controller:
         before = agent.labels
         overrides = dict(agent.label_overrides)
         if accept_reported:
+            if dict(expected_reported or {}) != agent.reported_labels:
+                raise Conflict(
+                    f"agent '{agent_id}' now reports labels "
+                    f"{_labels_text(agent.reported_labels)}, not the "
+                    f"{_labels_text(expected_reported or {})} accepted; look again "
+                    f"(bulkhead describe agent {agent_id})"
+                )
             overrides.update(agent.reported_labels)
         for key in remove:
             overrides[key] = None
@@ -793,3 +801,7 @@ class Controller:
             return
         # The session sends it as a delta against what the agent holds, or a snapshot.
         session.offer_desired()
+
+
+def _labels_text(labels: Mapping[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"

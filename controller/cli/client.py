@@ -97,10 +97,16 @@ class AdminClient:
         set_labels: Mapping[str, str],
         remove: Sequence[str],
         *,
-        accept_reported: bool = False,
+        accept_reported: Mapping[str, str] | None = None,
     ) -> admin_pb2.LabelAgentResponse:
+        """ACCEPT_REPORTED: the reported labels to accept (the controller refuses if the
+        host reports others by now)."""
         request = admin_pb2.LabelAgentRequest(
-            agent_id=agent_id, set=set_labels, remove=remove, accept_reported=accept_reported
+            agent_id=agent_id,
+            set=set_labels,
+            remove=remove,
+            accept_reported=accept_reported is not None,
+            expected_reported=accept_reported or {},
         )
         return self._call("LabelAgent", request, admin_pb2.LabelAgentResponse)
 

@@ -219,9 +219,13 @@ def label_agent(
     --accept-reported."""
     parsed = parse_label_args(changes, allow_empty=accept_reported)
     with settings.client() as client:
-        response = client.label_agent(
-            agent_id, parsed.set, parsed.remove, accept_reported=accept_reported
-        )
+        reported = None
+        if accept_reported:
+            # What is accepted is what the operator is shown here, not what the host may
+            # report by the time the controller acts.
+            reported = dict(client.describe_agent(agent_id).summary.reported_labels)
+            click.echo(f"accepting the labels agent/{agent_id} reports: {labels_text(reported)}")
+        response = client.label_agent(agent_id, parsed.set, parsed.remove, accept_reported=reported)
     click.echo(f"agent/{agent_id} labelled: {labels_text(response.labels)}")
 
 

@@ -103,6 +103,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 list(request.remove),
                 actor=actor,
                 accept_reported=request.accept_reported,
+                expected_reported=dict(request.expected_reported),
             ),
             write=True,
         )

@@ -370,14 +370,20 @@ def test_other_status_codes_name_the_code(admin: FakeAdmin) -> None:
     ]
 
 
-def test_label_agent_accepts_reported_labels_without_other_changes(admin: FakeAdmin) -> None:
+def test_label_agent_accepts_the_reported_labels_it_shows(admin: FakeAdmin) -> None:
+    admin.responses["DescribeAgent"] = admin_pb2.AgentDetail(
+        summary=admin_pb2.AgentSummary(agent_id="web-1", reported_labels={"tier": "frontend"})
+    )
     admin.responses["LabelAgent"] = admin_pb2.LabelAgentResponse(labels={"tier": "frontend"})
 
     result = run(admin.target, "label", "agent", "web-1", "--accept-reported")
 
     assert result.exit_code == 0, result.stderr
-    request = admin.only_request("LabelAgent")
+    assert "accepting the labels agent/web-1 reports: tier=frontend" in result.stdout
+    labelled: list[Any] = [r for name, r in admin.requests if name == "LabelAgent"]
+    [request] = labelled
     assert request.accept_reported
+    assert dict(request.expected_reported) == {"tier": "frontend"}, "what was shown"
     assert (dict(request.set), list(request.remove)) == ({}, [])
 
 

@@ -20,7 +20,7 @@ import pytest
 from agent.keytool import generate_key, make_csr
 from bulkhead.v1 import agent_pb2
 from controller.core import Controller
-from controller.errors import InvalidArgument
+from controller.errors import Conflict, InvalidArgument
 from controller.host_reports import HostLimits
 from tests.pki_support import make_controller
 
@@ -172,7 +172,9 @@ def test_labels_a_host_gives_itself_drive_no_policy_until_accepted(tmp_path: Pat
     assert db_sources(core) == ["198.18.0.10"]
     assert core.agent("intruder").reported_labels == {"app": "web"}
     # An operator accepts them: now they count.
-    core.label("intruder", {}, [], actor="operator:alice", accept_reported=True)
+    seen = dict(core.agent("intruder").reported_labels)
+    core.label("intruder", {}, [], actor="operator:alice", accept_reported=True,
+               expected_reported=seen)  # fmt: skip
     assert db_sources(core) == ["198.18.0.10", "198.18.0.20"]
 
 
@@ -389,3 +391,15 @@ def test_every_text_a_hello_or_an_ack_carries_is_bounded(tmp_path: Path) -> None
     assert state(core, tmp_path) == before
     core.acknowledged("web", agent_pb2.Ack(revision=1, ok=False, error="e" * 3_000_000))
     assert len(core.agent("web").last_error) == 1000
+
+
+def test_labels_the_host_swaps_after_the_operator_looked_are_not_accepted(tmp_path: Path) -> None:
+    core = estate(tmp_path)
+    core.config_changed("other", agent_pb2.ConfigChange(labels={"tier": "frontend"}))
+    seen = dict(core.agent("other").reported_labels)  # what the operator reviewed
+    core.config_changed("other", agent_pb2.ConfigChange(labels={"app": "db"}))  # then swapped
+    before = state(core, tmp_path)
+    with pytest.raises(Conflict, match=r"now reports labels \{app=db\}, not the \{tier=frontend\}"):
+        core.label("other", {}, [], actor=OPERATOR, accept_reported=True, expected_reported=seen)
+    assert state(core, tmp_path) == before
+    assert core.compiled_labels(core.agent("other")) == {"app": "other"}

@@ -155,8 +155,15 @@ class DeleteResourceResponse(_message.Message):
     def __init__(self, revision: _Optional[int] = ...) -> None: ...
 
 class LabelAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "set", "remove", "accept_reported")
+    __slots__ = ("agent_id", "set", "remove", "accept_reported", "expected_reported")
     class SetEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ExpectedReportedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -167,11 +174,13 @@ class LabelAgentRequest(_message.Message):
     SET_FIELD_NUMBER: _ClassVar[int]
     REMOVE_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_REPORTED_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     set: _containers.ScalarMap[str, str]
     remove: _containers.RepeatedScalarFieldContainer[str]
     accept_reported: bool
-    def __init__(self, agent_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ..., accept_reported: _Optional[bool] = ...) -> None: ...
+    expected_reported: _containers.ScalarMap[str, str]
+    def __init__(self, agent_id: _Optional[str] = ..., set: _Optional[_Mapping[str, str]] = ..., remove: _Optional[_Iterable[str]] = ..., accept_reported: _Optional[bool] = ..., expected_reported: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class LabelAgentResponse(_message.Message):
     __slots__ = ("labels",)
