@@ -49,6 +49,9 @@ class AddressBook:
                     self.duplicated.add(agent.agent_id)
             self._wait(agent.agent_id, agent.refused_addresses)
 
+    def holder(self, address: str) -> str | None:
+        return self._holder.get(address)
+
     def claim(self, agent: AgentRecord, is_live: Callable[[str], bool]) -> ClaimResult:
         """Decide AGENT's reported addresses and set its accepted and refused addresses
         (in place). IS_LIVE(agent_id) says whether another holder still counts."""

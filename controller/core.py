@@ -107,12 +107,12 @@ class Controller:
         self._log_limit = LogLimit()  # what one agent can make us log
         self._resources = ResourceCatalog(store)
         self._applied = AppliedRulesets(store)
-        self.observations = Observations(
-            store.flow_store(), self.workloads, addresses_of=self._accepted_addresses
-        )
         self.agent_events = AgentEvents(store.agent_event_store())
         self._claims = FleetClaims(
             store, self.agent_events, is_live=self._is_live, session=self._sessions.get
+        )
+        self.observations = Observations(
+            store.flow_store(), self.workloads, holder_of=self._claims.holder
         )
         self._claims.settle()
         # Addresses or labels may have changed while we were down; bring desired state current.
@@ -272,12 +272,6 @@ class Controller:
         )
         self._workloads_view = (at, view)
         return view
-
-    def _accepted_addresses(self, agent_id: str) -> list[str]:
-        """The agent's accepted addresses now: a flow report checks against these the
-        addresses the cached workloads view lacks (it may be a second old)."""
-        found = self._store.get_agent(agent_id)
-        return found.addresses if found is not None else []
 
     def is_connected(self, agent_id: str) -> bool:
         return agent_id in self._sessions

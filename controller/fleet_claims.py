@@ -47,6 +47,10 @@ class FleetClaims:
         duplicated, self._book.duplicated = self._book.duplicated, set()
         return self.reclaim(duplicated)
 
+    def holder(self, address: str) -> str | None:
+        """The agent that holds ADDRESS (canonical text) now, if any."""
+        return self._book.holder(address)
+
     def decide(self, agent: AgentRecord) -> ClaimResult:
         """Decide AGENT's reported addresses (its record is changed, not yet stored)."""
         return self._book.claim(agent, self._is_live)

@@ -80,14 +80,15 @@ class Observations:
         flows: FlowStore,
         workloads: Callable[[], Workloads],
         *,
-        addresses_of: Callable[[str], Iterable[str]] | None = None,
+        holder_of: Callable[[str], str | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._flows = flows
         self._workloads = workloads
-        # An agent's accepted addresses read now, for those the workloads view (cached
-        # for up to a second) lacks: a freshly accepted address must not cost a batch.
-        self._addresses_of = addresses_of
+        # Who holds an address now (the controller's address book), rather than the
+        # workloads view, which is up to a second old: a freshly accepted address must not
+        # cost a batch. Without it, the view.
+        self._holder_of = holder_of
         self._clock = clock
         self._last_prune = 0.0
         self._pending: dict[str, tuple[str, asyncio.Future[agent_pb2.ConnectionTable]]] = {}
@@ -163,10 +164,8 @@ class Observations:
         not hold: another agent's, refused to it, or no one's."""
         # A report holds few distinct local addresses: each is parsed once.
         canonical = {text: _canonical(text) for text in {f.local_address for f in report.flows}}
-        not_held = {text for text, address in canonical.items() if owners.get(address) != agent_id}
-        if not_held and self._addresses_of is not None:
-            held = {_canonical(address) for address in self._addresses_of(agent_id)}
-            not_held = {text for text in not_held if canonical[text] not in held}
+        holder = self._holder_of or owners.get
+        not_held = {text for text, address in canonical.items() if holder(address) != agent_id}
         if not not_held:
             return []
         foreign = [
